@@ -1,0 +1,86 @@
+"""Llama 2 chat format, built at the token level as in Meta's reference (`chat_completion` in generation.py).
+
+Each completed turn is `<s>[INST] {user} [/INST] {answer} </s>`; a system prompt is folded into the first user turn
+as `<<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user}`. bos/eos are ids added around the encoded text, never parsed from
+it, so a user typing "<s>" or "</s>" gets plain text tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model.tokenizer import Tokenizer
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+ROLES = ("system", "user", "assistant")
+
+
+class ChatFormatError(ValueError):
+    """A conversation that does not fit the Llama 2 chat format."""
+
+
+@dataclass
+class EncodedDialog:
+    tokens: list[int]
+    loss_mask: list[int]  # 1 on the assistant tokens to train on (answer text and its </s>), 0 elsewhere
+
+
+def _validate(dialog: list[dict]) -> list[dict]:
+    """Fold the system prompt into the first user turn; check roles alternate user/assistant from a user turn."""
+    if not dialog:
+        raise ChatFormatError("empty conversation")
+    for i, message in enumerate(dialog):
+        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(
+                message.get("content"), str):
+            raise ChatFormatError(f"message {i} must be {{'role': one of {ROLES}, 'content': str}}, got {message!r}")
+    if dialog[0]["role"] == "system":
+        if len(dialog) == 1:
+            raise ChatFormatError("a system prompt needs a user message after it")
+        first = dialog[1]
+        dialog = [{"role": first["role"], "content": B_SYS + dialog[0]["content"] + E_SYS + first["content"]}] + dialog[2:]
+    for i, message in enumerate(dialog):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise ChatFormatError(f"roles out of order: turn {i} is {message['role']!r}, expected {expected!r} "
+                                  "(a system prompt may come first, then user and assistant alternate)")
+    return dialog
+
+
+def _encode_turn(tokenizer: Tokenizer, user: str, answer: str) -> tuple[list[int], int]:
+    """Meta's tokens for one completed turn, and how many of them are the prompt part."""
+    prompt = f"{B_INST} {user.strip()} {E_INST}"
+    tokens = tokenizer.encode(f"{prompt} {answer.strip()} ", bos=True, eos=True)
+    prompt_tokens = tokenizer.encode(prompt, bos=True)
+    if tokens[:len(prompt_tokens)] != prompt_tokens:  # SentencePiece pieces never cross the space after [/INST]
+        raise ChatFormatError("tokenizer merged the prompt and answer across ' [/INST] ': cannot mask the prompt")
+    return tokens, len(prompt_tokens)
+
+
+def encode_dialog(tokenizer: Tokenizer, dialog: list[dict], last_turn_only: bool = False) -> EncodedDialog:
+    """Tokens and loss mask of a complete conversation (ending with an assistant turn), for training.
+
+    last_turn_only: mask only the final assistant answer (Ghost Attention trains on the last turn).
+    """
+    dialog = _validate(dialog)
+    if dialog[-1]["role"] != "assistant":
+        raise ChatFormatError("a training conversation must end with an assistant turn")
+    tokens, mask = [], []
+    pairs = list(zip(dialog[::2], dialog[1::2]))
+    for i, (user, answer) in enumerate(pairs):
+        turn, n_prompt = _encode_turn(tokenizer, user["content"], answer["content"])
+        train = not last_turn_only or i == len(pairs) - 1
+        tokens += turn
+        mask += [0] * n_prompt + [int(train)] * (len(turn) - n_prompt)
+    return EncodedDialog(tokens, mask)
+
+
+def encode_prompt(tokenizer: Tokenizer, dialog: list[dict]) -> list[int]:
+    """Tokens of a conversation ending with a user turn, ready for the model to write the next answer."""
+    dialog = _validate(dialog)
+    if dialog[-1]["role"] != "user":
+        raise ChatFormatError("the last message must be from the user for the model to answer it")
+    tokens = []
+    for user, answer in zip(dialog[::2], dialog[1::2]):
+        tokens += _encode_turn(tokenizer, user["content"], answer["content"])[0]
+    return tokens + tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True)

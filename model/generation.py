@@ -1,0 +1,138 @@
+"""Batched generation with a KV cache: the one decoding path for PPO rollouts, rejection sampling, evaluation and
+serving.
+
+Prompts of different lengths are left-padded into one batch: every row then writes the same cache slot each step,
+padding keys are masked out, and rotary positions restart at each row's first real token, so a row decodes exactly
+as it would alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from model.llama import ContextLengthError, KVCache, Transformer, padding_attention_mask, positions_from_mask
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k filter
+    seed: int | None = None
+    stop: list[list[int]] = field(default_factory=list)  # token sequences that end a row (kept in the output)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if any(len(s) == 0 for s in self.stop):
+            raise ValueError("stop sequences must not be empty")
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]  # generated ids per prompt, the eos or stop sequence included
+    logprobs: list[list[float]]  # log-probability of each generated id under the (temperature-scaled) policy
+    finish_reasons: list[str]  # "stop" (eos or a stop sequence) or "length"
+
+
+def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Sample from the smallest set of tokens whose probability mass exceeds top_p (Meta's sample_top_p)."""
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    mask = probs_sort.cumsum(dim=-1) - probs_sort > top_p
+    probs_sort = probs_sort.masked_fill(mask, 0.0)
+    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    return torch.gather(probs_idx, -1, next_token).squeeze(-1)
+
+
+def _next_token(logits: torch.Tensor, params: SamplingParams, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the next id per row from logits (B, V); return it and its log-probability."""
+    if params.temperature == 0:
+        next_token = logits.argmax(dim=-1)
+        logprobs = torch.log_softmax(logits, dim=-1)
+    else:
+        logits = logits / params.temperature
+        logprobs = torch.log_softmax(logits, dim=-1)
+        if params.top_k:
+            kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if params.top_p < 1.0:
+            next_token = sample_top_p(probs, params.top_p, generator)
+        else:
+            next_token = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return next_token, logprobs.gather(-1, next_token[:, None]).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams, eos_id: int, pad_id: int = 0,
+             ) -> GenerationOutput:
+    """Continue each prompt (a list of token ids) until eos, a stop sequence, or max_new_tokens."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and every prompt at least one token")
+    args = model.args
+    device = next(model.parameters()).device
+    B, prompt_len, new = len(prompts), max(len(p) for p in prompts), params.max_new_tokens
+    total = prompt_len + new
+    if total > args.max_seq_len:
+        raise ContextLengthError(
+            f"prompt of {prompt_len} tokens + max_new_tokens {new} = {total} exceeds the context length "
+            f"{args.max_seq_len}; shorten the prompt or lower max_new_tokens")
+
+    tokens = torch.full((B, prompt_len), pad_id, dtype=torch.long)
+    key_valid = torch.ones(B, total, dtype=torch.bool)
+    for i, prompt in enumerate(prompts):
+        tokens[i, prompt_len - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        key_valid[i, :prompt_len - len(prompt)] = False
+    tokens, key_valid = tokens.to(device), key_valid.to(device)
+    positions = positions_from_mask(key_valid)  # (B, total)
+    padded = not bool(key_valid.all())
+
+    dtype = next(model.parameters()).dtype
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+    cache = KVCache(args, B, total, device=device, dtype=dtype)
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+
+    # Prefill: the whole prompt block at once; then one token per step.
+    mask = padding_attention_mask(key_valid[:, :prompt_len], prompt_len) if padded else None
+    logits = model(tokens, positions[:, :prompt_len], mask, cache, 0)[:, -1]
+    out_tokens = torch.full((B, new), pad_id, dtype=torch.long, device=device)
+    out_logprobs = torch.zeros(B, new, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.full((B,), new, dtype=torch.long, device=device)
+    stops = [torch.tensor(s, device=device) for s in params.stop]
+    for t in range(new):
+        next_token, logprob = _next_token(logits.float(), params, generator)
+        next_token = next_token.masked_fill(finished, pad_id)
+        out_tokens[:, t], out_logprobs[:, t] = next_token, logprob
+        done_now = next_token == eos_id
+        for stop in stops:
+            if t + 1 >= len(stop):
+                done_now |= (out_tokens[:, t + 1 - len(stop):t + 1] == stop).all(-1)
+        done_now &= ~finished
+        lengths = torch.where(done_now, t + 1, lengths)
+        finished |= done_now
+        if t == new - 1 or bool(finished.all()):
+            break
+        pos = prompt_len + t
+        step_mask = key_valid[:, None, None, :pos + 1] if padded else None  # (B, 1, 1, S)
+        logits = model(next_token[:, None], positions[:, pos:pos + 1], step_mask, cache, pos)[:, -1]
+
+    lengths_list, finished_list = lengths.tolist(), finished.tolist()
+    tokens_list, logprobs_list = out_tokens.tolist(), out_logprobs.tolist()
+    return GenerationOutput(
+        tokens=[row[:n] for row, n in zip(tokens_list, lengths_list)],
+        logprobs=[row[:n] for row, n in zip(logprobs_list, lengths_list)],
+        finish_reasons=["stop" if f else "length" for f in finished_list],
+    )
