@@ -1,0 +1,137 @@
+"""The network: published parameter counts, KV-cache decoding, batching, context length, dtypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.config import CONFIGS, ModelArgs, get_config
+from model.generation import SamplingParams, generate
+from model.llama import ContextLengthError, KVCache, Transformer, count_parameters
+from tests.helpers import debug_model
+
+
+@pytest.mark.parametrize("name, expected", [("llama2-7b", 6_738_415_616), ("llama2-13b", 13_015_864_320),
+                                            ("llama2-70b", 68_976_648_192)])
+def test_published_parameter_counts(name, expected):
+    assert count_parameters(CONFIGS[name]) == expected
+
+
+def test_llama2_shapes_follow_meta_rules():
+    assert CONFIGS["llama2-7b"].ffn_hidden_dim == 11008
+    assert CONFIGS["llama2-13b"].ffn_hidden_dim == 13824
+    assert CONFIGS["llama2-70b"].ffn_hidden_dim == 28672 and CONFIGS["llama2-70b"].kv_heads == 8
+    assert all(c.norm_eps == 1e-5 and c.rope_theta == 10000.0 for n, c in CONFIGS.items() if n.startswith("llama2-"))
+    assert CONFIGS["llama2-7b"].max_seq_len == 4096
+
+
+def test_config_rejects_bad_shapes_and_unknown_keys():
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        ModelArgs(dim=64, n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="unknown ModelArgs keys"):
+        ModelArgs.from_dict({"dim": 64, "n_heads": 4, "bogus": 1})
+    with pytest.raises(ValueError, match="unknown model config"):
+        get_config("llama3")
+
+
+def test_no_biases_untied_head_gqa():
+    model = debug_model()
+    assert not any(name.endswith("bias") for name, _ in model.named_parameters())
+    assert model.output.weight.data_ptr() != model.tok_embeddings.weight.data_ptr()
+    assert model.layers[0].attention.wk.weight.shape[0] == model.args.kv_heads * model.args.head_dim < model.args.dim
+
+
+def test_kv_cache_decoding_equals_full_recomputation():
+    model = debug_model(std=0.1)
+    tokens = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = KVCache(model.args, 2, 24)
+        steps = [model(tokens[:, :10], cache=cache, start_pos=0)]
+        for t in range(10, 24):
+            steps.append(model(tokens[:, t:t + 1], cache=cache, start_pos=t))
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_generation_of_different_lengths_equals_alone():
+    model = debug_model(std=0.1)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (3, 11, 7, 1)]
+    params = SamplingParams(max_new_tokens=20, temperature=0)
+    batched = generate(model, prompts, params, eos_id=2)
+    for i, prompt in enumerate(prompts):
+        alone = generate(model, [prompt], params, eos_id=2)
+        assert batched.tokens[i] == alone.tokens[0]
+        torch.testing.assert_close(torch.tensor(batched.logprobs[i]), torch.tensor(alone.logprobs[0]), atol=1e-4,
+                                   rtol=0)
+
+
+def test_generation_logprobs_match_a_full_forward():
+    model = debug_model(std=0.1)
+    prompt = [5, 9, 17, 33]
+    out = generate(model, [prompt], SamplingParams(max_new_tokens=12, temperature=0.7, seed=3), eos_id=-1)
+    seq = torch.tensor([prompt + out.tokens[0]])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(seq)[0, len(prompt) - 1:-1] / 0.7, -1)
+    expected = logprobs.gather(-1, torch.tensor(out.tokens[0])[:, None]).squeeze(-1)
+    torch.testing.assert_close(torch.tensor(out.logprobs[0]), expected, atol=1e-4, rtol=0)
+
+
+def test_sampling_seed_top_k_top_p():
+    model = debug_model(std=0.1)
+    prompts = [[5, 6, 7], [8, 9]]
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=20, seed=7)
+    a, b = generate(model, prompts, params, eos_id=-1), generate(model, prompts, params, eos_id=-1)
+    assert a.tokens == b.tokens
+    c = generate(model, prompts, SamplingParams(max_new_tokens=16, temperature=1.0, seed=8), eos_id=-1)
+    assert c.tokens != a.tokens
+    # top_k=1 is greedy
+    k1 = generate(model, prompts, SamplingParams(max_new_tokens=8, temperature=1.0, top_k=1, seed=1), eos_id=-1)
+    greedy = generate(model, prompts, SamplingParams(max_new_tokens=8, temperature=0), eos_id=-1)
+    assert k1.tokens == greedy.tokens
+
+
+def test_eos_stop_sequences_and_early_exit():
+    model = debug_model(std=0.1)
+    prompts = [[5, 6, 7], [8, 9, 10, 11]]
+    free = generate(model, prompts, SamplingParams(max_new_tokens=12, temperature=0), eos_id=-1)
+    assert free.finish_reasons == ["length", "length"] and all(len(t) == 12 for t in free.tokens)
+    # Make row 0's 4th token the eos, and stop row 1 at its tokens 2-3.
+    eos = free.tokens[0][3]
+    stop = free.tokens[1][1:3]
+    out = generate(model, prompts, SamplingParams(max_new_tokens=12, temperature=0, stop=[stop]), eos_id=eos)
+    first_eos = free.tokens[0].index(eos)
+    assert out.tokens[0] == free.tokens[0][:first_eos + 1] and out.finish_reasons[0] == "stop"
+    assert out.tokens[1][-2:] == stop and out.finish_reasons[1] == "stop"
+    assert len(out.tokens[1]) <= 3 or free.tokens[1].index(eos) < 3
+
+
+def test_context_length_is_enforced_with_a_clear_error():
+    model = debug_model()  # max_seq_len 128
+    with pytest.raises(ContextLengthError, match="context length 128"):
+        model(torch.zeros(1, 129, dtype=torch.long))
+    with pytest.raises(ContextLengthError, match="exceeds the context length"):
+        generate(model, [[1] * 100], SamplingParams(max_new_tokens=29), eos_id=2)
+    generate(model, [[1] * 100], SamplingParams(max_new_tokens=28, temperature=0), eos_id=-1)  # exactly fits
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [[]], SamplingParams(), eos_id=2)
+
+
+def test_bf16_autocast_trains_and_generates():
+    model = debug_model(std=0.1).train()
+    tokens = torch.randint(3, 512, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(tokens)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+    assert logits.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = generate(model.eval(), [[5, 6, 7]], SamplingParams(max_new_tokens=5, temperature=0), eos_id=-1)
+    assert len(out.tokens[0]) == 5
+
+
+def test_scalar_head():
+    args = get_config("llama2-debug", head="scalar")
+    values = Transformer(args).init_weights()(torch.randint(0, 512, (2, 9)))
+    assert values.shape == (2, 9, 1)
