@@ -16,7 +16,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from model.config import get_config
 from model.generation import SamplingParams, generate
@@ -64,14 +63,18 @@ def build_models(config: str, device: str):
 def time_training(model, is_hf: bool, batch: torch.Tensor, autocast: bool, device: str, steps: int) -> list[float]:
     """Seconds per step for `steps` steps, after two warm-up steps."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
-    inputs, targets = batch[:, :-1], batch[:, 1:]
+    inputs, targets = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
     times = []
     for step in range(steps + 2):
         sync(device)
         t0 = time.perf_counter()
+        # Each implementation's own loss path: transformers' ForCausalLMLoss (targets passed pre-shifted so both
+        # score the same T positions) and our fused linear cross-entropy.
         with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-            logits = model(input_ids=inputs).logits if is_hf else model(inputs)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            if is_hf:
+                loss = model(input_ids=inputs, labels=targets, shift_labels=targets).loss
+            else:
+                loss = model(inputs, targets=targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -56,8 +56,8 @@ def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator |
 def _next_token(logits: torch.Tensor, params: SamplingParams, generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick the next id per row from logits (B, V); return it and its log-probability."""
     if params.temperature == 0:
-        next_token = logits.argmax(dim=-1)
-        logprobs = torch.log_softmax(logits, dim=-1)
+        best, next_token = logits.max(dim=-1)
+        return next_token, best - logits.logsumexp(dim=-1)
     else:
         logits = logits / params.temperature
         logprobs = torch.log_softmax(logits, dim=-1)

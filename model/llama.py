@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelArgs
+from model.loss import linear_cross_entropy
 
 
 class ContextLengthError(ValueError):
@@ -38,6 +39,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused op
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalise in fp32 (as Meta and HF do), scale in the input dtype.
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
@@ -60,6 +63,20 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+def fused_inference_weight(owner: nn.Module, name: str, linears: tuple[nn.Linear, ...]) -> torch.Tensor:
+    """The linears' weights concatenated on the output dim, cached on `owner` until any of them changes.
+
+    Inference only (no autograd): one matmul instead of several matters when decoding is overhead-bound. The key
+    holds each weight's storage and version counter, so optimizer steps and reloads invalidate it.
+    """
+    key = tuple((lin.weight.data_ptr(), lin.weight._version) for lin in linears)
+    cached = owner.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        cached = (key, torch.cat([lin.weight.detach() for lin in linears]))
+        owner.__dict__[name] = cached
+    return cached[1]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
@@ -72,20 +89,27 @@ class Attention(nn.Module):
 
     def forward(self, x, freqs_cis, attn_mask=None, cache: KVCache | None = None, start_pos: int = 0):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if torch.is_grad_enabled():
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        else:
+            q, k, v = F.linear(x, fused_inference_weight(self, "_wqkv", (self.wq, self.wk, self.wv))).split(
+                (H * D, K * D, K * D), dim=-1)
+        q = apply_rotary_emb(q.view(B, T, H, D), freqs_cis)
+        k = apply_rotary_emb(k.view(B, T, K, D), freqs_cis)
+        k, v = k.transpose(1, 2), v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         if cache is not None:
             k, v = cache.update(self.layer_id, start_pos, k, v)  # (B, K, S, D)
-        # Without a mask, a full causal block (training, unpadded prefill) takes the is_causal fast path;
-        # a single decoding query may attend everything cached.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        if T == 1 and cache is not None:
+            # One decoding query per row: fold each kv head's group of query heads into the query length,
+            # (B, 1, H, D) -> (B, K, H/K, D), so SDPA needs neither a causal mask nor a GQA expansion.
+            y = F.scaled_dot_product_attention(q.view(B, K, H // K, D), k, v, attn_mask=attn_mask)
+        else:
+            # Without a mask, a full causal block (training, unpadded prefill) takes the is_causal fast path.
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=attn_mask,
+                                               is_causal=attn_mask is None, enable_gqa=K != H)
+            y = y.transpose(1, 2)  # (B, T, H, D)
+        return self.wo(y.reshape(B, T, H * D))
 
 
 class FeedForward(nn.Module):
@@ -98,7 +122,11 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if torch.is_grad_enabled():
+            gate, up = self.w1(x), self.w3(x)
+        else:
+            gate, up = F.linear(x, fused_inference_weight(self, "_w13", (self.w1, self.w3))).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -147,12 +175,12 @@ class Transformer(nn.Module):
                       start_pos: int = 0) -> torch.Tensor:
         """Final-normed hidden states (B, T, C) for tokens (B, T).
 
-        positions (B, T): rotary position of each token (default start_pos + arange(T)).
+        positions (B, T): rotary position of each token (default start_pos + arange(T)); never beyond start_pos + T.
         attn_mask (B, 1, T, S) bool, True = may attend; None = causal. With a cache, keys are [0, start_pos + T).
         """
         B, T = tokens.shape
         end = start_pos + T
-        if end > self.args.max_seq_len or (positions is not None and T and int(positions.max()) >= self.args.max_seq_len):
+        if end > self.args.max_seq_len:
             raise ContextLengthError(
                 f"sequence of {end} tokens exceeds the model's context length {self.args.max_seq_len}")
         table = self.freqs_cis(tokens.device)
@@ -167,9 +195,16 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                start_pos: int = 0) -> torch.Tensor:
-        """Next-token logits (B, T, vocab) in fp32; (B, T, 1) values for a scalar head."""
-        return self.output(self.hidden_states(tokens, positions, attn_mask, cache, start_pos)).float()
+                start_pos: int = 0, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits (B, T, vocab) in fp32; (B, T, 1) values for a scalar head.
+
+        With targets (B, T) (model.loss.IGNORE_INDEX where no loss), the mean cross-entropy instead, computed
+        without materialising the logits.
+        """
+        h = self.hidden_states(tokens, positions, attn_mask, cache, start_pos)
+        if targets is not None:
+            return linear_cross_entropy(h, self.output.weight, targets)
+        return self.output(h).float()
 
 
 def padding_attention_mask(key_valid: torch.Tensor, query_len: int) -> torch.Tensor:
