@@ -1,0 +1,126 @@
+"""MLflow tracking with lineage: one experiment per pipeline, one run per stage execution.
+
+Each run is tagged with its DVC stage, the git commit (and dirty flag), the profile, the DVC md5 of each dep, and
+the run ids of the upstream stages whose outs it consumed (read from the `mlflow_run.json` each stage writes into
+its out folder). A stage's own out md5s are only known to DVC after it exits, so each stage backfills them onto
+its upstream runs from dvc.lock.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+from components.common import REPO_ROOT, read_json, write_json
+
+EXPERIMENT = "llama2-recipe"
+RUN_FILE = "mlflow_run.json"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+
+
+def setup_mlflow():
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(EXPERIMENT)
+    return mlflow
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def flatten(params: dict, prefix: str = "") -> dict[str, str]:
+    flat = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:5000]
+    return flat
+
+
+def _dvc_md5s() -> dict[str, str]:
+    """path -> md5 of every dep and out recorded in dvc.lock (empty before the first run)."""
+    lock = REPO_ROOT / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    md5s = {}
+    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+        for entry in stage.get("deps", []) + stage.get("outs", []):
+            if "md5" in entry:
+                md5s[entry["path"]] = entry["md5"]
+    return md5s
+
+
+def _stage_paths(stage: str) -> tuple[list[str], list[str]]:
+    dvc_yaml = REPO_ROOT / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        return [], []
+    spec = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).get(stage, {})
+    outs = [o if isinstance(o, str) else next(iter(o)) for o in spec.get("outs", [])]
+    return list(spec.get("deps", [])), outs
+
+
+def upstream_run_ids(dirs) -> dict[str, str]:
+    """{upstream stage: run id} from the mlflow_run.json files in the given out folders."""
+    ids = {}
+    for d in dirs:
+        f = Path(d) / RUN_FILE
+        if f.is_file():
+            info = read_json(f)
+            ids[info["stage"]] = info["run_id"]
+    return ids
+
+
+@contextmanager
+def stage_run(stage: str, params: dict, profile: str, upstream_dirs=(), out_dir: str | Path | None = None):
+    """Open the stage's MLflow run with its lineage; on success write out_dir/mlflow_run.json."""
+    mlflow = setup_mlflow()
+    from mlflow import MlflowClient
+
+    deps, _ = _stage_paths(stage)
+    md5s = _dvc_md5s()
+    upstream = upstream_run_ids(upstream_dirs)
+    tags = {"dvc.stage": stage, "git.commit": _git("rev-parse", "HEAD") or "unknown",
+            "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))), "profile": profile}
+    tags.update({f"upstream.{name}": run_id for name, run_id in upstream.items()})
+    tags.update({f"dvc.dep.{path}": md5s[path] for path in deps if path in md5s})
+    client = MlflowClient()
+    for run_id in upstream.values():  # backfill: upstream outs are our deps, now hashed in dvc.lock
+        upstream_outs = _stage_paths(client.get_run(run_id).data.tags.get("dvc.stage", ""))[1]
+        for path in upstream_outs:
+            if path in md5s:
+                client.set_tag(run_id, f"dvc.out.{path}", md5s[path])
+    with mlflow.start_run(run_name=stage, tags=tags) as run:
+        mlflow.log_params(flatten(params))
+        yield run
+        if out_dir is not None:
+            write_json(Path(out_dir) / RUN_FILE, {"stage": stage, "run_id": run.info.run_id,
+                                                  "experiment_id": run.info.experiment_id})
+
+
+def log_metric_series(run_id: str, series: list[dict]) -> None:
+    """Log [{"step": s, "name": value, ...}, ...] as metric curves."""
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, float(value), now, int(row["step"])) for row in series
+               for key, value in row.items() if key != "step"]
+    client = MlflowClient(tracking_uri())
+    for start in range(0, len(metrics), 900):
+        client.log_batch(run_id, metrics=metrics[start:start + 900])
