@@ -16,9 +16,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job: the whole recipe on the active profile (params.yaml), then where to look.
 run: install
-	$(BIN)/python -m model.info llama2-70b
-	$(BIN)/python benchmarks/bench_model.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
+	@echo
+	@echo "Done. Metrics: .venv/bin/dvc metrics show    Plots: .venv/bin/dvc plots show"
+	@echo "MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db   (then http://127.0.0.1:5000)"
+	@echo "Serve:      make serve   (Ray Serve, OpenAI-compatible, http://127.0.0.1:8000/v1)"
+	@echo "Query:      curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\"
+	@echo "              -d '{\"model\": \"llama2-chat\", \"messages\": [{\"role\": \"user\", \"content\": \"What is 3 + 4?\"}]}'"
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -1,0 +1,86 @@
+"""Turn the pipeline's Parquet tables into token data: tokenizer training text, packed pretraining rows (tokenised
+on Ray Data), and chat examples with loss masks for the fine-tuning stages."""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from components.lm_train import pack_documents, pack_examples, split_validation
+from model.chat import encode_dialog
+from model.tokenizer import Tokenizer, train_tokenizer
+
+
+def parquet_files(folder: str | Path) -> list[str]:
+    files = sorted(glob.glob(str(Path(folder) / "**" / "*.parquet"), recursive=True))
+    if not files:
+        raise FileNotFoundError(f"no Parquet files under {folder}")
+    return files
+
+
+def read_table(path: str | Path):
+    """A Parquet file, or every Parquet file in a folder, as one pyarrow Table."""
+    path = Path(path)
+    if path.is_dir():
+        import pyarrow as pa
+
+        return pa.concat_tables([pq.read_table(f) for f in parquet_files(path)])
+    return pq.read_table(path)
+
+
+def corpus_texts(clean_dir: str | Path) -> list[str]:
+    return read_table(clean_dir).column("text").to_pylist()
+
+
+def train_corpus_tokenizer(clean_dir: str | Path, vocab_size: int) -> Tokenizer:
+    texts = [t for t in corpus_texts(clean_dir) if t.strip()]
+    return train_tokenizer(texts, vocab_size)
+
+
+def tokenize_corpus(clean_dir: str | Path, tokenizer_path: str | Path) -> list[list[int]]:
+    """Tokenise the clean corpus on Ray Data (one tokenizer per worker task, Arrow batches in and out)."""
+    import ray
+
+    model_proto = Path(tokenizer_path).read_bytes()
+
+    class Encode:
+        def __init__(self):
+            self.tokenizer = Tokenizer(model_proto)
+
+        def __call__(self, batch):
+            import pyarrow as pa
+
+            ids = [self.tokenizer.encode(t) for t in batch.column("text").to_pylist()]
+            return pa.table({"doc_id": batch.column("doc_id"), "ids": pa.array(ids, type=pa.list_(pa.int32()))})
+
+    ds = ray.data.read_parquet(parquet_files(clean_dir)).map_batches(
+        Encode, batch_format="pyarrow", batch_size=512, compute=ray.data.ActorPoolStrategy(size=1))
+    table = ds.to_arrow_refs()
+    import pyarrow as pa
+
+    merged = pa.concat_tables(ray.get(table)).sort_by("doc_id")
+    return merged.column("ids").to_pylist()
+
+
+def pretrain_data(clean_dir, tokenizer_path, seq_len: int, val_fraction: float, seed: int) -> tuple[dict, dict]:
+    tokenizer = Tokenizer.load(tokenizer_path)
+    packed = pack_documents(tokenize_corpus(clean_dir, tokenizer_path), seq_len, tokenizer.bos_id, tokenizer.eos_id)
+    return split_validation(packed, val_fraction, seed)
+
+
+def dialogs_data(dialogs: list[list[dict]], tokenizer: Tokenizer, seq_len: int, val_fraction: float, seed: int,
+                 last_turn_only: bool = False) -> tuple[dict, dict, dict]:
+    """Chat-format dialogs -> packed rows with loss on assistant tokens only; returns train, val, stats."""
+    examples = [encode_dialog(tokenizer, d, last_turn_only=last_turn_only) for d in dialogs]
+    packed = pack_examples([(e.tokens, e.loss_mask) for e in examples], seq_len, tokenizer.pad_id)
+    train, val = split_validation(packed, val_fraction, seed)
+    stats = {"examples": len(examples), "rows": int(packed["inputs"].shape[0]), "dropped_too_long": packed["dropped"],
+             "target_tokens": int((packed["targets"] >= 0).sum())}
+    return train, val, stats
+
+
+def messages_column(table, column: str = "messages") -> list[list[dict]]:
+    return [json.loads(m) for m in table.column(column).to_pylist()]

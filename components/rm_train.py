@@ -1,0 +1,109 @@
+"""Reward-model training on Ray Train: initialised from the SFT checkpoint with a scalar head, margin ranking loss,
+one epoch (Llama 2 §3.2.2), held-out accuracy overall and per rating level."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from components.lm_train import (RankZeroLogger, cosine_lr, make_optimizer, report, restore_train_state,
+                                 save_train_state, set_threads, unwrap)
+from components.losses import rating_margins
+from components.reward import PreferencePair, collate_pairs, evaluate_rm, init_reward_model, rm_loss_and_metrics
+from model.checkpoint import load_checkpoint
+
+
+@dataclass(frozen=True)
+class RMTrainConfig:
+    lr: float = 1e-4  # paper: 5e-6 (70B) / 1e-5 (others); tiny models from scratch need more
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 5
+    epochs: float = 1.0  # the paper trains one epoch: more overfits
+    batch_size: int = 16  # pairs per step across workers
+    margin: str = "small"  # "small" (1, 2/3, 1/3, 0) or "large" (3, 2, 1, 0) per rating level, or "none"
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    bf16: bool = True
+    log_every: int = 10
+    checkpoint_every: int = 200
+    seed: int = 0
+
+
+def rm_train_loop(config: dict) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    cfg = RMTrainConfig(**config["train"])
+    set_threads(config.get("cpus_per_worker", 1))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    data = ray.get(config["data"])
+    train_pairs, val_pairs = data["train"], data["val"]
+    sft, tokenizer = load_checkpoint(config["init"])
+    model = ray.train.torch.prepare_model(init_reward_model(sft).train())
+    device = ray.train.torch.get_device()
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (0.9, 0.95), 1e-5)
+    margins = None if cfg.margin == "none" else rating_margins(cfg.margin)
+    local = cfg.batch_size // world
+    steps_per_epoch = max(1, len(train_pairs) // cfg.batch_size)
+    total = max(1, int(cfg.epochs * steps_per_epoch))
+    state = restore_train_state(model, optimizer) or {"step": 0}
+    logger = RankZeroLogger(config["stage"], config.get("run_id"), config.get("tracking_uri"), total)
+    step = state["step"]
+
+    def save(folder: Path) -> None:
+        save_train_state(folder, model, tokenizer, optimizer, {"step": step + 1, "config": asdict(cfg)})
+
+    t0 = time.perf_counter()
+    for step in range(state["step"], total):
+        lr = cosine_lr(step, total, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        epoch, offset = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        idx = order[offset * cfg.batch_size:(offset + 1) * cfg.batch_size][rank * local:(rank + 1) * local]
+        batch = collate_pairs([train_pairs[i] for i in idx], tokenizer.pad_id).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss, metrics = rm_loss_and_metrics(model, batch, margins)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % cfg.log_every == 0 or step == total - 1:
+            logger.log(step, {"train_loss": metrics["loss"].item(), "train_accuracy": metrics["accuracy"].item(),
+                              "lr": lr, "grad_norm": grad_norm, "pairs_per_s": (step + 1 - state["step"]) *
+                              cfg.batch_size / (time.perf_counter() - t0)})
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+            report({"step": step + 1}, save)
+    final = {"step": total}
+    if rank == 0:  # held-out accuracy, overall and per rating level
+        final.update({f"val_{k}": v for k, v in evaluate_rm(unwrap(model), val_pairs, tokenizer.pad_id).items()})
+        logger.log(total, final)
+    logger.flush()
+    step = total - 1
+    report(final, save)
+
+
+def train_rm(sft_checkpoint: str | Path, train_pairs: list[PreferencePair], val_pairs: list[PreferencePair],
+             cfg: RMTrainConfig, ray_cfg, stage: str, out_dir: str | Path, run_id: str | None = None) -> dict:
+    import ray
+
+    from components.ray_utils import init_ray, run_trainer
+    from components.tracking import tracking_uri
+    from model.checkpoint import atomic_dir
+
+    init_ray(ray_cfg)
+    result = run_trainer(rm_train_loop, {
+        "train": asdict(cfg), "init": str(sft_checkpoint), "data": ray.put({"train": train_pairs, "val": val_pairs}),
+        "stage": stage, "run_id": run_id, "tracking_uri": tracking_uri(), "cpus_per_worker": ray_cfg.cpus_per_worker,
+    }, ray_cfg, name=f"{stage}-{int(time.time())}")
+    if result.error:
+        raise RuntimeError(f"{stage} training failed: {result.error}")
+    with atomic_dir(out_dir) as tmp:
+        result.checkpoint.to_directory(str(tmp))
+    return dict(result.metrics)

@@ -1,0 +1,37 @@
+"""Shared body of the rm_helpful and rm_safety stages (they differ only in their preference table)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from components.common import config_from_dict
+from components.datasets import messages_column, read_table
+from components.reward import encode_pair
+from components.rm_train import RMTrainConfig, train_rm
+from components.tracking import stage_run
+from flows._stage import load_params, path, ray_config, section, write_metrics
+from model.tokenizer import Tokenizer
+
+
+def run(stage: str, table: str) -> None:
+    params = load_params()
+    cfg = dict(section(params, "rm"))
+    val_fraction = cfg.pop("val_fraction")
+    cfg.pop("ray", None)
+    train_cfg = config_from_dict(RMTrainConfig, cfg, "rm")
+    sft, out = path("checkpoints/sft"), path(f"checkpoints/{stage}")
+    with stage_run(stage, asdict(train_cfg), params["profile"], [sft, path("data/raw")], out) as run_:
+        tokenizer = Tokenizer.load(sft / "tokenizer.model")
+        rows = read_table(path(f"data/raw/{table}.parquet"))
+        prompts = messages_column(rows, "prompt")
+        pairs = [encode_pair(tokenizer, p, c, r, rating) for p, c, r, rating in zip(
+            prompts, rows.column("chosen").to_pylist(), rows.column("rejected").to_pylist(),
+            rows.column("rating").to_pylist())]
+        n_val = max(1, int(len(pairs) * val_fraction))
+        print(f"[{stage}] {len(pairs) - n_val} training pairs, {n_val} held out")
+        metrics = train_rm(sft, pairs[n_val:], pairs[:n_val], train_cfg, ray_config(params, "rm"), stage, out,
+                           run_.info.run_id)
+        import mlflow
+
+        mlflow.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        write_metrics(stage, metrics)

@@ -1,0 +1,67 @@
+"""DVC stage `evaluate`: every model stage on held-out prompts (oracle, red-team refusals, GAtt by turn, RM scores)
+-> metrics/eval.json, plots/eval_*.json, the promotion gate."""
+
+from __future__ import annotations
+
+import json
+
+from components.datasets import read_table
+from components.evaluate import evaluate_checkpoint
+from components.registry import champion_metrics
+from components.tracking import setup_mlflow, stage_run
+from flows._stage import load_params, path, section, write_metrics
+from components.common import read_json, write_json
+from model.checkpoint import load_checkpoint
+
+STAGES = ["base", "sft"]  # model stages in recipe order; the last one is the candidate for promotion
+
+
+def main() -> None:
+    params = load_params()
+    cfg = section(params, "evaluate")
+    reg = section(params, "register")
+    checkpoints = {name: path(f"checkpoints/{name}") for name in STAGES}
+    upstream = list(checkpoints.values()) + [path("checkpoints/rm_helpful"), path("checkpoints/rm_safety")]
+    with stage_run("evaluate", cfg, params["profile"], upstream, None) as run:
+        records = read_table(path("data/raw/eval_prompts.parquet")).to_pylist()
+        gatt = read_table(path("data/raw/eval_gatt.parquet")).to_pylist()
+        rms = {name: load_checkpoint(path(f"checkpoints/{name}"))[0] for name in ("rm_helpful", "rm_safety")}
+        table, samples = {}, {}
+        for name, ckpt in checkpoints.items():
+            table[name], samples[name] = evaluate_checkpoint(ckpt, records, gatt, rms, cfg["max_new_tokens"],
+                                                             cfg["batch_size"])
+            print(f"[evaluate] {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in table[name].items()))
+        rm_acc = {name: read_json(path(f"metrics/{name}.json")) for name in rms}
+        candidate = STAGES[-1]
+        setup_mlflow()
+        champion = champion_metrics(reg["model_name"], reg["alias"])
+        baseline_name, baseline = ("champion", champion) if champion else ("base", table["base"])
+        tol = reg["tolerance"]
+        passed = (table[candidate]["helpfulness"] >= baseline["helpfulness"] - tol
+                  and table[candidate]["safety"] >= baseline["safety"] - tol)
+        if not champion:  # the first model must actually improve on the pretrained base
+            passed = passed and table[candidate]["helpfulness"] > table["base"]["helpfulness"]
+        gate = {"candidate": candidate, "compared_with": baseline_name, "passed": passed}
+        result = {"models": table, "reward_models": {k: {m: v for m, v in r.items() if "accuracy" in m}
+                                                     for k, r in rm_acc.items()}, "gate": gate}
+        write_metrics("eval", result)
+        import mlflow
+
+        for name, metrics in table.items():
+            mlflow.log_metrics({f"{name}.{k}": v for k, v in metrics.items()})
+        mlflow.log_dict(samples, "samples.json")
+        mlflow.set_tag("gate.passed", str(passed))
+        write_json(path("plots/eval_by_stage.json"),
+                   [{"stage": name, **{k: v for k, v in m.items()}} for name, m in table.items()])
+        write_json(path("reports/eval_samples.json"), {k: v[:20] for k, v in samples.items()})
+        write_json(path("reports/evaluate_run.json"), {"stage": "evaluate", "run_id": run.info.run_id})
+    header = ["helpfulness", "safety", "refusal_rate_harmful", "false_refusal_rate", "rm_helpful_score",
+              "rm_safety_score"]
+    print("\n| model | " + " | ".join(header) + " |\n|---|" + "---:|" * len(header))
+    for name, metrics in table.items():
+        print(f"| {name} | " + " | ".join(f"{metrics.get(h, float('nan')):.3f}" for h in header) + " |")
+    print(f"\ngate: {json.dumps(gate)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""DVC stage `register`: a registry version of the final chat model; the `champion` alias only if the gate passed."""
+
+from __future__ import annotations
+
+from components.common import read_json
+from components.registry import register_checkpoint
+from components.tracking import stage_run
+from flows._stage import load_params, path, section, write_metrics
+from flows.evaluate import STAGES
+
+
+def main() -> None:
+    params = load_params()
+    cfg = section(params, "register")
+    evaluation = read_json(path("metrics/eval.json"))
+    gate = evaluation["gate"]
+    candidate = path(f"checkpoints/{gate['candidate']}")
+    with stage_run("register", cfg, params["profile"], [candidate], None):
+        tags = {f"eval.{k}": v for k, v in evaluation["models"][gate["candidate"]].items()}
+        tags["gate.passed"] = gate["passed"]
+        info = register_checkpoint(candidate, cfg["model_name"], cfg["alias"] if gate["passed"] else None, tags)
+        for rm in ("rm_helpful", "rm_safety"):
+            register_checkpoint(path(f"checkpoints/{rm}"), f"llama2-{rm.replace('_', '-')}", None,
+                                read_json(path(f"metrics/{rm}.json")))
+    write_metrics("register", {**info, "gate_passed": gate["passed"]})
+    moved = f"alias '{cfg['alias']}' -> version {info['version']}" if gate["passed"] else "gate failed: alias unchanged"
+    print(f"[register] {cfg['model_name']} version {info['version']} ({moved})")
+
+
+if __name__ == "__main__":
+    main()
