@@ -1,0 +1,41 @@
+"""DVC stage `ppo`: RLHF with PPO against both reward models (Ray Train) -> checkpoints/ppo/."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from components.common import config_from_dict
+from components.datasets import read_table
+from components.ppo_train import PPOStageConfig, train_ppo
+from components.tracking import stage_run
+from flows._stage import load_params, path, ray_config, section, write_metrics
+from model.chat import encode_prompt
+from model.tokenizer import Tokenizer
+
+OUT = path("checkpoints/ppo")
+POLICY = "checkpoints/sft"  # the stage before PPO in this DAG
+
+
+def main() -> None:
+    params = load_params()
+    cfg = dict(section(params, "ppo"))
+    cfg.pop("ray", None)
+    stage_cfg = config_from_dict(PPOStageConfig, {k: cfg.pop(k) for k in list(cfg) if k in
+                                                  PPOStageConfig.__dataclass_fields__}, "ppo")
+    policy, rm_h, rm_s = path(POLICY), path("checkpoints/rm_helpful"), path("checkpoints/rm_safety")
+    with stage_run("ppo", {**cfg, **asdict(stage_cfg)}, params["profile"], [policy, rm_h, rm_s, path("data/raw")],
+                   OUT) as run:
+        tokenizer = Tokenizer.load(policy / "tokenizer.model")
+        rows = read_table(path("data/raw/rl_prompts.parquet")).to_pylist()
+        prompts = [encode_prompt(tokenizer, json.loads(r["prompt"])) for r in rows]
+        metrics = train_ppo(policy, rm_h, rm_s, prompts, [bool(r["is_safety"]) for r in rows], cfg, stage_cfg,
+                            ray_config(params, "ppo"), "ppo", OUT, run.info.run_id)
+        import mlflow
+
+        mlflow.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        write_metrics("ppo", metrics)
+
+
+if __name__ == "__main__":
+    main()

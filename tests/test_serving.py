@@ -1,0 +1,219 @@
+"""Serving smoke test: real Ray Serve, real HTTP, the official openai client, a real (temporary) MLflow registry.
+
+The server is deployed once for the module from `models:/tiny-chat@champion`, so model resolution through the
+registry is exercised end to end; the model is a random debug network (its text is noise, but greedy decoding is
+deterministic, which is all the assertions need).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import mlflow
+import openai
+import pytest
+from mlflow import MlflowClient
+from ray import serve
+
+from components.serving import MODEL_URI_ENV, build_app, resolve_checkpoint
+from model.chat import encode_prompt
+from model.checkpoint import CheckpointError, save_checkpoint
+from tests.helpers import debug_model, small_tokenizer
+
+REGISTERED = "tiny-chat"
+SERVED = "llama2-chat"
+MESSAGES = [{"role": "system", "content": "Always reply in uppercase."},
+            {"role": "user", "content": "what is the quick brown fox"}]
+MAX_BODY = 64 * 1024
+
+
+class _Noop(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input):
+        return model_input
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """A tiny checkpoint, registered as a pyfunc model whose artifacts hold it; alias `champion` on version 1."""
+    root = tmp_path_factory.mktemp("serving")
+    tokenizer = small_tokenizer()
+    checkpoint = save_checkpoint(root / "checkpoint", debug_model(tokenizer.vocab_size), tokenizer)
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.create_experiment("serving-test", artifact_location=(root / "mlartifacts").as_uri())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        mlflow.set_tracking_uri(tracking_uri)
+        try:
+            with mlflow.start_run(experiment_id=experiment_id):
+                info = mlflow.pyfunc.log_model(name="model", python_model=_Noop(), pip_requirements=[],
+                                               artifacts={"checkpoint": str(checkpoint)},
+                                               registered_model_name=REGISTERED)
+        finally:
+            mlflow.set_tracking_uri(None)  # back to the environment's URI (the monkeypatch restores it)
+    client.set_registered_model_alias(REGISTERED, "champion", info.registered_model_version)
+    return checkpoint, tracking_uri, root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, registry):
+    """Base URL of the deployed app; Serve is shut down after the module."""
+    _, tracking_uri, root = registry
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(MODEL_URI_ENV, raising=False)  # the env override would win over model_uri
+        app = build_app({"model_uri": f"models:/{REGISTERED}@champion", "tracking_uri": tracking_uri,
+                         "cache_dir": str(root / "cache"), "model_name": SERVED, "max_request_bytes": MAX_BODY})
+    try:
+        serve.run(app, name="chat", route_prefix="/", blocking=False)
+        deadline = time.monotonic() + 120
+        while serve.status().applications["chat"].status != "RUNNING":
+            assert time.monotonic() < deadline, serve.status()
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="dummy", max_retries=0, timeout=60)
+
+
+def _chat(client, **kwargs):
+    kwargs = {"model": SERVED, "messages": MESSAGES, "temperature": 0} | kwargs
+    return client.chat.completions.create(**kwargs)
+
+
+def _stream_text(client, **kwargs):
+    chunks = list(_chat(client, stream=True, stream_options={"include_usage": True}, **kwargs))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    return text, finish, chunks[-1].usage
+
+
+def test_openai_client_non_streaming_and_streaming(client):
+    reply = _chat(client, max_tokens=8)
+    choice = reply.choices[0]
+    assert reply.object == "chat.completion" and reply.model == SERVED and reply.id.startswith("chatcmpl-")
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.message.content and choice.finish_reason == "length"
+    prompt_tokens = len(encode_prompt(small_tokenizer(), MESSAGES))
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == (
+        prompt_tokens, 8, prompt_tokens + 8)
+
+    text, finish, usage = _stream_text(client, max_tokens=8)
+    assert text == choice.message.content and finish == ["length"]  # greedy: same answer, delivered in pieces
+    assert usage == reply.usage
+
+
+def test_stream_is_openai_sse_ending_with_done(server):
+    body = {"model": SERVED, "messages": MESSAGES, "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    first = json.loads(events[0].removeprefix("data: "))
+    assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list()] == [SERVED]
+    assert client.models.retrieve(SERVED).id == SERVED
+    health = httpx.get(f"{server}/health", timeout=10)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_stop_strings_cut_the_text(client):
+    full = _chat(client, max_tokens=24).choices[0].message.content
+    match = re.search(r"[a-z]{2}", full[3:])  # a stop string from the model's own (noisy) text
+    assert match, full
+    stop = match.group()
+    expected = full[:full.index(stop)]
+    reply = _chat(client, max_tokens=24, stop=[stop, "never-appears"])
+    assert reply.choices[0].message.content == expected and reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens < 24  # generation ended at the stop string, not at max_tokens
+    text, finish, _ = _stream_text(client, max_tokens=24, stop=stop)
+    assert (text, finish) == (expected, ["stop"])
+
+
+def test_concurrent_requests_match_sequential_ones(client):
+    # Same sampling params → grouped by @serve.batch into one left-padded generate call; greedy rows must not change.
+    prompts = [[{"role": "user", "content": q}] for q in ("hello", "what is the river", "dax", "how do I kill a fox")]
+    alone = [_chat(client, messages=m, max_tokens=6).choices[0].message.content for m in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(lambda m: _chat(client, messages=m, max_tokens=6).choices[0].message.content, prompts))
+    assert together == alone
+
+
+MALFORMED = {
+    "bad json": b'{"messages": [',
+    "not an object": b"[1, 2]",
+    "nested too deep": b"[" * 50_000,
+    "missing messages": {"model": SERVED},
+    "empty messages": {"messages": []},
+    "wrong role": {"messages": [{"role": "robot", "content": "hi"}]},
+    "roles out of order": {"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "hi"}]},
+    "ends with assistant": {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+    "non-text content": {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+    "max_tokens 0": {"messages": MESSAGES, "max_tokens": 0},
+    "max_tokens past context": {"messages": MESSAGES, "max_tokens": 10 ** 6},
+    "max_tokens not a number": {"messages": MESSAGES, "max_tokens": "many"},
+    "prompt too long": {"messages": [{"role": "user", "content": "the quick brown fox " * 100}]},
+    "negative temperature": {"messages": MESSAGES, "temperature": -1},
+    "top_p 0": {"messages": MESSAGES, "top_p": 0},
+    "n > 1": {"messages": MESSAGES, "n": 2},
+    "empty stop": {"messages": MESSAGES, "stop": ""},
+    "unknown model": {"model": "gpt-17", "messages": MESSAGES},
+}
+
+
+def _assert_openai_error(response: httpx.Response, status: int | None = None):
+    assert 400 <= response.status_code < 500 and (status is None or response.status_code == status), response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
+
+def test_malformed_requests_get_4xx_json_and_the_server_keeps_serving(server, client):
+    url = f"{server}/v1/chat/completions"
+    with httpx.Client(timeout=30) as http:
+        for case, body in MALFORMED.items():
+            response = http.post(url, **({"content": body} if isinstance(body, bytes) else {"json": body}))
+            assert response.status_code < 500, case
+            _assert_openai_error(response, 404 if case == "unknown model" else 400)
+        _assert_openai_error(http.post(url, content=b" " * (MAX_BODY + 1)), 413)
+        huge = {"messages": [{"role": "user", "content": "x" * (4 * MAX_BODY)}]}
+        _assert_openai_error(http.post(url, json=huge), 413)
+        _assert_openai_error(http.get(f"{server}/v1/nowhere"), 404)
+        _assert_openai_error(http.get(url), 405)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        _chat(client, temperature=-0.5)
+    assert _chat(client, max_tokens=2).usage.completion_tokens == 2  # still serving
+
+
+def test_resolve_checkpoint_paths_and_registry(registry, tmp_path):
+    checkpoint, tracking_uri, root = registry
+    assert resolve_checkpoint(str(checkpoint)) == checkpoint
+    by_version = resolve_checkpoint(f"models:/{REGISTERED}/1", tracking_uri, tmp_path / "cache")
+    assert (by_version / "model.safetensors").read_bytes() == (checkpoint / "model.safetensors").read_bytes()
+    assert resolve_checkpoint(f"models:/{REGISTERED}@champion", tracking_uri, tmp_path / "cache") == by_version
+    with pytest.raises(CheckpointError, match="found 2"):
+        for copy in ("a", "b"):
+            save_checkpoint(tmp_path / "two" / copy, debug_model(small_tokenizer().vocab_size), small_tokenizer())
+        resolve_checkpoint(str(tmp_path / "two"))
+    with pytest.raises(FileNotFoundError):
+        resolve_checkpoint(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="unsupported model URI"):
+        resolve_checkpoint(f"models:/{REGISTERED}", tracking_uri)
