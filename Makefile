@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench serve clean
 
 # torch==2.13.0 first (the CPU wheel); the project's torch range then admits it and pulls nothing more.
 $(STAMP): pyproject.toml
@@ -25,6 +25,11 @@ run: install
 	@echo "Serve:      make serve   (Ray Serve, OpenAI-compatible, http://127.0.0.1:8000/v1)"
 	@echo "Query:      curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\"
 	@echo "              -d '{\"model\": \"llama2-chat\", \"messages\": [{\"role\": \"user\", \"content\": \"What is 3 + 4?\"}]}'"
+
+# Ray Serve, OpenAI-compatible, on http://127.0.0.1:8000/v1; serves models:/llama2-chat@champion
+# (LLAMA2_MODEL_URI=<checkpoint folder or models:/...> to serve something else).
+serve: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" serve run infra/serve.yaml
 
 test: install
 	$(BIN)/python -m pytest -q
