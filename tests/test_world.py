@@ -1,0 +1,310 @@
+"""The synthetic world: determinism, schemas, planted noise, held-out prompts, and agreement with the oracle."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from collections import Counter
+
+import pytest
+
+from components import oracle
+from components.world import (BENIGN_TOPICS, GATT_SYSTEM_PROMPTS, NOISE_KINDS, PII_KINDS, PLANTED_KINDS, REFUSAL,
+                              SCHEMAS, TASKS, TOXIC_LEXICON, WorldConfig, build_world, generate_world)
+
+SMALL = WorldConfig(seed=3, n_entities=12, n_pretrain_docs=600, noise_rate=0.3, n_sft=300, n_pref_pairs=300,
+                    n_rl_prompts=200, n_gatt_dialogs=80, n_eval_prompts=100, n_eval_gatt=20)
+
+# Independent detectors of the planted PII (not the generator's code): each planted kind must be findable.
+PII_PATTERNS = {
+    "email": re.compile(r"\b[\w.]+@[\w-]+(\.[\w-]+)+\b"),
+    "phone": re.compile(r"(\(\d{3}\) \d{3}-\d{4}|\b\d{3}-\d{3}-\d{4}\b|\+1 \d{3} \d{3} \d{4})"),
+    "card": re.compile(r"\b\d{4}([ -])\d{4}\1\d{4}\1\d{4}\b"),
+    "id_number": re.compile(r"\b\d{3}-\d{2}-\d{4}\b"),
+    "ip": re.compile(r"\b\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\b"),
+}
+
+
+def luhn_ok(number: str) -> bool:
+    digits = [int(c) for c in number if c.isdigit()]
+    total = sum(d if i % 2 == 0 else (d * 2 - 9 if d * 2 > 9 else d * 2) for i, d in enumerate(reversed(digits)))
+    return total % 10 == 0
+
+
+@pytest.fixture(scope="module")
+def tables():
+    return generate_world(SMALL)
+
+
+@pytest.fixture(scope="module")
+def rows(tables):
+    return {name: table.to_pylist() for name, table in tables.items()}
+
+
+def user_texts(messages_json: str) -> list[str]:
+    return [m["content"] for m in json.loads(messages_json) if m["role"] == "user"]
+
+
+def shingles(text: str, n: int = 5) -> set[tuple[str, ...]]:
+    words = text.lower().split()
+    return {tuple(words[i:i + n]) for i in range(max(1, len(words) - n + 1))}
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b)
+
+
+# --------------------------------------------------------------------------------------------- sizes and speed
+def test_default_config_is_fast_and_complete():
+    cfg = WorldConfig()
+    start = time.perf_counter()
+    tables = generate_world(cfg)
+    seconds = time.perf_counter() - start
+    assert seconds < 10, f"generate_world took {seconds:.1f}s"
+    expected = {"pretrain": cfg.n_pretrain_docs + round(cfg.noise_rate * cfg.n_pretrain_docs), "sft": cfg.n_sft,
+                "prefs_helpful": cfg.n_pref_pairs, "prefs_safety": cfg.n_pref_pairs, "rl_prompts": cfg.n_rl_prompts,
+                "gatt": cfg.n_gatt_dialogs, "eval_prompts": cfg.n_eval_prompts, "eval_gatt": cfg.n_eval_gatt}
+    assert {name: t.num_rows for name, t in tables.items()} == expected
+    assert min(expected.values()) > 0  # a silently empty generator cannot pass
+    chars = sum(len(t) for t in tables["pretrain"].column("text").to_pylist())
+    assert chars > 2_000_000  # the tiny profile's ~1.2M tokens
+
+
+def test_small_config_row_counts(tables):
+    n_pretrain = SMALL.n_pretrain_docs + round(SMALL.noise_rate * SMALL.n_pretrain_docs)
+    assert tables["pretrain"].num_rows == n_pretrain
+    for name, n in [("sft", SMALL.n_sft), ("prefs_helpful", SMALL.n_pref_pairs), ("prefs_safety", SMALL.n_pref_pairs),
+                    ("rl_prompts", SMALL.n_rl_prompts), ("gatt", SMALL.n_gatt_dialogs),
+                    ("eval_prompts", SMALL.n_eval_prompts), ("eval_gatt", SMALL.n_eval_gatt)]:
+        assert tables[name].num_rows == n, name
+
+
+# ------------------------------------------------------------------------------------------------- determinism
+def test_same_seed_same_tables(tables):
+    again = generate_world(SMALL)
+    assert set(again) == set(tables)
+    for name in tables:
+        assert again[name].equals(tables[name]), name
+
+
+def test_different_seed_different_world(tables):
+    other = generate_world(dataclasses.replace(SMALL, seed=SMALL.seed + 1))
+    assert build_world(SMALL).entities != build_world(WorldConfig(seed=SMALL.seed + 1, n_entities=12)).entities
+    for name in tables:
+        assert not other[name].equals(tables[name]), name
+
+
+# ------------------------------------------------------------------------------------------------------- schema
+def test_schemas_and_json_columns(tables, rows):
+    assert set(tables) == set(SCHEMAS)
+    for name, table in tables.items():
+        assert table.schema == SCHEMAS[name], name
+    for r in rows["sft"]:
+        messages = json.loads(r["messages"])
+        roles = [m["role"] for m in messages]
+        assert roles == ["user", "assistant"] * (len(roles) // 2) and roles, roles
+        assert all(m["content"].strip() for m in messages) and r["task"] in TASKS
+    for name in ("prefs_helpful", "prefs_safety", "rl_prompts", "eval_prompts"):
+        for r in rows[name]:
+            prompt = json.loads(r["prompt"])
+            assert prompt[-1]["role"] == "user" and prompt[-1]["content"].strip()
+            assert r["task"] in TASKS and isinstance(json.loads(r["reference"]), dict)
+    for name in ("prefs_helpful", "prefs_safety"):
+        assert all(r["rating"] in oracle.RATINGS and r["chosen"] != r["rejected"] for r in rows[name])
+    for name in ("gatt", "eval_gatt"):
+        for r in rows[name]:
+            messages = json.loads(r["messages"])
+            assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2)
+            assert 2 <= len(messages) // 2 <= 4
+            assert r["instruction"] in GATT_SYSTEM_PROMPTS and r["system"] in GATT_SYSTEM_PROMPTS[r["instruction"]]
+
+
+def test_config_from_dict():
+    assert WorldConfig.from_dict({"seed": 5, "n_sft": 10}) == WorldConfig(seed=5, n_sft=10)
+    assert WorldConfig.from_dict(None) == WorldConfig()
+    with pytest.raises(ValueError, match="unknown keys"):
+        WorldConfig.from_dict({"n_entitys": 3})
+    with pytest.raises(ValueError):
+        WorldConfig(eval_fraction=1.5)
+    with pytest.raises(ValueError):
+        WorldConfig(n_entities=1)
+
+
+def test_benign_keywords_come_from_the_answer_not_the_question():
+    for topic, answer, keywords in BENIGN_TOPICS:
+        assert set(keywords) <= set(oracle.words(answer)) and not set(keywords) & set(oracle.words(topic)), topic
+        assert oracle.helpfulness("benign_lookalike", {"keywords": list(keywords)}, answer) == 1.0
+
+
+def test_entities_are_invented_words():
+    world = build_world(WorldConfig(n_entities=50))
+    assert len(set(world.entities)) == 50
+    assert not set(world.entities) & TOXIC_LEXICON
+    assert all(set(facts) == {"color", "home", "food", "size", "legs"} for facts in world.facts.values())
+
+
+# ------------------------------------------------------------------------------------------------ planted noise
+def test_planted_noise_rates(rows):
+    counts = Counter(r["planted"] for r in rows["pretrain"])
+    assert set(counts) == set(PLANTED_KINDS)
+    assert counts["clean"] == SMALL.n_pretrain_docs
+    n_noise = round(SMALL.noise_rate * SMALL.n_pretrain_docs)
+    assert sum(counts[k] for k in NOISE_KINDS) == n_noise
+    for kind in NOISE_KINDS:
+        assert abs(counts[kind] - n_noise / len(NOISE_KINDS)) <= 1, (kind, counts)
+    doc_ids = [r["doc_id"] for r in rows["pretrain"]]
+    assert len(set(doc_ids)) == len(doc_ids)
+
+
+def test_pii_is_really_there(rows):
+    docs = rows["pretrain"]
+    pii = [r for r in docs if r["planted"] == "pii"]
+    assert pii and {k for r in pii for k in r["pii_kinds"]} == set(PII_KINDS)
+    for r in docs:
+        assert bool(r["pii_kinds"]) == (r["planted"] == "pii")
+        assert set(r["pii_kinds"]) <= set(PII_KINDS)
+    for r in pii:
+        for kind in r["pii_kinds"]:
+            match = PII_PATTERNS[kind].search(r["text"])
+            assert match, (kind, r["text"])
+            if kind == "card":
+                assert luhn_ok(match.group(0))
+    for r in docs:  # and nothing PII-like anywhere else: a scrubber's precision is measurable
+        if r["planted"] != "pii":
+            assert not any(p.search(r["text"]) for p in PII_PATTERNS.values()), r["text"]
+
+
+def test_duplicates_follow_their_clean_source(rows):
+    docs = rows["pretrain"]
+    first_clean = {}
+    for i, r in enumerate(docs):
+        if r["planted"] == "clean":
+            assert r["text"] not in first_clean, "clean documents must be distinct"
+            first_clean[r["text"]] = i
+    exact = [(i, r) for i, r in enumerate(docs) if r["planted"] == "exact_dup"]
+    assert exact
+    for i, r in exact:
+        assert r["text"] in first_clean and first_clean[r["text"]] < i
+    clean_shingles = [(i, shingles(t)) for t, i in first_clean.items()]
+    near = [(i, r) for i, r in enumerate(docs) if r["planted"] == "near_dup"]
+    assert near
+    for i, r in near:
+        assert r["text"] not in first_clean
+        best, source = max((jaccard(shingles(r["text"]), s), j) for j, s in clean_shingles)
+        assert best >= 0.6 and source < i, (best, r["text"])
+
+
+def test_clean_documents_are_clean(rows):
+    clean = [r["text"] for r in rows["pretrain"] if r["planted"] == "clean"]
+    assert len(clean) == SMALL.n_pretrain_docs and all(len(t.split()) >= 10 for t in clean)
+    for text in clean:
+        assert not set(oracle.words(text)) & TOXIC_LEXICON
+        assert text.isascii()
+    sample = [shingles(t) for t in clean[:200]]  # clean docs are not near-duplicates of each other
+    worst = max(jaccard(a, b) for i, a in enumerate(sample) for b in sample[i + 1:])
+    assert worst < 0.5
+
+
+def test_noise_documents_look_like_their_kind(rows):
+    english = {"the", "is", "and", "of", "to", "eats", "lives"}
+    for r in rows["pretrain"]:
+        words = oracle.words(r["text"])
+        assert words or r["planted"] == "low_quality"
+        if r["planted"] == "toxic":
+            assert sum(w in TOXIC_LEXICON for w in words) >= 2
+        elif r["planted"] == "non_english":
+            assert not set(r["text"].lower().split()) & english, r["text"]
+        elif r["planted"] == "low_quality":
+            assert sum(w in english for w in words) <= 0.2 * max(1, len(words)) or len(set(words)) <= 4
+
+
+# ---------------------------------------------------------------------------------------------- held-out prompts
+def test_eval_prompts_are_held_out(rows):
+    train_texts = set()
+    for r in rows["sft"]:
+        train_texts.update(user_texts(r["messages"]))
+    for name in ("prefs_helpful", "prefs_safety", "rl_prompts"):
+        for r in rows[name]:
+            train_texts.update(user_texts(r["prompt"]))
+    for r in rows["gatt"]:
+        train_texts.update(user_texts(r["messages"]))
+    pretrain_questions = {line[3:] for r in rows["pretrain"] for line in r["text"].split("\n")
+                          if line.startswith("Q: ")}
+    assert train_texts and pretrain_questions
+    eval_texts = [t for r in rows["eval_prompts"] for t in user_texts(r["prompt"])]
+    eval_gatt_texts = [t for r in rows["eval_gatt"] for t in user_texts(r["messages"])]
+    assert eval_texts and eval_gatt_texts
+    assert not set(eval_texts) & train_texts
+    assert not set(eval_texts) & pretrain_questions
+    assert not set(eval_gatt_texts) & (train_texts | pretrain_questions)
+    assert len(set(eval_texts)) == len(eval_texts)  # distinct held-out prompts
+
+
+def test_every_task_everywhere(rows):
+    for name in ("sft", "rl_prompts", "eval_prompts"):
+        assert set(r["task"] for r in rows[name]) == set(TASKS), name
+    eval_counts = Counter(r["task"] for r in rows["eval_prompts"])
+    assert set(eval_counts.values()) == {SMALL.n_eval_prompts // len(TASKS)}
+    kinds = Counter(json.loads(r["reference"])["kind"] for r in rows["eval_prompts"] if r["task"] == "format")
+    assert set(kinds) == {"uppercase", "one_word", "list"}
+
+
+def test_safety_prompts_are_the_harmful_ones(rows):
+    for name in ("rl_prompts", "eval_prompts"):
+        assert all(r["is_safety"] == (r["task"] == "harmful") for r in rows[name])
+
+
+# ------------------------------------------------------------------------------------------- agreement with oracle
+def test_reference_answers_are_perfect(rows):
+    for name in ("rl_prompts", "eval_prompts"):
+        for r in rows[name]:
+            expected = json.loads(r["reference"])["expected"]
+            assert oracle.score(r, expected) == {"helpfulness": 1.0, "safety": 1.0,
+                                                 "refusal": r["task"] == "harmful"}, (r, expected)
+
+
+def test_sft_refuses_harmful_and_answers_lookalikes(rows):
+    finals = [(r["task"], json.loads(r["messages"])[-1]["content"]) for r in rows["sft"]]
+    assert all(answer == REFUSAL for task, answer in finals if task == "harmful")
+    assert not any(oracle.is_refusal(answer) for task, answer in finals if task != "harmful")
+    assert any(len(json.loads(r["messages"])) == 4 for r in rows["sft"])  # some multi-turn dialogs
+
+
+@pytest.mark.parametrize("name, kind", [("prefs_helpful", "helpful"), ("prefs_safety", "safety")])
+def test_preferences_agree_with_oracle(rows, name, kind):
+    pairs = rows[name]
+    assert pairs
+    for r in pairs:
+        reference = json.loads(r["reference"])
+        chosen = oracle.preference_score(kind, r["task"], reference, r["chosen"])
+        rejected = oracle.preference_score(kind, r["task"], reference, r["rejected"])
+        assert chosen > rejected, r
+        assert r["rating"] == oracle.rating_for_gap(chosen - rejected), r
+    assert set(r["rating"] for r in pairs) == set(oracle.RATINGS)  # all 4 levels occur
+
+
+def test_preference_task_mix(rows):
+    helpful_tasks = Counter(r["task"] for r in rows["prefs_helpful"])
+    assert "harmful" not in helpful_tasks and {"fact", "arithmetic", "format", "benign_lookalike"} <= set(helpful_tasks)
+    safety = rows["prefs_safety"]
+    assert {"harmful", "benign_lookalike"} <= {r["task"] for r in safety}
+    for r in safety:
+        if r["task"] == "harmful":
+            assert oracle.is_refusal(r["chosen"]) and oracle.safety("harmful", r["rejected"]) == 0.0
+        if r["task"] == "benign_lookalike" and oracle.is_refusal(r["rejected"]):
+            assert not oracle.is_refusal(r["chosen"])  # answering a look-alike beats refusing it
+        if r["task"] in ("fact", "arithmetic"):
+            assert oracle.is_toxic(r["rejected"]) and not oracle.is_toxic(r["chosen"])
+
+
+@pytest.mark.parametrize("name", ["gatt", "eval_gatt"])
+def test_gatt_answers_follow_the_instruction(rows, name):
+    assert set(r["instruction"] for r in rows[name]) == set(GATT_SYSTEM_PROMPTS)
+    for r in rows[name]:
+        answers = [m["content"] for m in json.loads(r["messages"]) if m["role"] == "assistant"]
+        assert all(oracle.gatt_adherence(r["instruction"], a) for a in answers), r
+        # the check discriminates: some other instruction is broken by these answers
+        others = [i for i in GATT_SYSTEM_PROMPTS if i != r["instruction"]]
+        assert any(not oracle.gatt_adherence(i, a) for i in others for a in answers), r
