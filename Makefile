@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test bench serve clean
+.PHONY: install run pipeline test bench serve clean
 
 # torch==2.13.0 first (the CPU wheel); the project's torch range then admits it and pulls nothing more.
 $(STAMP): pyproject.toml
@@ -16,8 +16,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job: the whole recipe on the active profile (params.yaml), then where to look.
+# The main job so far: the model core (exact Llama-2-70B parameter count) and the benchmark against transformers.
 run: install
+	$(BIN)/python -m model.info llama2-70b
+	$(BIN)/python benchmarks/bench_model.py
+
+# The whole recipe on the active profile (params.yaml), then where to look. Work in progress: see README.
+pipeline: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
 	@echo
 	@echo "Done. Metrics: .venv/bin/dvc metrics show    Plots: .venv/bin/dvc plots show"
