@@ -300,18 +300,11 @@ def train_lm(init: dict, train: dict, val: dict, cfg: LMTrainConfig, ray_cfg, st
     """Run the LM loop on Ray Train and materialise the final checkpoint folder at out_dir. Returns final metrics."""
     import ray
 
-    from components.ray_utils import init_ray, run_trainer
+    from components.ray_utils import init_ray, train_to_folder
     from components.tracking import tracking_uri
-    from model.checkpoint import atomic_dir
 
     init_ray(ray_cfg)
-    data_ref = ray.put({"train": train, "val": val})
-    result = run_trainer(lm_train_loop, {
-        "train": asdict(cfg), "init": init, "data": data_ref, "stage": stage, "run_id": run_id,
-        "tracking_uri": tracking_uri(), "cpus_per_worker": ray_cfg.cpus_per_worker,
-    }, ray_cfg, name=f"{stage}-{int(time.time())}")
-    if result.error:
-        raise RuntimeError(f"{stage} training failed: {result.error}")
-    with atomic_dir(out_dir) as tmp:
-        result.checkpoint.to_directory(str(tmp))
-    return dict(result.metrics)
+    return train_to_folder(lm_train_loop, {
+        "train": asdict(cfg), "init": init, "data": ray.put({"train": train, "val": val}), "stage": stage,
+        "run_id": run_id, "tracking_uri": tracking_uri(), "cpus_per_worker": ray_cfg.cpus_per_worker,
+    }, ray_cfg, stage, out_dir)

@@ -4,7 +4,6 @@ model) trained by components.ppo.PPOTrainer against a frozen reference policy an
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,21 +72,16 @@ def ppo_train_loop(config: dict) -> None:
 
 def train_ppo(policy_ckpt, rm_helpful_ckpt, rm_safety_ckpt, prompts: list[list[int]], is_safety: list[bool],
               ppo: dict, stage_cfg: PPOStageConfig, ray_cfg, stage: str, out_dir, run_id=None) -> dict:
-    import ray
     from dataclasses import asdict
 
-    from components.ray_utils import init_ray, run_trainer
+    import ray
+
+    from components.ray_utils import init_ray, train_to_folder
     from components.tracking import tracking_uri
-    from model.checkpoint import atomic_dir
 
     init_ray(ray_cfg)
-    result = run_trainer(ppo_train_loop, {
+    return train_to_folder(ppo_train_loop, {
         "ppo": ppo, "stage_cfg": asdict(stage_cfg), "policy": str(policy_ckpt), "rm_helpful": str(rm_helpful_ckpt),
         "rm_safety": str(rm_safety_ckpt), "data": ray.put((prompts, is_safety)), "stage": stage, "run_id": run_id,
         "tracking_uri": tracking_uri(), "cpus_per_worker": ray_cfg.cpus_per_worker,
-    }, ray_cfg, name=f"{stage}-{int(time.time())}")
-    if result.error:
-        raise RuntimeError(f"{stage} failed: {result.error}")
-    with atomic_dir(out_dir) as tmp:
-        result.checkpoint.to_directory(str(tmp))
-    return dict(result.metrics)
+    }, ray_cfg, stage, out_dir)

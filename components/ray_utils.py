@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,3 +59,17 @@ def run_trainer(loop, loop_config: dict, cfg: RayConfig, name: str):
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
     )
     return trainer.fit()
+
+
+def train_to_folder(loop, loop_config: dict, cfg: RayConfig, stage: str, out_dir) -> dict:
+    """Run a Ray Train loop whose final report carries a checkpoint; materialise that checkpoint at out_dir
+    atomically (through Ray's storage, so it also works when the workers run on other nodes). Returns the final
+    metrics."""
+    from model.checkpoint import atomic_dir
+
+    result = run_trainer(loop, loop_config, cfg, name=f"{stage}-{int(time.time())}")
+    if result.error:
+        raise RuntimeError(f"{stage} training failed: {result.error}")
+    with atomic_dir(out_dir) as tmp:
+        result.checkpoint.to_directory(str(tmp))
+    return dict(result.metrics)

@@ -93,17 +93,11 @@ def train_rm(sft_checkpoint: str | Path, train_pairs: list[PreferencePair], val_
              cfg: RMTrainConfig, ray_cfg, stage: str, out_dir: str | Path, run_id: str | None = None) -> dict:
     import ray
 
-    from components.ray_utils import init_ray, run_trainer
+    from components.ray_utils import init_ray, train_to_folder
     from components.tracking import tracking_uri
-    from model.checkpoint import atomic_dir
 
     init_ray(ray_cfg)
-    result = run_trainer(rm_train_loop, {
+    return train_to_folder(rm_train_loop, {
         "train": asdict(cfg), "init": str(sft_checkpoint), "data": ray.put({"train": train_pairs, "val": val_pairs}),
         "stage": stage, "run_id": run_id, "tracking_uri": tracking_uri(), "cpus_per_worker": ray_cfg.cpus_per_worker,
-    }, ray_cfg, name=f"{stage}-{int(time.time())}")
-    if result.error:
-        raise RuntimeError(f"{stage} training failed: {result.error}")
-    with atomic_dir(out_dir) as tmp:
-        result.checkpoint.to_directory(str(tmp))
-    return dict(result.metrics)
+    }, ray_cfg, stage, out_dir)
