@@ -167,7 +167,7 @@ def test_step_under_ddp_keeps_replicas_identical(tmp_path):
     import torch.multiprocessing as mp
 
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     initial_policy = make_models()[0].state_dict()
     for name in ("policy", "value"):
         for key, tensor in results[0][name].items():
