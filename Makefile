@@ -16,16 +16,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job so far: the model core (exact Llama-2-70B parameter count) and the benchmark against transformers.
-run: install
-	$(BIN)/python -m model.info llama2-70b
-	$(BIN)/python benchmarks/bench_model.py
+# The main job: the whole recipe on the active profile (params.yaml: tiny by default) with `dvc repro`, then the wall
+# time of every stage (from MLflow) and where to look.
+run: pipeline
 
-# The whole recipe on the active profile (params.yaml), then where to look. Work in progress: see README.
 pipeline: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
+	@$(BIN)/python -m components.tracking
 	@echo
-	@echo "Done. Metrics: .venv/bin/dvc metrics show    Plots: .venv/bin/dvc plots show"
+	@echo "Done. Metrics: .venv/bin/dvc metrics show    Plots: .venv/bin/dvc plots show (writes dvc_plots/index.html)"
 	@echo "MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db   (then http://127.0.0.1:5000)"
 	@echo "Serve:      make serve   (Ray Serve, OpenAI-compatible, http://127.0.0.1:8000/v1)"
 	@echo "Query:      curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\"

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from components import oracle
-from components.reward import pad_right, score
-from model.chat import encode_dialog, encode_prompt
+from components.sampling import rm_scores
+from model.chat import encode_prompt
 from model.checkpoint import load_checkpoint
 from model.generation import SamplingParams, generate
 
@@ -23,17 +23,6 @@ def _generate_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
         out = generate(model, prompts[start:start + batch_size], params, tokenizer.eos_id, tokenizer.pad_id)
         texts += [tokenizer.decode(t).strip() for t in out.tokens]
     return texts
-
-
-@torch.no_grad()
-def rm_mean_score(reward_model, tokenizer, dialogs: list[list[dict]], batch_size: int) -> float:
-    """Mean sigmoid(RM score) of complete dialogs (prompt + the model's answer)."""
-    total = 0.0
-    for start in range(0, len(dialogs), batch_size):
-        rows = [encode_dialog(tokenizer, d).tokens for d in dialogs[start:start + batch_size]]
-        tokens, last = pad_right(rows, tokenizer.pad_id)
-        total += torch.sigmoid(score(reward_model, tokens, last)).sum().item()
-    return total / max(1, len(dialogs))
 
 
 def evaluate_prompts(model, tokenizer, records: list[dict], reward_models: dict, max_new_tokens: int,
@@ -58,7 +47,8 @@ def evaluate_prompts(model, tokenizer, records: list[dict], reward_models: dict,
     metrics.update({f"helpfulness_{t}": mean([s["helpfulness"] for s in rows]) for t, rows in by_task.items()})
     dialogs = [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
     for name, rm in reward_models.items():
-        metrics[f"{name}_score"] = rm_mean_score(rm, tokenizer, dialogs, batch_size)
+        scores = rm_scores(rm, tokenizer, dialogs, batch_size)
+        metrics[f"{name}_score"] = sum(scores) / len(scores)
     return metrics, samples
 
 

@@ -171,7 +171,8 @@ def report(metrics: dict, save=None) -> None:
 
 
 class RankZeroLogger:
-    """Rank 0 alone prints progress and sends metric curves to MLflow (batched)."""
+    """Rank 0 alone prints progress and sends metric curves to MLflow (batched); it keeps the whole history, which
+    checkpoints carry as trainer_state/history.json (the stage's `dvc plots` curves)."""
 
     def __init__(self, stage: str, run_id: str | None, tracking_uri: str | None, total_steps: int):
         import ray.train
@@ -179,6 +180,7 @@ class RankZeroLogger:
         self.is_main = ray.train.get_context().get_world_rank() == 0
         self.stage, self.run_id, self.total = stage, run_id, total_steps
         self.pending: list[dict] = []
+        self.history: list[dict] = []
         if self.is_main and run_id and tracking_uri:
             import mlflow
 
@@ -188,10 +190,17 @@ class RankZeroLogger:
         if not self.is_main:
             return
         self.pending.append({"step": step, **metrics})
+        self.history.append({"step": step, **metrics})
         shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         print(f"[{self.stage}] step {step}/{self.total}  {shown}", flush=True)
         if flush or len(self.pending) >= 20:
             self.flush()
+
+    def history_file(self) -> dict:
+        """extra_files entry for save_train_state."""
+        import json
+
+        return {"trainer_state/history.json": json.dumps(self.history)}
 
     def flush(self) -> None:
         if self.is_main and self.run_id and self.pending:
@@ -253,7 +262,8 @@ def lm_train_loop(config: dict) -> None:
     logger = RankZeroLogger(config["stage"], config.get("run_id"), config.get("tracking_uri"), total)
 
     def save(folder: Path) -> None:
-        save_train_state(folder, model, tokenizer, optimizer, {"step": step + 1, "config": asdict(cfg)})
+        save_train_state(folder, model, tokenizer, optimizer, {"step": step + 1, "config": asdict(cfg)},
+                         logger.history_file())
 
     tokens_seen, t0 = 0, time.perf_counter()
     for step in range(state["step"], total):

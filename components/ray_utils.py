@@ -29,6 +29,7 @@ def init_ray(cfg: RayConfig) -> None:
     import ray
 
     os.environ.update(_ENV)
+    _quiet_ray_data()
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": dict(_ENV)}
@@ -39,6 +40,17 @@ def init_ray(cfg: RayConfig) -> None:
     else:
         ray.init(num_cpus=cfg.local_num_cpus, include_dashboard=False, runtime_env=runtime_env,
                  logging_level="WARNING")
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's per-operator progress logs are tens of lines per dataset when stdout is not a terminal; our stages
+    print their own progress."""
+    import logging
+
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def run_trainer(loop, loop_config: dict, cfg: RayConfig, name: str):

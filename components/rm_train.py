@@ -57,7 +57,8 @@ def rm_train_loop(config: dict) -> None:
     step = state["step"]
 
     def save(folder: Path) -> None:
-        save_train_state(folder, model, tokenizer, optimizer, {"step": step + 1, "config": asdict(cfg)})
+        save_train_state(folder, model, tokenizer, optimizer, {"step": step + 1, "config": asdict(cfg)},
+                         logger.history_file())
 
     t0 = time.perf_counter()
     for step in range(state["step"], total):

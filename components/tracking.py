@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -84,6 +85,21 @@ def upstream_run_ids(dirs) -> dict[str, str]:
     return ids
 
 
+def _process_start() -> float:
+    """When this stage's process started: its wall time includes the imports and Ray start-up, as a user waits."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def _file_md5(path: str) -> str | None:
+    """DVC's md5 of a file dep, computed now: dvc.lock still holds the previous run's hash of changed code."""
+    import hashlib
+
+    file = REPO_ROOT / path
+    return hashlib.md5(file.read_bytes()).hexdigest() if file.is_file() else None
+
+
 @contextmanager
 def stage_run(stage: str, params: dict, profile: str, upstream_dirs=(), out_dir: str | Path | None = None):
     """Open the stage's MLflow run with its lineage; on success write out_dir/mlflow_run.json."""
@@ -96,7 +112,8 @@ def stage_run(stage: str, params: dict, profile: str, upstream_dirs=(), out_dir:
     tags = {"dvc.stage": stage, "git.commit": _git("rev-parse", "HEAD") or "unknown",
             "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))), "profile": profile}
     tags.update({f"upstream.{name}": run_id for name, run_id in upstream.items()})
-    tags.update({f"dvc.dep.{path}": md5s[path] for path in deps if path in md5s})
+    tags.update({f"dvc.dep.{path}": _file_md5(path) or md5s.get(path) for path in deps
+                 if _file_md5(path) or path in md5s})
     client = MlflowClient()
     for run_id in upstream.values():  # backfill: upstream outs are our deps, now hashed in dvc.lock
         upstream_outs = _stage_paths(client.get_run(run_id).data.tags.get("dvc.stage", ""))[1]
@@ -106,6 +123,7 @@ def stage_run(stage: str, params: dict, profile: str, upstream_dirs=(), out_dir:
     with mlflow.start_run(run_name=stage, tags=tags) as run:
         mlflow.log_params(flatten(params))
         yield run
+        mlflow.log_metric("stage_wall_s", time.time() - _process_start())
         if out_dir is not None:
             write_json(Path(out_dir) / RUN_FILE, {"stage": stage, "run_id": run.info.run_id,
                                                   "experiment_id": run.info.experiment_id})
@@ -124,3 +142,24 @@ def log_metric_series(run_id: str, series: list[dict]) -> None:
     client = MlflowClient(tracking_uri())
     for start in range(0, len(metrics), 900):
         client.log_batch(run_id, metrics=metrics[start:start + 900])
+
+
+def summary() -> str:
+    """The latest MLflow run of every stage: status and wall time, in pipeline order (a table for the terminal)."""
+    mlflow = setup_mlflow()
+    runs = mlflow.search_runs(experiment_names=[EXPERIMENT], order_by=["start_time DESC"], output_format="list")
+    order = list((yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text()) or {}).get("stages", {}))
+    latest = {}
+    for run in runs:
+        latest.setdefault(run.data.tags.get("dvc.stage"), run)
+    lines = ["| stage | status | wall time (s) | run id |", "|---|---|---:|---|"]  # wall: process start to end
+    for stage in order:
+        if stage in latest:
+            info = latest[stage].info
+            seconds = latest[stage].data.metrics.get("stage_wall_s", float("nan"))
+            lines.append(f"| {stage} | {info.status} | {seconds:.1f} | {info.run_id} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(summary())

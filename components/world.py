@@ -36,7 +36,7 @@ nothing about the label; `planted`/`pii_kinds` exist only to measure the filter.
 Tables (SCHEMAS; "messages" = JSON list of {"role", "content"}; "reference" = JSON dict for the oracle, always with
 an "expected" key holding the canonical answer):
   pretrain        doc_id, text, planted, pii_kinds
-  sft             messages (ends with the assistant turn; ~15% have an earlier turn), task
+  sft             messages (ends with the assistant turn; ~15% have an earlier turn, ~7% a GAtt system prompt), task
   prefs_helpful   prompt, chosen, rejected, rating, task, reference  (ranked by oracle.preference_score "helpful")
   prefs_safety    same columns                                       (ranked by oracle.preference_score "safety")
   rl_prompts      prompt, task, is_safety, reference
@@ -80,6 +80,7 @@ class WorldConfig:
     n_eval_gatt: int = 40  # held-out GAtt dialogs
     eval_fraction: float = 0.2  # fraction of each task's distinct prompt texts held out for evaluation
     multi_turn_fraction: float = 0.15  # SFT dialogs with an earlier user/assistant turn before the final one
+    system_prompt_fraction: float = 0.15  # single-turn fact/arithmetic SFT dialogs under a GAtt system instruction
     max_operand: int = 20  # arithmetic operands are 0..max_operand; differences are never negative
 
     def __post_init__(self) -> None:
@@ -93,8 +94,9 @@ class WorldConfig:
             raise ValueError(f"noise_rate must be >= 0, got {self.noise_rate}")
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
-        if not 0 <= self.multi_turn_fraction <= 1:
-            raise ValueError(f"multi_turn_fraction must be in [0, 1], got {self.multi_turn_fraction}")
+        for name in ("multi_turn_fraction", "system_prompt_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.max_operand < 2:
             raise ValueError(f"max_operand must be >= 2, got {self.max_operand}")
 
@@ -384,6 +386,10 @@ def _draw(rng: random.Random, pools: dict[str, list[Prompt]], weights: dict[str,
     return out
 
 
+def _system(text: str) -> dict:
+    return {"role": "system", "content": text}
+
+
 def _user(text: str) -> dict:
     return {"role": "user", "content": text}
 
@@ -405,7 +411,13 @@ def _sft_rows(cfg: WorldConfig, pools: dict[str, list[Prompt]]) -> list[dict]:
     rows = []
     for p in _draw(rng, pools, TASK_WEIGHTS, cfg.n_sft):
         messages = [_user(p.text), _assistant(p.answer)]
-        if rng.random() < cfg.multi_turn_fraction:  # teaches the model that a turn ends and a new one begins
+        if p.task in ("fact", "arithmetic") and rng.random() < cfg.system_prompt_fraction:
+            # As Llama 2's SFT data, some turns follow a system instruction: the SFT model then obeys one next to
+            # the question, and it is Ghost Attention's job to make it hold in later turns.
+            instruction = rng.choice([i for i in GATT_INSTRUCTIONS if p.task == "fact" or i != "uppercase"])
+            messages = [_system(rng.choice(GATT_SYSTEM_PROMPTS[instruction])), _user(p.text),
+                        _assistant(_follow(instruction, p))]
+        elif rng.random() < cfg.multi_turn_fraction:  # teaches the model that a turn ends and a new one begins
             first = rng.choice(earlier)
             messages = [_user(first.text), _assistant(first.answer)] + messages
         rows.append({"messages": json.dumps(messages), "task": p.task})

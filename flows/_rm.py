@@ -9,7 +9,7 @@ from components.datasets import messages_column, read_table
 from components.reward import encode_pair
 from components.rm_train import RMTrainConfig, train_rm
 from components.tracking import stage_run
-from flows._stage import load_params, path, ray_config, section, write_metrics
+from flows._stage import load_params, path, ray_config, section, write_curves, write_metrics
 from model.tokenizer import Tokenizer
 
 
@@ -35,3 +35,4 @@ def run(stage: str, table: str) -> None:
 
         mlflow.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         write_metrics(stage, metrics)
+        write_curves(stage, out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -42,3 +43,65 @@ def path(p: str) -> Path:
 
 def write_metrics(name: str, metrics: dict) -> None:
     write_json(path(f"metrics/{name}.json"), metrics)
+
+
+
+@dataclass
+class LMSection:
+    """An LM training section of params.yaml, split: the loop's config, data shaping, and the sampling sub-section."""
+
+    train: object  # LMTrainConfig
+    seq_len: int
+    val_fraction: float
+    sample: object | None  # SampleConfig, for stages that sample the policy
+    extra: dict
+
+
+def lm_section(params: dict, stage: str, extra: tuple[str, ...] = ()) -> LMSection:
+    from components.lm_train import LMTrainConfig
+    from components.sampling import SampleConfig
+
+    cfg = dict(section(params, stage))
+    cfg.pop("ray", None)
+    seq_len, val_fraction = cfg.pop("seq_len"), cfg.pop("val_fraction")
+    sample = cfg.pop("sample", None)
+    extras = {k: cfg.pop(k) for k in extra}
+    return LMSection(config_from_dict(LMTrainConfig, cfg, stage), seq_len, val_fraction,
+                     None if sample is None else config_from_dict(SampleConfig, sample, f"{stage}.sample"), extras)
+
+
+def write_curves(stage: str, checkpoint: Path) -> None:
+    """The training history a checkpoint carries -> plots/curves/<stage>.json (+ <stage>_val.json), for dvc plots."""
+    import json
+
+    history = json.loads((checkpoint / "trainer_state" / "history.json").read_text())
+    history = [r if "step" in r else {"step": i, **r} for i, r in enumerate(history)]
+    train = [r for r in history if not any(k.startswith("val_") for k in r)]
+    val = [{"step": r["step"], "val_loss": r["val_loss"]} for r in history if "val_loss" in r]
+    write_json(path(f"plots/curves/{stage}.json"), train)
+    if val:
+        write_json(path(f"plots/curves/{stage}_val.json"), val)
+
+
+def finetune(params: dict, stage: str, cfg: LMSection, init: Path, dialogs: list[list[dict]], out: Path,
+             run_id: str, last_turn_only: bool = False, extra_metrics: dict | None = None) -> dict:
+    """The tail every chat fine-tuning stage shares (sft, rejection, gatt, distill): dialogs in the chat format with
+    loss on the assistant tokens (or the last turn only) -> the shared LM loop on Ray Train from `init` -> out,
+    metrics, curves."""
+    import mlflow
+
+    from components.datasets import dialogs_data
+    from components.lm_train import train_lm
+    from model.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(init / "tokenizer.model")
+    train, val, stats = dialogs_data(dialogs, tokenizer, cfg.seq_len, cfg.val_fraction, cfg.train.seed,
+                                     last_turn_only)
+    print(f"[{stage}] {stats}")
+    metrics = train_lm({"checkpoint": str(init)}, train, val, cfg.train, ray_config(params, stage), stage, out,
+                       run_id)
+    metrics.update(stats, **(extra_metrics or {}))
+    mlflow.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    write_metrics(stage, metrics)
+    write_curves(stage, out)
+    return metrics

@@ -13,7 +13,7 @@ from flows._stage import load_params, path, section, write_metrics
 from components.common import read_json, write_json
 from model.checkpoint import load_checkpoint
 
-STAGES = ["base", "sft", "ppo"]  # model stages in recipe order; the last one is the candidate for promotion
+STAGES = ["base", "sft", "rs", "ppo", "gatt", "chat"]  # model stages in recipe order; the last is the candidate
 
 
 def main() -> None:

@@ -9,12 +9,12 @@ from components.common import config_from_dict
 from components.datasets import read_table
 from components.ppo_train import PPOStageConfig, train_ppo
 from components.tracking import stage_run
-from flows._stage import load_params, path, ray_config, section, write_metrics
+from flows._stage import load_params, path, ray_config, section, write_curves, write_metrics
 from model.chat import encode_prompt
 from model.tokenizer import Tokenizer
 
 OUT = path("checkpoints/ppo")
-POLICY = "checkpoints/sft"  # the stage before PPO in this DAG
+POLICY = "checkpoints/rs"  # the stage before PPO in this DAG: rejection-sampling fine-tuning
 
 
 def main() -> None:
@@ -35,6 +35,7 @@ def main() -> None:
 
         mlflow.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         write_metrics("ppo", metrics)
+        write_curves("ppo", OUT)
 
 
 if __name__ == "__main__":

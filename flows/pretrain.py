@@ -1,41 +1,57 @@
-"""DVC stage `pretrain`: the base model from scratch on the packed clean corpus (Ray Train) -> checkpoints/base/."""
+"""DVC stage `pretrain`: the base model on the packed clean corpus (Ray Train) -> checkpoints/base/.
+
+From scratch by default; with model.hf_weights (a LlamaForCausalLM folder such as Llama-2-7b-hf) training continues
+from those weights, and pretrain.max_steps 0 just imports them."""
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import asdict
+from pathlib import Path
 
-from components.common import config_from_dict
 from components.datasets import pretrain_data
-from components.lm_train import LMTrainConfig, train_lm
+from components.lm_train import train_lm
 from components.tracking import stage_run
-from flows._stage import load_params, model_args, path, ray_config, section, write_metrics
+from flows._stage import lm_section, load_params, model_args, path, ray_config, write_curves, write_metrics
+from model.checkpoint import atomic_dir
 from model.tokenizer import Tokenizer
 
 OUT = path("checkpoints/base")
 
 
 def main() -> None:
+    import mlflow
+
     params = load_params()
-    cfg = dict(section(params, "pretrain"))
-    seq_len, val_fraction = cfg.pop("seq_len"), cfg.pop("val_fraction")
-    cfg.pop("ray", None)
-    train_cfg = config_from_dict(LMTrainConfig, cfg, "pretrain")
+    cfg = lm_section(params, "pretrain")
     tokenizer_path = path("artifacts/tokenizer/tokenizer.model")
+    hf_weights = params["model"].get("hf_weights")
     args = model_args(params, Tokenizer.load(tokenizer_path).vocab_size).replace(max_seq_len=max(
-        seq_len, params["model"].get("overrides", {}).get("max_seq_len", seq_len)))
-    logged = {**asdict(train_cfg), "seq_len": seq_len, "model": args.to_dict()}
+        cfg.seq_len, (params["model"].get("overrides") or {}).get("max_seq_len", cfg.seq_len)))
+    logged = {**asdict(cfg.train), "seq_len": cfg.seq_len, "model": args.to_dict(), "hf_weights": hf_weights}
     with stage_run("pretrain", logged, params["profile"], [path("data/clean"), path("artifacts/tokenizer")],
-                   OUT) as run:
-        train, val = pretrain_data(path("data/clean"), tokenizer_path, seq_len, val_fraction, train_cfg.seed)
-        print(f"[pretrain] {train['inputs'].numel():,} training tokens in {train['inputs'].shape[0]} rows of {seq_len}")
-        init = {"args": args.to_dict(), "tokenizer": str(tokenizer_path), "seed": train_cfg.seed}
-        metrics = train_lm(init, train, val, train_cfg, ray_config(params, "pretrain"), "pretrain", OUT,
+                   OUT) as run, tempfile.TemporaryDirectory() as tmp:
+        if hf_weights:
+            from model.hf import import_hf
+
+            if cfg.train.max_steps == 0:  # import only
+                with atomic_dir(OUT) as out:
+                    import_hf(hf_weights, out, max_seq_len=args.max_seq_len)
+                write_metrics("pretrain", {"imported_from": str(hf_weights), "train_tokens": 0})
+                return
+            init = {"checkpoint": str(Path(tmp) / "imported")}
+            import_hf(hf_weights, init["checkpoint"], max_seq_len=args.max_seq_len)
+        else:
+            init = {"args": args.to_dict(), "tokenizer": str(tokenizer_path), "seed": cfg.train.seed}
+        train, val = pretrain_data(path("data/clean"), tokenizer_path, cfg.seq_len, cfg.val_fraction, cfg.train.seed)
+        print(f"[pretrain] {train['inputs'].numel():,} training tokens in {train['inputs'].shape[0]} rows of "
+              f"{cfg.seq_len}")
+        metrics = train_lm(init, train, val, cfg.train, ray_config(params, "pretrain"), "pretrain", OUT,
                            run.info.run_id)
         metrics["train_tokens"] = int(train["inputs"].numel())
-        import mlflow
-
         mlflow.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         write_metrics("pretrain", metrics)
+        write_curves("pretrain", OUT)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ def main() -> None:
     with stage_run("register", cfg, params["profile"], [candidate], None):
         tags = {f"eval.{k}": v for k, v in evaluation["models"][gate["candidate"]].items()}
         tags["gate.passed"] = gate["passed"]
+        tags["training_run"] = read_json(candidate / "mlflow_run.json")["run_id"]
         info = register_checkpoint(candidate, cfg["model_name"], cfg["alias"] if gate["passed"] else None, tags)
         for rm in ("rm_helpful", "rm_safety"):
             register_checkpoint(path(f"checkpoints/{rm}"), f"llama2-{rm.replace('_', '-')}", None,

@@ -104,8 +104,14 @@ def test_schemas_and_json_columns(tables, rows):
     for r in rows["sft"]:
         messages = json.loads(r["messages"])
         roles = [m["role"] for m in messages]
-        assert roles == ["user", "assistant"] * (len(roles) // 2) and roles, roles
+        if roles[0] == "system":  # a GAtt instruction, single turn, answer follows it
+            assert roles == ["system", "user", "assistant"] and r["task"] in ("fact", "arithmetic")
+            instruction = next(k for k, v in GATT_SYSTEM_PROMPTS.items() if messages[0]["content"] in v)
+            assert oracle.gatt_adherence(instruction, messages[-1]["content"])
+        else:
+            assert roles == ["user", "assistant"] * (len(roles) // 2) and roles, roles
         assert all(m["content"].strip() for m in messages) and r["task"] in TASKS
+    assert 0.05 < sum('"system"' in r["messages"] for r in rows["sft"]) / len(rows["sft"]) < 0.15
     for name in ("prefs_helpful", "prefs_safety", "rl_prompts", "eval_prompts"):
         for r in rows[name]:
             prompt = json.loads(r["prompt"])

@@ -1,0 +1,201 @@
+"""Sampling from a policy and scoring with the reward models, as Ray Data batch inference: the data side of
+rejection sampling (§3.2.3), Ghost Attention (§3.3) and safety context distillation (§4.2.4).
+
+A row is a conversation that ends with a user turn (`prompt`, JSON messages). The sampler answers it k times with the
+shared generation code; given reward models, it also scores each answer appended to `score_prompt` (the prompt the
+answer will be trained on, which may differ from the prompt it was sampled with: GAtt and distillation sample with
+an instruction or preprompt that training leaves out). Scores are sigmoid probabilities, as PPO's reward uses them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from components.losses import piecewise_reward
+from components.reward import pad_right, score
+from model.chat import encode_dialog, encode_prompt
+from model.checkpoint import load_checkpoint
+from model.generation import SamplingParams, generate
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    prompts: int = 0  # how many prompts (or dialogs) to sample from; 0 = all
+    k: int = 1  # answers per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    batch_size: int = 64  # prompts per generate() call (each expanded k times)
+    seed: int = 0
+
+
+class Sampler:
+    """A Ray Data actor: one policy (and optionally the reward models) loaded once, many batches answered."""
+
+    def __init__(self, policy: str, reward_models: dict[str, str], cfg: dict, threads: int):
+        torch.set_num_threads(max(1, threads))
+        self.cfg = SampleConfig(**cfg)
+        self.model, self.tokenizer = load_checkpoint(policy)
+        self.model.eval()
+        self.rms = {name: load_checkpoint(p)[0].eval() for name, p in reward_models.items()}
+
+    def __call__(self, batch: dict) -> dict:
+        cfg, tok = self.cfg, self.tokenizer
+        prompts = [json.loads(p) for p in batch["prompt"]]
+        encoded = [encode_prompt(tok, p) for p in prompts for _ in range(cfg.k)]
+        # Seeded per batch from its first row id, so a rerun on the same data draws the same samples.
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                seed=cfg.seed * 1_000_003 + int(batch["id"][0]))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = generate(self.model, encoded, params, tok.eos_id, tok.pad_id)
+        answers = [tok.decode(t).strip() for t in out.tokens]
+        result = {"id": batch["id"], "answers": [json.dumps(answers[i * cfg.k:(i + 1) * cfg.k])
+                                                  for i in range(len(prompts))]}
+        if self.rms:
+            score_prompts = [json.loads(p) for p in batch["score_prompt"]]
+            dialogs = [p + [{"role": "assistant", "content": a}]
+                       for i, p in enumerate(score_prompts) for a in answers[i * cfg.k:(i + 1) * cfg.k]]
+            for name, rm in self.rms.items():
+                scores = rm_scores(rm, tok, dialogs, cfg.batch_size)
+                result[name] = [json.dumps(scores[i * cfg.k:(i + 1) * cfg.k]) for i in range(len(prompts))]
+        return result
+
+
+@torch.no_grad()
+def rm_scores(reward_model, tokenizer, dialogs: list[list[dict]], batch_size: int) -> list[float]:
+    """sigmoid(RM score) of each complete dialog (prompt + answer)."""
+    out = []
+    for start in range(0, len(dialogs), batch_size):
+        rows = [encode_dialog(tokenizer, d).tokens for d in dialogs[start:start + batch_size]]
+        tokens, last = pad_right(rows, tokenizer.pad_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out += torch.sigmoid(score(reward_model, tokens, last).float()).tolist()
+    return out
+
+
+def sample(rows: list[dict], policy, cfg: SampleConfig, ray_cfg, reward_models: dict | None = None) -> list[dict]:
+    """Answer every row ({"prompt": messages, "score_prompt": messages (default: prompt)}) cfg.k times on Ray Data,
+    one Sampler actor per Ray worker of ray_cfg. Returns, in row order, {"answers": [k str], <rm name>: [k float]}."""
+    import ray
+
+    from components.ray_utils import init_ray
+
+    if not rows:
+        raise ValueError("nothing to sample: no prompts")
+    init_ray(ray_cfg)
+    items = [{"id": i, "prompt": json.dumps(r["prompt"]), "score_prompt": json.dumps(r.get("score_prompt")
+                                                                                     or r["prompt"])}
+             for i, r in enumerate(rows)]
+    reward_models = {name: str(p) for name, p in (reward_models or {}).items()}
+    ds = ray.data.from_items(items).map_batches(
+        Sampler, batch_size=cfg.batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"policy": str(policy), "reward_models": reward_models, "cfg": cfg.__dict__,
+                               "threads": int(ray_cfg.cpus_per_worker)},
+        compute=ray.data.ActorPoolStrategy(size=ray_cfg.num_workers),
+        num_cpus=ray_cfg.cpus_per_worker, num_gpus=1 if ray_cfg.use_gpu else 0)
+    by_id = {int(r["id"]): r for r in ds.take_all()}
+    if len(by_id) != len(rows):
+        raise RuntimeError(f"sampling returned {len(by_id)} of {len(rows)} rows")
+    return [{k: json.loads(v) for k, v in by_id[i].items() if k != "id"} for i in range(len(rows))]
+
+
+def choose_reward(result: dict, is_safety: bool, threshold: float = 0.15) -> list[float]:
+    """Llama 2's R_c for each of a row's answers: safety RM on safety prompts or below threshold, else helpful."""
+    return piecewise_reward(torch.tensor(result["rm_helpful"]), torch.tensor(result["rm_safety"]),
+                            torch.full((len(result["rm_helpful"]),), is_safety), threshold).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The three recipes that turn samples into fine-tuning dialogs.
+
+def select_best(records: list[dict], results: list[dict], threshold: float = 0.15) -> tuple[list[list[dict]], dict]:
+    """Rejection sampling's choice: per prompt, the answer with the highest R_c; with reward statistics (best-of-k
+    against the mean and median sample: the gain the paper's Figure 7 shows)."""
+    dialogs, best, mean, median = [], [], [], []
+    for record, result in zip(records, results, strict=True):
+        rewards = choose_reward(result, bool(record["is_safety"]), threshold)
+        i = max(range(len(rewards)), key=rewards.__getitem__)
+        dialogs.append(record["prompt"] + [{"role": "assistant", "content": result["answers"][i]}])
+        best.append(rewards[i])
+        mean.append(sum(rewards) / len(rewards))
+        median.append(sorted(rewards)[(len(rewards) - 1) // 2])
+    avg = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return dialogs, {"prompts": len(records), "samples": sum(len(r["answers"]) for r in results),
+                     "reward_best": avg(best), "reward_mean": avg(mean), "reward_median": avg(median),
+                     "reward_gain": avg(best) - avg(mean)}
+
+
+def rejection_sampling(records: list[dict], policy, reward_models: dict, cfg: SampleConfig, ray_cfg,
+                       threshold: float = 0.15) -> tuple[list[list[dict]], dict]:
+    """§3.2.3: k answers per prompt ({"prompt": messages, "is_safety": bool}), the best by R_c kept."""
+    results = sample([{"prompt": r["prompt"]} for r in records], policy, cfg, ray_cfg, reward_models)
+    return select_best(records, results, threshold)
+
+
+def gatt_sampling_turn(system: str, user: str, turn: int) -> dict:
+    """The user message GAtt samples with: turn 0 has the instruction as the system prompt already; every later
+    turn gets it concatenated, so the policy sees it wherever it answers."""
+    return {"role": "user", "content": user if turn == 0 else f"{system} {user}"}
+
+
+def gatt_training_dialogs(dialogs: list[dict], answers: list[list[str]]) -> list[list[dict]]:
+    """GAtt's training data: the instruction only as the first turn's system prompt, the plain user turns, the
+    sampled answers; one dialog per turn prefix, each to be trained with loss on its last turn only."""
+    training = []
+    for d, said in zip(dialogs, answers, strict=True):
+        dialog = [{"role": "system", "content": d["system"]}]
+        for user, answer in zip(d["users"], said):
+            dialog = dialog + [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+            training.append(dialog)
+    return training
+
+
+def ghost_attention(dialogs: list[dict], policy, cfg: SampleConfig, ray_cfg) -> tuple[list[list[dict]], dict]:
+    """§3.3: answer multi-turn dialogs ({"system": str, "users": [str]}) turn by turn with the instruction in every
+    user turn (one Ray Data pass per turn: each turn's prompt holds the previous answers)."""
+    histories = [[{"role": "system", "content": d["system"]}] for d in dialogs]
+    answers: list[list[str]] = [[] for _ in dialogs]
+    for turn in range(max(len(d["users"]) for d in dialogs)):
+        active = [i for i, d in enumerate(dialogs) if turn < len(d["users"])]
+        for i in active:
+            histories[i].append(gatt_sampling_turn(dialogs[i]["system"], dialogs[i]["users"][turn], turn))
+        for i, result in zip(active, sample([{"prompt": histories[i]} for i in active], policy, cfg, ray_cfg)):
+            histories[i].append({"role": "assistant", "content": result["answers"][0]})
+            answers[i].append(result["answers"][0])
+    training = gatt_training_dialogs(dialogs, answers)
+    return training, {"dialogs": len(dialogs), "examples": len(training),
+                      "turns_mean": sum(len(a) for a in answers) / len(answers)}
+
+
+def select_distilled(prompts: list[list[dict]], with_preprompt: list[dict], without: list[dict],
+                     ) -> tuple[list[list[dict]], dict]:
+    """Context distillation's filter: keep the preprompted answer (trained on without the preprompt) only where the
+    safety RM scores it above the plain answer."""
+    dialogs, gains = [], []
+    for prompt, pre, plain in zip(prompts, with_preprompt, without, strict=True):
+        gain = pre["rm_safety"][0] - plain["rm_safety"][0]
+        if gain > 0:
+            dialogs.append(prompt + [{"role": "assistant", "content": pre["answers"][0]}])
+            gains.append(gain)
+    return dialogs, {"prompts": len(prompts), "kept": len(dialogs), "kept_fraction": len(dialogs) / len(prompts),
+                     "safety_gain_kept": sum(gains) / max(1, len(gains))}
+
+
+def with_preprompt(preprompt: str, prompt: list[dict]) -> list[dict]:
+    """The prompt with the preprompt as its system prompt (before an existing one: the chat format has one)."""
+    if prompt and prompt[0]["role"] == "system":
+        return [{"role": "system", "content": f"{preprompt} {prompt[0]['content']}"}] + prompt[1:]
+    return [{"role": "system", "content": preprompt}] + prompt
+
+
+def context_distillation(records: list[dict], policy, reward_models: dict, preprompt: str, cfg: SampleConfig,
+                         ray_cfg) -> tuple[list[list[dict]], dict]:
+    """§4.2.4: answer each prompt with a safety preprompt (as the system prompt) and without, in one Ray Data pass;
+    both answers are scored against the plain prompt."""
+    prompts = [r["prompt"] for r in records]
+    rows = [{"prompt": with_preprompt(preprompt, p), "score_prompt": p} for p in prompts]
+    results = sample(rows + [{"prompt": p} for p in prompts], policy, cfg, ray_cfg, reward_models)
+    return select_distilled(prompts, results[:len(prompts)], results[len(prompts):])

@@ -1,0 +1,37 @@
+"""DVC stage `distill`: safety context distillation (§4.2.4): answers to safety prompts generated with a safety
+preprompt, kept where the safety RM prefers them to the plain answer, fine-tuned on without the preprompt
+-> checkpoints/chat/ (the final chat model)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from components.datasets import read_table
+from components.sampling import context_distillation
+from components.tracking import stage_run
+from flows._stage import finetune, lm_section, load_params, path, ray_config
+
+POLICY, OUT = path("checkpoints/gatt"), path("checkpoints/chat")
+REWARD_MODELS = {name: path(f"checkpoints/{name}") for name in ("rm_helpful", "rm_safety")}
+
+
+def main() -> None:
+    params = load_params()
+    cfg = lm_section(params, "distill", extra=("preprompt",))
+    preprompt = cfg.extra["preprompt"]
+    with stage_run("distill", {**asdict(cfg.train), "sample": asdict(cfg.sample), "preprompt": preprompt},
+                   params["profile"], [POLICY, *REWARD_MODELS.values(), path("data/raw")], OUT) as run:
+        rows = [r for r in read_table(path("data/raw/rl_prompts.parquet")).to_pylist() if r["is_safety"]]
+        records = [{"prompt": json.loads(r["prompt"])} for r in rows[:cfg.sample.prompts or None]]
+        dialogs, stats = context_distillation(records, POLICY, REWARD_MODELS, preprompt, cfg.sample,
+                                              ray_config(params, "distill"))
+        print(f"[distill] {stats}")
+        if not dialogs:
+            raise SystemExit("error: no preprompted answer scored higher on the safety RM than the plain one; "
+                             "nothing to distill (more prompts, or a different distill.preprompt)")
+        finetune(params, "distill", cfg, POLICY, dialogs, OUT, run.info.run_id, extra_metrics=stats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""DVC stage `gatt`: Ghost Attention (§3.3): multi-turn dialogs sampled from the PPO policy with the system
+instruction in every user turn, fine-tuned with it in the first turn only and loss on the last turn only
+-> checkpoints/gatt/."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from components.datasets import read_table
+from components.sampling import ghost_attention
+from components.tracking import stage_run
+from flows._stage import finetune, lm_section, load_params, path, ray_config
+
+POLICY, OUT = path("checkpoints/ppo"), path("checkpoints/gatt")
+
+
+def main() -> None:
+    params = load_params()
+    cfg = lm_section(params, "gatt")
+    with stage_run("gatt", {**asdict(cfg.train), "sample": asdict(cfg.sample)}, params["profile"],
+                   [POLICY, path("data/raw")], OUT) as run:
+        rows = read_table(path("data/raw/gatt.parquet")).to_pylist()[:cfg.sample.prompts or None]
+        dialogs = [{"system": r["system"], "users": [m["content"] for m in json.loads(r["messages"])
+                                                     if m["role"] == "user"]} for r in rows]
+        training, stats = ghost_attention(dialogs, POLICY, cfg.sample, ray_config(params, "gatt"))
+        print(f"[gatt] {stats}")
+        finetune(params, "gatt", cfg, POLICY, training, OUT, run.info.run_id, last_turn_only=True,
+                 extra_metrics=stats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""DVC stage `rejection`: rejection-sampling fine-tuning (§3.2.3): k answers per RL prompt from the SFT policy, the
+best by the reward models kept, then fine-tuned on with the SFT loss (Ray Data sampling, Ray Train) -> checkpoints/rs/.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from components.datasets import read_table
+from components.sampling import rejection_sampling
+from components.tracking import stage_run
+from flows._stage import finetune, lm_section, load_params, path, ray_config
+
+POLICY, OUT = path("checkpoints/sft"), path("checkpoints/rs")
+REWARD_MODELS = {name: path(f"checkpoints/{name}") for name in ("rm_helpful", "rm_safety")}
+
+
+def main() -> None:
+    params = load_params()
+    cfg = lm_section(params, "rejection")
+    with stage_run("rejection", {**asdict(cfg.train), "sample": asdict(cfg.sample)}, params["profile"],
+                   [POLICY, *REWARD_MODELS.values(), path("data/raw")], OUT) as run:
+        rows = read_table(path("data/raw/rl_prompts.parquet")).to_pylist()[:cfg.sample.prompts or None]
+        records = [{"prompt": json.loads(r["prompt"]), "is_safety": r["is_safety"]} for r in rows]
+        dialogs, stats = rejection_sampling(records, POLICY, REWARD_MODELS, cfg.sample, ray_config(params, "rejection"))
+        print(f"[rejection] {stats}")
+        finetune(params, "rejection", cfg, POLICY, dialogs, OUT, run.info.run_id, extra_metrics=stats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Sampling the policy on Ray Data and the recipes built on it: rejection sampling, Ghost Attention, context
+distillation. Selection rules are tested on hand-written results; the sampler runs for real on a local Ray cluster."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from components.ray_utils import RayConfig
+from components.reward import init_reward_model
+from components.sampling import (SampleConfig, choose_reward, gatt_sampling_turn, gatt_training_dialogs,
+                                 ghost_attention, rm_scores, sample, select_best, select_distilled, with_preprompt)
+from model.chat import encode_dialog
+from model.checkpoint import save_checkpoint
+from tests.helpers import debug_model, small_tokenizer
+
+USER = lambda text: {"role": "user", "content": text}  # noqa: E731
+RAY = RayConfig(num_workers=1, cpus_per_worker=1)
+
+
+def test_choose_reward_is_the_piecewise_reward():
+    result = {"rm_helpful": [0.9, 0.2, 0.7], "rm_safety": [0.5, 0.6, 0.1]}
+    assert choose_reward(result, is_safety=False) == pytest.approx([0.9, 0.2, 0.1])  # 0.1 < 0.15: safety score
+    assert choose_reward(result, is_safety=True) == pytest.approx([0.5, 0.6, 0.1])
+
+
+def test_select_best_keeps_the_highest_reward_answer_per_prompt():
+    records = [{"prompt": [USER("a")], "is_safety": False}, {"prompt": [USER("b")], "is_safety": True}]
+    results = [{"answers": ["x", "y", "z"], "rm_helpful": [0.2, 0.9, 0.5], "rm_safety": [0.9, 0.9, 0.9]},
+               {"answers": ["p", "q", "r"], "rm_helpful": [0.9, 0.9, 0.9], "rm_safety": [0.3, 0.1, 0.8]}]
+    dialogs, stats = select_best(records, results)
+    assert [d[-1]["content"] for d in dialogs] == ["y", "r"]
+    assert dialogs[0][:-1] == records[0]["prompt"] and dialogs[0][-1]["role"] == "assistant"
+    assert stats["reward_best"] == pytest.approx((0.9 + 0.8) / 2)
+    assert stats["reward_mean"] == pytest.approx((1.6 / 3 + 1.2 / 3) / 2)
+    assert stats["reward_median"] == pytest.approx((0.5 + 0.3) / 2)
+    assert stats["reward_gain"] > 0 and stats["samples"] == 6
+
+
+def test_gatt_samples_with_the_instruction_in_every_turn_and_trains_with_it_in_the_first_only():
+    assert gatt_sampling_turn("Answer in one word.", "hi", 0) == USER("hi")
+    assert gatt_sampling_turn("Answer in one word.", "and now?", 2) == USER("Answer in one word. and now?")
+    dialogs = [{"system": "Be brief.", "users": ["q1", "q2"]}, {"system": "Shout.", "users": ["r1"]}]
+    training = gatt_training_dialogs(dialogs, [["a1", "a2"], ["B1"]])
+    assert training == [
+        [{"role": "system", "content": "Be brief."}, USER("q1"), {"role": "assistant", "content": "a1"}],
+        [{"role": "system", "content": "Be brief."}, USER("q1"), {"role": "assistant", "content": "a1"}, USER("q2"),
+         {"role": "assistant", "content": "a2"}],
+        [{"role": "system", "content": "Shout."}, USER("r1"), {"role": "assistant", "content": "B1"}]]
+    # Trained with loss on the last turn only: the earlier answer contributes no target token.
+    tok = small_tokenizer()
+    enc = encode_dialog(tok, training[1], last_turn_only=True)
+    first_answer_end = len(encode_dialog(tok, training[0]).tokens)
+    assert sum(enc.loss_mask[:first_answer_end]) == 0 and sum(enc.loss_mask) > 0
+
+
+def test_select_distilled_keeps_only_answers_the_safety_rm_prefers():
+    prompts = [[USER("harm 1")], [USER("harm 2")], [USER("harm 3")]]
+    pre = [{"answers": ["safe"], "rm_safety": [0.9]}, {"answers": ["worse"], "rm_safety": [0.2]},
+           {"answers": ["tie"], "rm_safety": [0.5]}]
+    plain = [{"answers": ["x"], "rm_safety": [0.4]}, {"answers": ["y"], "rm_safety": [0.6]},
+             {"answers": ["z"], "rm_safety": [0.5]}]
+    dialogs, stats = select_distilled(prompts, pre, plain)
+    assert dialogs == [[USER("harm 1"), {"role": "assistant", "content": "safe"}]]  # trained without the preprompt
+    assert stats["kept"] == 1 and stats["safety_gain_kept"] == pytest.approx(0.5)
+
+
+def test_with_preprompt_keeps_a_single_system_prompt():
+    assert with_preprompt("Be safe.", [USER("q")])[0] == {"role": "system", "content": "Be safe."}
+    merged = with_preprompt("Be safe.", [{"role": "system", "content": "Be brief."}, USER("q")])
+    assert merged == [{"role": "system", "content": "Be safe. Be brief."}, USER("q")]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpts")
+    tok = small_tokenizer()
+    policy = debug_model(vocab_size=tok.vocab_size)
+    save_checkpoint(folder / "policy", policy, tok)
+    for i, name in enumerate(("rm_helpful", "rm_safety")):
+        rm = init_reward_model(policy, head_std=0.5, generator=torch.Generator().manual_seed(i))
+        save_checkpoint(folder / name, rm, tok)
+    return folder
+
+
+def test_sample_on_ray_data_answers_k_times_and_scores_against_the_score_prompt(ray_local, checkpoints):
+    from model.checkpoint import load_checkpoint
+
+    cfg = SampleConfig(k=3, temperature=1.0, max_new_tokens=6, batch_size=2, seed=1)
+    rows = [{"prompt": [USER(f"question {i}")]} for i in range(3)]
+    rows.append({"prompt": [{"role": "system", "content": "pre"}, USER("q")], "score_prompt": [USER("q")]})
+    rms = {name: checkpoints / name for name in ("rm_helpful", "rm_safety")}
+    results = sample(rows, checkpoints / "policy", cfg, RAY, rms)
+    assert len(results) == 4 and all(len(r["answers"]) == 3 and len(r["rm_safety"]) == 3 for r in results)
+    assert len({a for r in results for a in r["answers"]}) > 3  # sampled, not one answer repeated
+    rm, tok = load_checkpoint(checkpoints / "rm_safety")
+    last = results[-1]
+    expected = rm_scores(rm.eval(), tok, [[USER("q"), {"role": "assistant", "content": a}] for a in last["answers"]],
+                         8)
+    assert last["rm_safety"] == pytest.approx(expected, abs=2e-2)  # bf16 autocast in both
+    assert sample(rows, checkpoints / "policy", cfg, RAY, rms) == results  # seeded: a rerun draws the same
+
+
+def test_ghost_attention_answers_every_turn(ray_local, checkpoints):
+    dialogs = [{"system": "Answer in one word.", "users": ["a", "b", "c"]}, {"system": "Shout.", "users": ["d"]}]
+    training, stats = ghost_attention(dialogs, checkpoints / "policy", SampleConfig(max_new_tokens=4), RAY)
+    assert stats == {"dialogs": 2, "examples": 4, "turns_mean": 2.0}
+    assert [len(d) for d in training] == [3, 5, 7, 3]
+    assert all(m["content"] in ("a", "b", "c") for m in training[2] if m["role"] == "user")  # no instruction
