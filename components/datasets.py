@@ -10,7 +10,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from components.lm_train import pack_documents, pack_examples, split_validation
-from model.chat import encode_dialog
 from model.tokenizer import Tokenizer, train_tokenizer
 
 
@@ -71,11 +70,11 @@ def pretrain_data(clean_dir, tokenizer_path, seq_len: int, val_fraction: float, 
     return split_validation(packed, val_fraction, seed)
 
 
-def dialogs_data(dialogs: list[list[dict]], tokenizer: Tokenizer, seq_len: int, val_fraction: float, seed: int,
-                 last_turn_only: bool = False) -> tuple[dict, dict, dict]:
-    """Chat-format dialogs -> packed rows with loss on assistant tokens only; returns train, val, stats."""
-    examples = [encode_dialog(tokenizer, d, last_turn_only=last_turn_only) for d in dialogs]
-    packed = pack_examples([(e.tokens, e.loss_mask) for e in examples], seq_len, tokenizer.pad_id)
+def examples_data(examples: list, pad_id: int, seq_len: int, val_fraction: float, seed: int,
+                  ) -> tuple[dict, dict, dict]:
+    """Encoded chat examples (model.chat.EncodedDialog) -> packed rows with loss where their masks say; returns
+    train, val, stats."""
+    packed = pack_examples([(e.tokens, e.loss_mask) for e in examples], seq_len, pad_id)
     train, val = split_validation(packed, val_fraction, seed)
     stats = {"examples": len(examples), "rows": int(packed["inputs"].shape[0]), "dropped_too_long": packed["dropped"],
              "target_tokens": int((packed["targets"] >= 0).sum())}

@@ -10,6 +10,7 @@ an instruction or preprompt that training leaves out). Scores are sigmoid probab
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 
 import torch
@@ -38,18 +39,19 @@ class Sampler:
     def __init__(self, policy: str, reward_models: dict[str, str], cfg: dict, threads: int):
         torch.set_num_threads(max(1, threads))
         self.cfg = SampleConfig(**cfg)
-        self.model, self.tokenizer = load_checkpoint(policy)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray Data gives the actor its GPU
+        self.model, self.tokenizer = load_checkpoint(policy, device=self.device)
         self.model.eval()
-        self.rms = {name: load_checkpoint(p)[0].eval() for name, p in reward_models.items()}
+        self.rms = {name: load_checkpoint(p, device=self.device)[0].eval() for name, p in reward_models.items()}
 
     def __call__(self, batch: dict) -> dict:
-        cfg, tok = self.cfg, self.tokenizer
+        start, cfg, tok = time.perf_counter(), self.cfg, self.tokenizer
         prompts = [json.loads(p) for p in batch["prompt"]]
         encoded = [encode_prompt(tok, p) for p in prompts for _ in range(cfg.k)]
         # Seeded per batch from its first row id, so a rerun on the same data draws the same samples.
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                 seed=cfg.seed * 1_000_003 + int(batch["id"][0]))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(self.device, dtype=torch.bfloat16):
             out = generate(self.model, encoded, params, tok.eos_id, tok.pad_id)
         answers = [tok.decode(t).strip() for t in out.tokens]
         result = {"id": batch["id"], "answers": [json.dumps(answers[i * cfg.k:(i + 1) * cfg.k])
@@ -61,6 +63,9 @@ class Sampler:
             for name, rm in self.rms.items():
                 scores = rm_scores(rm, tok, dialogs, cfg.batch_size)
                 result[name] = [json.dumps(scores[i * cfg.k:(i + 1) * cfg.k]) for i in range(len(prompts))]
+        tokens = sum(len(t) for t in out.tokens)
+        print(f"[sample] {len(prompts)} prompts x {cfg.k}: {tokens} tokens in {time.perf_counter() - start:.1f} s",
+              flush=True)
         return result
 
 
@@ -71,8 +76,9 @@ def rm_scores(reward_model, tokenizer, dialogs: list[list[dict]], batch_size: in
     for start in range(0, len(dialogs), batch_size):
         rows = [encode_dialog(tokenizer, d).tokens for d in dialogs[start:start + batch_size]]
         tokens, last = pad_right(rows, tokenizer.pad_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out += torch.sigmoid(score(reward_model, tokens, last).float()).tolist()
+        device = next(reward_model.parameters()).device
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out += torch.sigmoid(score(reward_model, tokens.to(device), last.to(device)).float()).tolist()
     return out
 
 

@@ -486,6 +486,9 @@ def _candidates(rng: random.Random, world: World, p: Prompt, toxic: bool) -> lis
     ref, out = p.reference, [p.answer, REFUSAL]
     if p.task != "harmful":  # to a harmful request a non-answer is neither a refusal nor help: keep pairs crisp
         out.append(rng.choice(NON_ANSWERS))
+        # Off-topic world text, as a barely tuned model rambles: without it the reward models never see such
+        # answers and may score them high, which PPO would exploit.
+        out.append(_seg_narrative(rng, world))
     if p.task == "arithmetic":
         c = ref["answer"]
         head = f"{ref['a']} {ref['op']} {ref['b']} ="

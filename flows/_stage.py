@@ -54,6 +54,7 @@ class LMSection:
     seq_len: int
     val_fraction: float
     sample: object | None  # SampleConfig, for stages that sample the policy
+    replay: int  # SFT demonstrations mixed into a self-generated training set, against forgetting
     extra: dict
 
 
@@ -64,10 +65,21 @@ def lm_section(params: dict, stage: str, extra: tuple[str, ...] = ()) -> LMSecti
     cfg = dict(section(params, stage))
     cfg.pop("ray", None)
     seq_len, val_fraction = cfg.pop("seq_len"), cfg.pop("val_fraction")
-    sample = cfg.pop("sample", None)
+    sample, replay = cfg.pop("sample", None), cfg.pop("replay", 0)
     extras = {k: cfg.pop(k) for k in extra}
     return LMSection(config_from_dict(LMTrainConfig, cfg, stage), seq_len, val_fraction,
-                     None if sample is None else config_from_dict(SampleConfig, sample, f"{stage}.sample"), extras)
+                     None if sample is None else config_from_dict(SampleConfig, sample, f"{stage}.sample"), replay,
+                     extras)
+
+
+def sft_replay(n: int, seed: int) -> list[list[dict]]:
+    """n SFT demonstrations drawn without replacement (seeded)."""
+    import random
+
+    from components.datasets import messages_column, read_table
+
+    dialogs = messages_column(read_table(path("data/raw/sft.parquet")))
+    return random.Random(seed).sample(dialogs, min(n, len(dialogs)))
 
 
 def write_curves(stage: str, checkpoint: Path) -> None:
@@ -90,13 +102,17 @@ def finetune(params: dict, stage: str, cfg: LMSection, init: Path, dialogs: list
     metrics, curves."""
     import mlflow
 
-    from components.datasets import dialogs_data
+    from components.datasets import examples_data
     from components.lm_train import train_lm
+    from model.chat import encode_dialog
     from model.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(init / "tokenizer.model")
-    train, val, stats = dialogs_data(dialogs, tokenizer, cfg.seq_len, cfg.val_fraction, cfg.train.seed,
-                                     last_turn_only)
+    examples = [encode_dialog(tokenizer, d, last_turn_only=last_turn_only) for d in dialogs]
+    replay = sft_replay(cfg.replay, cfg.train.seed) if cfg.replay else []
+    examples += [encode_dialog(tokenizer, d) for d in replay]
+    train, val, stats = examples_data(examples, tokenizer.pad_id, cfg.seq_len, cfg.val_fraction, cfg.train.seed)
+    stats["replayed_sft"] = len(replay)
     print(f"[{stage}] {stats}")
     metrics = train_lm({"checkpoint": str(init)}, train, val, cfg.train, ray_config(params, stage), stage, out,
                        run_id)
