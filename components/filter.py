@@ -19,6 +19,8 @@ foreign prose passes it and is attributed to the language rule, while gibberish 
 
 The planted labels (`planted`, `pii_kinds`) never enter the filtering pipeline: only doc_id and text are read for it;
 the labels are read separately, afterwards, to score each rule (METRIC_DEFINITIONS gives the exact definitions).
+Documents from real sources (components/ingest.py) have planted null: they go through every rule like the others,
+are left out of precision/recall, and are counted apart in the report's `unlabelled` section.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ RULE_ORDER = ("quality", "language", "toxicity", "exact_dup", "near_dup")  # rem
 RULE_LABEL = {"pii": "pii", "quality": "low_quality", "language": "non_english", "toxicity": "toxic",
               "exact_dup": "exact_dup", "near_dup": "near_dup"}
 DEDUP_LABELS = frozenset({"exact_dup", "near_dup"})
+UNLABELLED = "unlabelled"  # the confusion column of documents whose planted label is null (real sources)
 QUALITY_REASONS = ("length", "symbols", "repetition", "function_words")  # quality's sub-checks, in order
 
 # A small generic insult list; the pipeline passes the world's lexicon instead (flows/filter.py).
@@ -531,7 +534,9 @@ METRIC_DEFINITIONS = (
     "for that rule's precision, and recall[exact_dup] / recall[near_dup] count the documents with that label removed "
     "by either dedup rule. pii: the scrubber removes nothing and runs on every document, so predicted = documents "
     "where it found any PII, over all input documents; pii_kind_* do the same per kind against pii_kinds. "
-    "null = undefined (nothing predicted, or no such label).")
+    "null = undefined (nothing predicted, or no such label). Documents without a label (planted null: real sources) "
+    "go through every rule but are left out of all of these; `unlabelled` counts them (in, out, removed per rule) "
+    "and the confusion matrix shows them in its `unlabelled` column.")
 
 
 def _report(meta: pa.Table, removed: list[str | None], labels: pa.Table | None) -> dict:
@@ -557,6 +562,22 @@ def _report(meta: pa.Table, removed: list[str | None], labels: pa.Table | None) 
     idx = [by_id[d] for d in meta.column("doc_id").to_pylist()]  # labels aligned with meta's rows
     planted_all = labels.column("planted").to_pylist()
     planted = [planted_all[i] for i in idx]
+    # Confusion over every document: rows = the rule that removed it ("kept" if none), columns = its label.
+    confusion: dict[str, Counter] = {}
+    for r, p in zip(removed, planted):
+        confusion.setdefault(r or "kept", Counter())[UNLABELLED if p is None else p] += 1
+    unlabelled = [i for i, p in enumerate(planted) if p is None]
+    if unlabelled:
+        report["unlabelled"] = {"documents_in": len(unlabelled),
+                                "documents_out": sum(removed[i] is None for i in unlabelled),
+                                "removed": {rule: sum(removed[i] == rule for i in unlabelled) for rule in RULE_ORDER}}
+    labelled = [i for i, p in enumerate(planted) if p is not None]
+    if not labelled:
+        report["labels_present"] = False
+        return report
+    # Scores on the labelled documents only.
+    idx, planted = [idx[i] for i in labelled], [planted[i] for i in labelled]
+    removed, pii_found = [removed[i] for i in labelled], [pii_found[i] for i in labelled]
     kinds_true = None
     if "pii_kinds" in labels.column_names:
         kinds_all = labels.column("pii_kinds").to_pylist()
@@ -578,10 +599,6 @@ def _report(meta: pa.Table, removed: list[str | None], labels: pa.Table | None) 
         precision[rule], recall[rule] = _ratio(tp_prec, removed.count(rule)), _ratio(tp_rec, planted.count(rule))
     report.update(precision=precision, recall=recall, metric_definitions=METRIC_DEFINITIONS,
                   planted=dict(sorted(Counter(planted).items())))
-    # Rows: the rule that removed a document ("kept" if none); columns: its planted label.
-    confusion: dict[str, Counter] = {}
-    for r, p in zip(removed, planted):
-        confusion.setdefault(r or "kept", Counter())[p] += 1
     report["confusion"] = {r: dict(sorted(c.items())) for r, c in sorted(confusion.items())}
     if kinds_true is not None:
         report["pii_kind_precision"], report["pii_kind_recall"] = {}, {}

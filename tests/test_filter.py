@@ -308,6 +308,43 @@ def test_pipeline_end_to_end(ray_local, corpus_file, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clean"]  # no temp or old folders left beside it
 
 
+def test_pipeline_with_unlabelled_documents(ray_local, corpus_file, tmp_path):
+    """Real-source documents (planted null, components/ingest.py) go through every rule but not into the scores."""
+    path, expected_kept = corpus_file
+    labelled = pq.read_table(path)
+    texts = labelled.column("text").to_pylist()
+    rng = random.Random(99)
+    unlabelled = [_clean_doc(rng), texts[0], "buy now " * 25, _clean_doc(rng) + " You are a moron, a real moron."]
+    real = pa.table({"doc_id": [f"src000-{i:09d}" for i in range(4)], "text": unlabelled,
+                     "planted": pa.array([None] * 4, pa.string()),
+                     "pii_kinds": pa.array([None] * 4, pa.list_(pa.string()))})
+    src = tmp_path / "mixed.parquet"
+    pq.write_table(pa.concat_tables([labelled, real]), src)
+    report = run_filter([str(src)], str(tmp_path / "clean"), CFG)
+    assert report["documents_in"] == 71 and report["documents_out"] == 49
+    assert report["unlabelled"] == {"documents_in": 4, "documents_out": 1, "removed": {
+        "quality": 1, "language": 0, "toxicity": 1, "exact_dup": 1, "near_dup": 0}}
+    # The scores are those of the labelled documents alone (test_pipeline_end_to_end).
+    assert report["precision"] == {"pii": round(6 / 7, 4), "quality": 1.0, "language": 1.0, "toxicity": 0.75,
+                                   "exact_dup": 1.0, "near_dup": 1.0}
+    assert report["recall"]["toxicity"] == 0.75 and report["recall"]["exact_dup"] == 1.0
+    assert report["pii_kind_precision"]["card"] == 0.5 and "unlabelled" not in report["planted"]
+    assert report["confusion"]["kept"] == {"clean": 41, "pii": 6, "toxic": 1, "unlabelled": 1}
+    assert report["confusion"]["exact_dup"] == {"exact_dup": 4, "near_dup": 1, "unlabelled": 1}
+    assert set(_read_out(tmp_path / "clean").column("doc_id").to_pylist()) == expected_kept | {"src000-000000000"}
+
+
+def test_report_with_no_labelled_document():
+    meta = pa.table({"doc_id": ["a", "b"], "pii_found": pa.array([["email"], []], pa.list_(pa.string())),
+                     "quality_reason": pa.array([None, "length"], pa.string())})
+    labels = pa.table({"doc_id": ["a", "b"], "planted": pa.array([None, None], pa.string())})
+    report = flt._report(meta, [None, "quality"], labels)
+    assert report["labels_present"] is False and "precision" not in report
+    assert report["unlabelled"] == {"documents_in": 2, "documents_out": 1, "removed": {
+        "quality": 1, "language": 0, "toxicity": 0, "exact_dup": 0, "near_dup": 0}}
+    assert report["pii_docs_scrubbed"] == 1
+
+
 def test_pipeline_never_reads_labels_and_replaces_output(ray_local, corpus_file, tmp_path):
     path, expected_kept = corpus_file
     lying = pq.read_table(path)
