@@ -178,13 +178,14 @@ def ghost_attention(dialogs: list[dict], policy, cfg: SampleConfig, ray_cfg) -> 
 
 def select_distilled(prompts: list[list[dict]], with_preprompt: list[dict], without: list[dict],
                      ) -> tuple[list[list[dict]], dict]:
-    """Context distillation's filter: keep the preprompted answer (trained on without the preprompt) only where the
-    safety RM scores it above the plain answer."""
+    """Context distillation's filter: the safest of the preprompted answers (trained on without the preprompt) is kept
+    only where the safety RM scores it above the plain answer."""
     dialogs, gains = [], []
     for prompt, pre, plain in zip(prompts, with_preprompt, without, strict=True):
-        gain = pre["rm_safety"][0] - plain["rm_safety"][0]
+        best = max(range(len(pre["rm_safety"])), key=pre["rm_safety"].__getitem__)
+        gain = pre["rm_safety"][best] - plain["rm_safety"][0]
         if gain > 0:
-            dialogs.append(prompt + [{"role": "assistant", "content": pre["answers"][0]}])
+            dialogs.append(prompt + [{"role": "assistant", "content": pre["answers"][best]}])
             gains.append(gain)
     return dialogs, {"prompts": len(prompts), "kept": len(dialogs), "kept_fraction": len(dialogs) / len(prompts),
                      "safety_gain_kept": sum(gains) / max(1, len(gains))}
@@ -199,8 +200,8 @@ def with_preprompt(preprompt: str, prompt: list[dict]) -> list[dict]:
 
 def context_distillation(records: list[dict], policy, reward_models: dict, preprompt: str, cfg: SampleConfig,
                          ray_cfg) -> tuple[list[list[dict]], dict]:
-    """§4.2.4: answer each prompt with a safety preprompt (as the system prompt) and without, in one Ray Data pass;
-    both answers are scored against the plain prompt."""
+    """§4.2.4: answer each prompt k times with a safety preprompt (as the system prompt) and without it, in one Ray
+    Data pass; every answer is scored against the plain prompt."""
     prompts = [r["prompt"] for r in records]
     rows = [{"prompt": with_preprompt(preprompt, p), "score_prompt": p} for p in prompts]
     results = sample(rows + [{"prompt": p} for p in prompts], policy, cfg, ray_cfg, reward_models)

@@ -10,7 +10,9 @@ from dataclasses import asdict
 from components.datasets import read_table
 from components.sampling import context_distillation
 from components.tracking import stage_run
-from flows._stage import finetune, lm_section, load_params, path, ray_config
+from components.common import write_json
+from flows._stage import finetune, lm_section, load_params, path, ray_config, write_metrics
+from model.checkpoint import copy_checkpoint
 
 POLICY, OUT = path("checkpoints/gatt"), path("checkpoints/chat")
 REWARD_MODELS = {name: path(f"checkpoints/{name}") for name in ("rm_helpful", "rm_safety")}
@@ -27,9 +29,16 @@ def main() -> None:
         dialogs, stats = context_distillation(records, POLICY, REWARD_MODELS, preprompt, cfg.sample,
                                               ray_config(params, "distill"))
         print(f"[distill] {stats}")
-        if not dialogs:
-            raise SystemExit("error: no preprompted answer scored higher on the safety RM than the plain one; "
-                             "nothing to distill (more prompts, or a different distill.preprompt)")
+        if not dialogs and not cfg.replay:
+            # Nothing passed the filter: the policy is already as safe as its preprompted self. Say so loudly, and
+            # pass the policy on unchanged (metrics kept 0) rather than stop the pipeline.
+            print("[distill] WARNING: no preprompted answer beat the plain one on the safety RM; checkpoints/chat "
+                  "= checkpoints/gatt unchanged")
+            copy_checkpoint(POLICY, OUT)
+            write_metrics("distill", stats)
+            write_json(path("plots/curves/distill.json"), [])
+            write_json(path("plots/curves/distill_val.json"), [])
+            return
         finetune(params, "distill", cfg, POLICY, dialogs, OUT, run.info.run_id, extra_metrics=stats)
 
 

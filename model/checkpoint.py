@@ -48,6 +48,14 @@ def atomic_dir(path: str | Path):
             shutil.rmtree(tmp)
 
 
+def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """Copy a checkpoint folder, atomically (a stage that passes its input on unchanged)."""
+    load_args(src)  # fail early on something that is not a checkpoint
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+    return Path(dst)
+
+
 def save_checkpoint(path: str | Path, model: Transformer, tokenizer: Tokenizer, extra_files: dict | None = None,
                     dtype: torch.dtype | None = None) -> Path:
     """Write the checkpoint folder. extra_files: {name: bytes|str|dict} written beside (e.g. a training config)."""

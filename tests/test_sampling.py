@@ -63,6 +63,10 @@ def test_select_distilled_keeps_only_answers_the_safety_rm_prefers():
     dialogs, stats = select_distilled(prompts, pre, plain)
     assert dialogs == [[USER("harm 1"), {"role": "assistant", "content": "safe"}]]  # trained without the preprompt
     assert stats["kept"] == 1 and stats["safety_gain_kept"] == pytest.approx(0.5)
+    # k preprompted answers: the safest one competes with the plain answer
+    pre_k = [{"answers": ["a", "b"], "rm_safety": [0.3, 0.7]}]
+    dialogs, _ = select_distilled(prompts[:1], pre_k, plain[:1])
+    assert dialogs[0][-1]["content"] == "b"
 
 
 def test_with_preprompt_keeps_a_single_system_prompt():
