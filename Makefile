@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run pipeline test bench serve clean
+.PHONY: install run pipeline profile profiles test bench serve clean
 
 # torch==2.13.0 first (the CPU wheel); the project's torch range then admits it and pulls nothing more.
 $(STAMP): pyproject.toml
@@ -29,6 +29,27 @@ pipeline: install
 	@echo "Serve:      make serve   (Ray Serve, OpenAI-compatible, http://127.0.0.1:8000/v1)"
 	@echo "Query:      curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\"
 	@echo "              -d '{\"model\": \"llama2-chat\", \"messages\": [{\"role\": \"user\", \"content\": \"What is 3 + 4?\"}]}'"
+
+# Profiles (infra/profiles/*.yaml): `make profile PROFILE=ci` makes one the active params.yaml (a copy); `make profiles`
+# lists them. It refuses to overwrite edits to params.yaml that its profile file lacks (FORCE=1 overwrites them).
+PROFILES := $(sort $(basename $(notdir $(wildcard infra/profiles/*.yaml))))
+ACTIVE_PROFILE = $(shell sed -n 's/^profile: *\([^ #]*\).*/\1/p' params.yaml 2>/dev/null)
+
+profiles:
+	@echo "profiles (infra/profiles/): $(PROFILES)"
+	@echo "active (params.yaml):       $(ACTIVE_PROFILE)"
+
+profile:
+	@if [ -z "$(PROFILE)" ] || [ ! -f "infra/profiles/$(PROFILE).yaml" ]; then \
+	  echo "error: $(if $(PROFILE),no profile '$(PROFILE)',PROFILE is not set); available: $(PROFILES)" \
+	    "(make profile PROFILE=<name>)" >&2; \
+	  exit 2; fi
+	@if [ -f params.yaml ] && [ -z "$(FORCE)" ] && ! cmp -s params.yaml "infra/profiles/$(ACTIVE_PROFILE).yaml"; then \
+	  echo "error: params.yaml differs from infra/profiles/$(ACTIVE_PROFILE).yaml (edited, or an unknown profile);" \
+	    "save it there first, or overwrite it with FORCE=1" >&2; \
+	  exit 2; fi
+	cp "infra/profiles/$(PROFILE).yaml" params.yaml
+	@echo "params.yaml is now the $(PROFILE) profile: make pipeline (or dvc repro) runs it"
 
 # Ray Serve, OpenAI-compatible, on http://127.0.0.1:8000/v1; serves models:/llama2-chat@champion
 # (LLAMA2_MODEL_URI=<checkpoint folder or models:/...> to serve something else).

@@ -1,0 +1,281 @@
+"""The profiles (infra/profiles/*.yaml), the switch command (`make profile`), and the cluster configs (ray_cluster.yaml,
+infra/kuberay/, infra/mlflow/): every profile has params.yaml's keys and converts to the stages' config dataclasses
+the way the flows split them; the GPU profiles carry the paper's numbers; the manifests use the installed Ray's
+version and the Serve app of infra/serve.yaml. Static checks: no Ray cluster, no Kubernetes, a second or two."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import subprocess
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.common import REPO_ROOT, config_from_dict
+
+PROFILES_DIR = REPO_ROOT / "infra/profiles"
+PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+SCALE = ["llama2-7b", "llama2-13b", "llama2-70b"]  # profile name = model config name
+LM_STAGES = {"pretrain": (), "sft": (), "rejection": (), "gatt": (), "distill": ("preprompt",)}
+# Dicts whose keys are the user's (overrides, world sizes, filter thresholds, source entries): only the key leading to
+# them must exist. `<section>.ray` (a stage's Ray overrides) is optional in any section.
+FREE_FORM = {("model", "overrides"), ("data", "world"), ("data", "sources"), ("filter",)}
+RAY_MAJOR_MINOR = ".".join(version("ray").split(".")[:2])
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((PROFILES_DIR / f"{name}.yaml").read_text())
+
+
+def key_paths(tree: dict, prefix: tuple = ()) -> set[tuple]:
+    paths = set()
+    for key, value in tree.items():
+        path = (*prefix, key)
+        if len(path) == 2 and key == "ray" and prefix[0] != "ray":
+            continue
+        paths.add(path)
+        if isinstance(value, dict) and path not in FREE_FORM:
+            paths |= key_paths(value, path)
+    return paths
+
+
+def test_the_expected_profiles_exist_and_params_yaml_is_its_profile_file():
+    assert {"tiny", "ci", *SCALE} <= set(PROFILES)
+    params_text = (REPO_ROOT / "params.yaml").read_text()
+    active = yaml.safe_load(params_text)["profile"]
+    assert active in PROFILES, f"params.yaml's profile {active!r} has no file in infra/profiles/"
+    assert params_text == (PROFILES_DIR / f"{active}.yaml").read_text(), (
+        f"params.yaml differs from infra/profiles/{active}.yaml: copy your params.yaml edits into the profile file")
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_profile_has_exactly_the_keys_of_params_yaml(name):
+    profile, params = load(name), yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    assert profile["profile"] == name
+    ours, theirs = key_paths(profile), key_paths(params)
+    assert ours == theirs, (f"{name}: missing {sorted('.'.join(p) for p in theirs - ours)}, "
+                            f"extra {sorted('.'.join(p) for p in ours - theirs)}")
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_profile_converts_to_every_stage_config(name):
+    """Each section through the code path its flow uses (flows/*.py): unknown keys and bad values raise here."""
+    from components.filter import FilterConfig
+    from components.ppo import PPOConfig
+    from components.ppo_train import PPOStageConfig
+    from components.rm_train import RMTrainConfig
+    from components.world import WorldConfig
+    from flows._stage import lm_section, model_args, ray_config
+
+    params = load(name)
+    for stage in params:
+        if stage != "profile":
+            ray_config(params, stage)
+    args = model_args(params, params["tokenizer"]["vocab_size"])
+    WorldConfig.from_dict(params["data"]["world"])
+    assert isinstance(params["data"]["sources"], list)
+    FilterConfig.from_dict(params["filter"])
+    for stage, extra in LM_STAGES.items():
+        section = lm_section(params, stage, extra)
+        assert (section.sample is None) == (stage in ("pretrain", "sft")), stage
+        assert 0 < section.val_fraction < 1 and section.seq_len <= args.max_seq_len, stage
+    rm = {k: v for k, v in params["rm"].items() if k not in ("val_fraction", "ray")}
+    config_from_dict(RMTrainConfig, rm, "rm")
+    ppo = {k: v for k, v in params["ppo"].items() if k != "ray"}
+    stage_keys = {f.name for f in dataclasses.fields(PPOStageConfig)}
+    config_from_dict(PPOStageConfig, {k: v for k, v in ppo.items() if k in stage_keys}, "ppo")
+    PPOConfig.from_dict({k: v for k, v in ppo.items() if k not in stage_keys} | {"seed": 0})
+    assert params["evaluate"]["max_new_tokens"] >= 1 and params["evaluate"]["batch_size"] >= 1
+    assert set(params["register"]) >= {"model_name", "alias", "tolerance"}
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_batches_divide_over_the_workers(name):
+    from flows._stage import lm_section, ray_config
+
+    params = load(name)
+    for stage, extra in LM_STAGES.items():
+        train, workers = lm_section(params, stage, extra).train, ray_config(params, stage).num_workers
+        assert train.batch_size % workers == 0 and (train.batch_size // workers) % train.micro_batch_size == 0, stage
+    assert params["rm"]["batch_size"] % ray_config(params, "rm").num_workers == 0
+    assert params["ppo"]["mini_batch_size"] <= params["ppo"]["rollout_batch_size"]
+
+
+@pytest.mark.parametrize("name", SCALE)
+def test_scale_profiles_are_llama2_on_gpus_with_the_papers_numbers(name):
+    from flows._stage import ray_config
+
+    params = load(name)
+    assert params["model"]["config"] == name and params["model"]["hf_weights"]
+    assert params["pretrain"]["max_steps"] == 0  # import Meta's weights only
+    ray = ray_config(params, "sft")
+    assert ray.use_gpu and ray.num_workers >= 8 and "://" in ray.storage_path
+    sft, rm, ppo = params["sft"], params["rm"], params["ppo"]
+    assert (sft["lr"], sft["epochs"], sft["batch_size"], sft["seq_len"]) == (2e-5, 2, 64, 4096)
+    assert (rm["lr"], rm["epochs"], rm["batch_size"]) == (5e-6 if name == "llama2-70b" else 1e-5, 1, 512)
+    assert ppo["lr"] == 1e-6 and ppo["kl_coef"] == (0.005 if name == "llama2-70b" else 0.01)
+    assert ppo["rollout_batch_size"] * ray.num_workers == 512 and ppo["mini_batch_size"] * ray.num_workers == 64
+    assert 200 <= ppo["iterations"] <= 400
+
+
+def test_small_profiles_run_on_a_laptop():
+    for name in ("tiny", "ci"):
+        params = load(name)
+        assert not params["ray"]["use_gpu"] and not params["model"]["hf_weights"]
+    tiny, ci = load("tiny"), load("ci")
+    assert ci["pretrain"]["max_steps"] < tiny["pretrain"]["max_steps"]
+    assert ci["ppo"]["iterations"] < tiny["ppo"]["iterations"]
+    assert ci["data"]["world"]["n_pretrain_docs"] < 6500  # WorldConfig's default, the tiny world
+
+
+# ------------------------------------------------------------------------------------------- make profile / profiles
+@pytest.fixture
+def make_dir(tmp_path):
+    """The Makefile, infra/profiles/ and params.yaml in a temporary folder: `make profile` never touches the real
+    params.yaml."""
+    if not shutil.which("make"):
+        pytest.skip("make is not installed")
+    shutil.copy(REPO_ROOT / "Makefile", tmp_path / "Makefile")
+    shutil.copytree(PROFILES_DIR, tmp_path / "infra/profiles")
+    shutil.copy(PROFILES_DIR / "tiny.yaml", tmp_path / "params.yaml")
+    return tmp_path
+
+
+def make(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_make_profile_switches_params_yaml(make_dir):
+    listed = make(make_dir, "profiles")
+    assert listed.returncode == 0 and all(name in listed.stdout for name in PROFILES)
+    assert make(make_dir, "profile", "PROFILE=ci").returncode == 0
+    assert (make_dir / "params.yaml").read_text() == (PROFILES_DIR / "ci.yaml").read_text()
+    assert "active (params.yaml):" in (listed := make(make_dir, "profiles").stdout) and listed.rstrip().endswith("ci")
+    assert make(make_dir, "profile", "PROFILE=tiny").returncode == 0
+    assert (make_dir / "params.yaml").read_text() == (PROFILES_DIR / "tiny.yaml").read_text()
+
+
+@pytest.mark.parametrize("args", [("PROFILE=nope",), ()])
+def test_make_profile_rejects_an_unknown_or_missing_profile_and_lists_them(make_dir, args):
+    before = (make_dir / "params.yaml").read_text()
+    result = make(make_dir, "profile", *args)
+    assert result.returncode != 0
+    assert "error" in result.stderr and all(name in result.stderr for name in PROFILES)
+    assert (make_dir / "params.yaml").read_text() == before
+
+
+def test_make_profile_keeps_local_edits_unless_forced(make_dir):
+    edited = (make_dir / "params.yaml").read_text() + "# a local edit\n"
+    (make_dir / "params.yaml").write_text(edited)
+    result = make(make_dir, "profile", "PROFILE=ci")
+    assert result.returncode != 0 and "FORCE=1" in result.stderr
+    assert (make_dir / "params.yaml").read_text() == edited
+    assert make(make_dir, "profile", "PROFILE=ci", "FORCE=1").returncode == 0
+    assert (make_dir / "params.yaml").read_text() == (PROFILES_DIR / "ci.yaml").read_text()
+
+
+# ----------------------------------------------------------------------------------- cluster launcher, KubeRay, MLflow
+def image_ray_version(image: str) -> str:
+    """'rayproject/ray:2.60.0-py311-gpu' (or any repo with such a tag) -> '2.60'."""
+    match = re.search(r":(\d+)\.(\d+)\.\d+", image)
+    assert match, f"image {image!r} has no Ray version tag"
+    return f"{match[1]}.{match[2]}"
+
+
+def torch_pin(text: str) -> str:
+    [pin] = set(re.findall(r"torch==([\w.+]+)", text))
+    return pin
+
+
+def test_ray_cluster_yaml_runs_the_installed_ray_on_gpu_nodes_and_installs_like_the_makefile():
+    import json
+
+    import jsonschema
+    import ray
+
+    config = yaml.safe_load((REPO_ROOT / "ray_cluster.yaml").read_text())
+    jsonschema.validate(config, json.loads((Path(ray.__file__).parent / "autoscaler/ray-schema.json").read_text()))
+    assert image_ray_version(config["docker"]["image"]) == RAY_MAJOR_MINOR and "gpu" in config["docker"]["image"]
+    assert config["head_node_type"] in config["available_node_types"]
+    assert config["provider"]["type"] in ("aws", "gcp", "azure")
+    assert "." in config["file_mounts"].values()
+    setup = config["setup_commands"]
+    torch_at = next(i for i, c in enumerate(setup) if "torch==" in c)
+    project_at = next(i for i, c in enumerate(setup) if "pip install" in c and "-e" in c and "llama2-recipe" in c)
+    assert torch_at < project_at
+    assert torch_pin(setup[torch_at]) == torch_pin((REPO_ROOT / "Makefile").read_text())
+
+
+KUBERAY = {"raycluster.yaml": ("RayCluster", ("spec",)), "rayjob.yaml": ("RayJob", ("spec", "rayClusterSpec")),
+           "rayservice.yaml": ("RayService", ("spec", "rayClusterConfig"))}
+
+
+@pytest.mark.parametrize("file", sorted(KUBERAY))
+def test_kuberay_manifest_has_a_head_and_gpu_workers_on_the_installed_ray(file):
+    kind, spec_path = KUBERAY[file]
+    manifest = yaml.safe_load((REPO_ROOT / "infra/kuberay" / file).read_text())
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == kind and manifest["metadata"]["name"]
+    cluster = manifest
+    for key in spec_path:
+        cluster = cluster[key]
+    assert ".".join(cluster["rayVersion"].split(".")[:2]) == RAY_MAJOR_MINOR
+    assert cluster["enableInTreeAutoscaling"] is True
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    workers = cluster["workerGroupSpecs"]
+    assert head and workers
+    for container in head + [c for group in workers for c in group["template"]["spec"]["containers"]]:
+        assert image_ray_version(container["image"]) == RAY_MAJOR_MINOR, container["name"]
+    for group in workers:
+        assert group["groupName"] and group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        for container in group["template"]["spec"]["containers"]:
+            limits = container["resources"]["limits"]
+            assert int(limits["nvidia.com/gpu"]) >= 1 and limits == container["resources"]["requests"]
+
+
+def test_kuberay_image_is_built_on_the_installed_ray_and_installs_like_the_makefile():
+    dockerfile = (REPO_ROOT / "infra/kuberay/Dockerfile").read_text()
+    [base] = re.findall(r"^FROM (\S+)", dockerfile, re.M)
+    assert base.startswith("rayproject/ray:") and image_ray_version(base) == RAY_MAJOR_MINOR
+    assert torch_pin(dockerfile) == torch_pin((REPO_ROOT / "Makefile").read_text())
+    assert dockerfile.index("torch==") < dockerfile.index("pip install --no-cache-dir -e .")
+
+
+def test_rayjob_runs_dvc_repro_on_a_profile():
+    entrypoint = yaml.safe_load((REPO_ROOT / "infra/kuberay/rayjob.yaml").read_text())["spec"]["entrypoint"]
+    [profile] = re.findall(r"make profile PROFILE=(\S+?)[;&\s']", entrypoint)
+    assert profile in PROFILES and "dvc repro" in entrypoint
+
+
+def test_rayservice_serves_the_app_of_serve_yaml_on_gpus():
+    from ray.serve.schema import ServeDeploySchema
+
+    from components.serving import AppArgs
+
+    local = {a["name"]: a for a in yaml.safe_load((REPO_ROOT / "infra/serve.yaml").read_text())["applications"]}
+    spec = yaml.safe_load((REPO_ROOT / "infra/kuberay/rayservice.yaml").read_text())["spec"]
+    serve_config = yaml.safe_load(spec["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve_config)  # what Serve itself checks when KubeRay submits it
+    gpu_pods = sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]
+                                          ["nvidia.com/gpu"]) for g in spec["rayClusterConfig"]["workerGroupSpecs"])
+    assert sorted(a["name"] for a in serve_config["applications"]) == sorted(local)
+    for app in serve_config["applications"]:
+        assert app["import_path"] == local[app["name"]]["import_path"]
+        AppArgs.model_validate(app["args"])
+        assert [d["name"] for d in app["deployments"]] == [d["name"] for d in local[app["name"]]["deployments"]]
+        for deployment in app["deployments"]:
+            assert deployment["ray_actor_options"]["num_gpus"] == 1
+            autoscaling = deployment["autoscaling_config"]
+            assert 1 <= autoscaling["min_replicas"] <= autoscaling["max_replicas"] <= gpu_pods
+
+
+def test_mlflow_server_matches_the_installed_mlflow_with_postgres_and_proxied_artifacts():
+    compose = yaml.safe_load((REPO_ROOT / "infra/mlflow/docker-compose.yaml").read_text())
+    server = compose["services"]["mlflow"]
+    [image] = re.findall(r"FROM ghcr.io/mlflow/mlflow:v(\d+\.\d+)", server["build"]["dockerfile_inline"])
+    assert image == ".".join(version("mlflow").split(".")[:2])
+    assert "postgresql://" in server["command"] and "--serve-artifacts" in server["command"]
+    assert "postgres" in compose["services"]
