@@ -1,0 +1,199 @@
+"""The real pipeline, end to end, on the `ci` profile: `dvc repro` in a temporary copy of the repo (real Ray, real
+MLflow, real DVC), then the checks that every stage did its job, `dvc repro` again is a no-op, a params change
+invalidates exactly the stages downstream of it, and `serve run infra/serve.yaml` answers the openai client.
+
+Slow (minutes): `pytest -m "not slow"` skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.common import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent  # the venv's python, dvc and serve
+MODEL_STAGES = ["base", "sft", "rs", "ppo", "gatt", "chat"]
+
+
+def _run(cmd: list[str], cwd: Path, env: dict, timeout: int) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, no_ray):
+    """A git repo holding the working tree's files (tracked and new, not ignored) on the ci profile, after
+    `dvc repro`."""
+    repo = tmp_path_factory.mktemp("e2e") / "repo"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO_ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        if (REPO_ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO_ROOT / name, repo / name)
+    shutil.copy(repo / "infra/profiles/ci.yaml", repo / "params.yaml")
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(repo),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}", "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    git = ["git", "-c", "user.name=e2e", "-c", "user.email=e2e@localhost"]
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "e2e"]):
+        _run(cmd, repo, env, 60)
+    start = time.perf_counter()
+    result = _run(["dvc", "repro"], repo, env, 900)
+    return repo, env, result.stdout + result.stderr, time.perf_counter() - start
+
+
+def _metrics(repo: Path, name: str) -> dict:
+    return json.loads((repo / "metrics" / f"{name}.json").read_text())
+
+
+def test_every_stage_did_its_job(pipeline):
+    repo, _, log, seconds = pipeline
+    print(f"dvc repro on the ci profile: {seconds:.0f} s")
+    filter_report = json.loads((repo / "reports/filter.json").read_text())
+    assert filter_report["documents_out"] < filter_report["documents_in"]
+    assert min(filter_report["recall"].values()) >= 0.9 and min(filter_report["precision"].values()) >= 0.9
+    vocab = _metrics(repo, "tokenizer")["vocab_size"]
+    assert _metrics(repo, "pretrain")["val_loss"] < 0.5 * math.log(vocab)  # learned far beyond uniform
+    for stage in ("sft", "rejection", "gatt", "distill"):
+        assert math.isfinite(_metrics(repo, stage)["val_loss"]) and _metrics(repo, stage)["target_tokens"] > 0
+    for rm in ("rm_helpful", "rm_safety"):
+        assert _metrics(repo, rm)["val_accuracy"] > 0.6, rm
+    assert _metrics(repo, "rejection")["reward_gain"] > 0  # best of k beats the average sample
+    distill = _metrics(repo, "distill")  # how many it keeps varies (ci's policy is often already safe): none is fine
+    assert distill["prompts"] > 0 and 0 <= distill["kept"] <= distill["prompts"]
+    assert distill["kept"] == 0 or distill["safety_gain_kept"] > 0  # kept only where the safety RM prefers it
+    ppo = _metrics(repo, "ppo")
+    assert ppo["iterations"] > 0 and math.isfinite(ppo["reward_last"])
+    evaluation = _metrics(repo, "eval")
+    assert sorted(evaluation["models"]) == sorted(MODEL_STAGES)
+    models = evaluation["models"]
+    assert models["sft"]["helpfulness"] > models["base"]["helpfulness"] + 0.1  # SFT teaches the chat format
+    assert models["sft"]["refusal_rate_harmful"] > models["base"]["refusal_rate_harmful"]
+    for curve in ("pretrain", "sft", "rm_helpful", "ppo", "rejection", "gatt", "distill"):
+        assert json.loads((repo / f"plots/curves/{curve}.json").read_text()), curve
+
+
+def test_mlflow_has_one_run_per_stage_with_lineage_and_the_registry(pipeline):
+    from mlflow import MlflowClient
+
+    repo, env, _, _ = pipeline
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("llama2-recipe")
+    runs = client.search_runs([experiment.experiment_id])
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    by_stage = {r.data.tags["dvc.stage"]: r for r in runs}
+    assert sorted(by_stage) == sorted(stages) and len(runs) == len(stages)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    for stage, run in by_stage.items():
+        tags = run.data.tags
+        assert run.info.status == "FINISHED" and tags["profile"] == "ci" and tags["git.commit"] == commit, stage
+        assert any(k.startswith("dvc.dep.") for k in tags), stage
+        assert run.data.metrics["stage_wall_s"] > 0
+    assert by_stage["ppo"].data.tags["upstream.rejection"] == by_stage["rejection"].info.run_id
+    assert by_stage["sft"].data.tags["upstream.pretrain"] == by_stage["pretrain"].info.run_id
+    assert any(k.startswith("dvc.out.") for k in by_stage["pretrain"].data.tags)  # backfilled from dvc.lock
+    assert "train_loss" in client.get_metric_history(by_stage["pretrain"].info.run_id, "train_loss")[0].key
+    [version] = client.search_model_versions("name='llama2-chat'")
+    assert version.run_id == by_stage["register"].info.run_id
+    assert version.tags["training_run"] == by_stage["distill"].info.run_id
+    gate = _metrics(repo, "eval")["gate"]
+    aliases = client.get_registered_model("llama2-chat").aliases
+    assert ("champion" in aliases) == gate["passed"]
+    for rm in ("llama2-rm-helpful", "llama2-rm-safety"):
+        assert client.get_registered_model(rm)
+
+
+def test_repro_again_is_a_no_op_and_a_param_change_reruns_only_downstream(pipeline):
+    repo, env, _, _ = pipeline
+    start = time.perf_counter()
+    out = _run(["dvc", "repro"], repo, env, 120).stdout
+    assert "Data and pipelines are up to date" in out and time.perf_counter() - start < 60
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["sft"]["lr"] = 1e-5
+    backup = (repo / "params.yaml").read_text()
+    try:
+        (repo / "params.yaml").write_text(yaml.safe_dump(params))
+        changed = set(json.loads(_run(["dvc", "status", "--json"], repo, env, 120).stdout))
+    finally:
+        (repo / "params.yaml").write_text(backup)
+    assert changed == {"sft"}  # only sft reads sft.*: nothing upstream (or beside it) is invalidated
+    # ... and everything after sft consumes its outputs, so `dvc exp run -S sft.lr=...` reruns all of that
+    dot = _run(["dvc", "dag", "--dot", "--full"], repo, env, 120).stdout
+    edges = [tuple(part.strip().strip('";') for part in line.split("->")) for line in dot.splitlines() if "->" in line]
+    downstream, frontier = set(), {"sft"}
+    while frontier:
+        frontier = {b for a, b in edges if a in frontier} - downstream
+        downstream |= frontier
+    assert downstream == {"rm_helpful", "rm_safety", "rejection", "ppo", "gatt", "distill", "evaluate", "register"}
+
+
+def test_dvc_plots_render_offline(pipeline):
+    repo, env, _, _ = pipeline
+    _run(["dvc", "plots", "show", "-o", "dvc_plots"], repo, env, 120)
+    page = (repo / "dvc_plots/index.html").read_text()
+    views = yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]
+    assert page.count("vegaEmbed('#") == len(views) >= 10  # every view, with data
+    assert "cdn.jsdelivr" not in page and "vega-lite (BSD-3-Clause" in page  # the scripts are inlined
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_answers_the_openai_client(pipeline):
+    import openai
+
+    repo, env, _, _ = pipeline
+    port = _free_port()
+    config = yaml.safe_load((repo / "infra/serve.yaml").read_text())
+    config["http_options"]["port"] = port
+    (repo / "serve_e2e.yaml").write_text(yaml.safe_dump(config))
+    has_champion = _metrics(repo, "eval")["gate"]["passed"]
+    serve_env = {**env, **({} if has_champion else {"LLAMA2_MODEL_URI": "models:/llama2-chat/1"})}
+    server = subprocess.Popen(["serve", "run", "serve_e2e.yaml"], cwd=repo, env=serve_env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
+        deadline = time.time() + 240
+        while True:
+            try:
+                client.models.list()
+                break
+            except (openai.APIConnectionError, openai.NotFoundError, openai.InternalServerError):
+                # no listener yet, then Serve's proxy up before the application's route (404) or replica (503)
+                assert server.poll() is None and time.time() < deadline, "serve run did not come up"
+                time.sleep(2)
+        messages = [{"role": "user", "content": "What is 3 + 4?"}]
+        answer = client.chat.completions.create(model="llama2-chat", messages=messages, max_tokens=16,
+                                                temperature=0)
+        assert answer.choices[0].message.content.strip()
+        chunks = list(client.chat.completions.create(model="llama2-chat", messages=messages, max_tokens=16,
+                                                     temperature=0, stream=True))
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed.strip() == answer.choices[0].message.content.strip()
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="llama2-chat", messages=[{"role": "robot", "content": "x"}])
+        assert client.chat.completions.create(model="llama2-chat", messages=messages, max_tokens=4).choices
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
