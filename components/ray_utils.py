@@ -10,8 +10,10 @@ from pathlib import Path
 from components.common import REPO_ROOT
 
 # ray.train.report() waits for the controller's poll (2 s by default); our loops report every N steps, but a short
-# poll keeps small stages from idling.
-_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "TOKENIZERS_PARALLELISM": "false"}
+# poll keeps small stages from idling. Ray Train's print patch tees every worker print() to both stdout and a logger
+# that is also shown on the driver: each progress line came out twice.
+_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "TOKENIZERS_PARALLELISM": "false",
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,9 @@ def init_ray(cfg: RayConfig) -> None:
         runtime_env["excludes"] = [".venv", ".git", "data", "checkpoints", "ray_results", "mlflow.db", ".dvc"]
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env)
     else:
-        ray.init(num_cpus=cfg.local_num_cpus, include_dashboard=False, runtime_env=runtime_env,
+        # The dashboard serves the State API, which Ray Train's placement-group cleaner polls (without it the
+        # cleaner warns every few seconds that it cannot); it costs ~2 s of start-up.
+        ray.init(num_cpus=cfg.local_num_cpus, include_dashboard=True, runtime_env=runtime_env,
                  logging_level="WARNING")
 
 

@@ -91,8 +91,7 @@ def write_curves(stage: str, checkpoint: Path) -> None:
     train = [r for r in history if not any(k.startswith("val_") for k in r)]
     val = [{"step": r["step"], "val_loss": r["val_loss"]} for r in history if "val_loss" in r]
     write_json(path(f"plots/curves/{stage}.json"), train)
-    if val:
-        write_json(path(f"plots/curves/{stage}_val.json"), val)
+    write_json(path(f"plots/curves/{stage}_val.json"), val)  # [] when too few rows to hold any out (a DVC out)
 
 
 def finetune(params: dict, stage: str, cfg: LMSection, init: Path, dialogs: list[list[dict]], out: Path,
