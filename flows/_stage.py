@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from components.common import REPO_ROOT, config_from_dict, write_json
+from components.common import REPO_ROOT, config_from_dict, load_yaml, write_json
 from components.ray_utils import RayConfig
 from model.config import get_config
 
@@ -17,7 +17,7 @@ PARAMS_FILE = REPO_ROOT / "params.yaml"
 def load_params() -> dict:
     if not PARAMS_FILE.is_file():
         raise SystemExit(f"error: {PARAMS_FILE} is missing")
-    return yaml.safe_load(PARAMS_FILE.read_text()) or {}
+    return load_yaml(PARAMS_FILE.read_text()) or {}
 
 
 def section(params: dict, name: str) -> dict:

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.common import REPO_ROOT, config_from_dict
+from components.common import REPO_ROOT, config_from_dict, load_yaml
+from components.ray_utils import RayConfig
 
 PROFILES_DIR = REPO_ROOT / "infra/profiles"
 PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
@@ -28,7 +29,18 @@ RAY_MAJOR_MINOR = ".".join(version("ray").split(".")[:2])
 
 
 def load(name: str) -> dict:
-    return yaml.safe_load((PROFILES_DIR / f"{name}.yaml").read_text())
+    return load_yaml((PROFILES_DIR / f"{name}.yaml").read_text())  # as the flows read params.yaml
+
+
+def test_numbers_as_dvc_exp_run_set_writes_them_load_as_numbers_and_a_wrong_type_is_a_clear_error():
+    params = load_yaml("sft:\n  lr: 1e-05\n  epochs: 2\n  warmup: 1_000\n  name: 1e5x\n")  # `-S sft.lr=1e-5`
+    assert params["sft"] == {"lr": 1e-5, "epochs": 2, "warmup": 1000, "name": "1e5x"}
+    assert type(params["sft"]["epochs"]) is int
+    assert config_from_dict(RayConfig, {"cpus_per_worker": 2}).cpus_per_worker == 2.0  # int -> float field
+    with pytest.raises(ValueError, match=r"params section 'ray': num_workers must be int, got '2'"):
+        config_from_dict(RayConfig, {"num_workers": "2"}, "ray")
+    with pytest.raises(ValueError, match="max_failures must be int, got True"):
+        config_from_dict(RayConfig, {"max_failures": True}, "ray")
 
 
 def key_paths(tree: dict, prefix: tuple = ()) -> set[tuple]:
