@@ -41,6 +41,7 @@ def main() -> None:
                 return
             init = {"checkpoint": str(Path(tmp) / "imported")}
             import_hf(hf_weights, init["checkpoint"], max_seq_len=args.max_seq_len)
+            tokenizer_path = Path(init["checkpoint"]) / "tokenizer.model"  # the weights' own vocabulary, not ours
         else:
             init = {"args": args.to_dict(), "tokenizer": str(tokenizer_path), "seed": cfg.train.seed}
         train, val = pretrain_data(path("data/clean"), tokenizer_path, cfg.seq_len, cfg.val_fraction, cfg.train.seed)
