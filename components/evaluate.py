@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from components import oracle
-from components.sampling import rm_scores
+from components.reward import rm_scores
 from model.chat import encode_prompt
 from model.checkpoint import load_checkpoint
 from model.generation import SamplingParams, generate

@@ -9,8 +9,8 @@ import mlflow.pyfunc
 
 
 class ChatModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper so `mlflow.pyfunc.load_model` gives a usable chat model; the server loads the checkpoint
-    folder (artifact "checkpoint") directly."""
+    """pyfunc wrapper so `mlflow.pyfunc.load_model` gives a usable chat model: rows {"prompt": str} -> the answer
+    (greedy; params max_tokens). The server loads the checkpoint folder (artifact "checkpoint") directly."""
 
     def load_context(self, context):
         from model.checkpoint import load_checkpoint
@@ -21,24 +21,41 @@ class ChatModel(mlflow.pyfunc.PythonModel):
         from model.chat import encode_prompt
         from model.generation import SamplingParams, generate
 
-        rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
-        prompts = [encode_prompt(self.tokenizer, [{"role": "user", "content": r["prompt"]}]) for r in rows]
+        prompts = [encode_prompt(self.tokenizer, [{"role": "user", "content": r["prompt"]}]) for r in _rows(model_input)]
         out = generate(self.model, prompts, SamplingParams(max_new_tokens=(params or {}).get("max_tokens", 64),
                                                             temperature=0), self.tokenizer.eos_id,
                        self.tokenizer.pad_id)
         return [self.tokenizer.decode(t) for t in out.tokens]
 
 
-def register_checkpoint(checkpoint: str | Path, name: str, alias: str | None, tags: dict) -> dict:
-    """Log the checkpoint as a pyfunc model in the active run, register a version, tag it, and point `alias` at it
-    (None = register without promotion)."""
+class RewardModel(ChatModel):
+    """pyfunc wrapper of a reward model: rows {"prompt": str, "answer": str} -> sigmoid of its score (0..1), the
+    value rejection sampling, PPO and evaluate use."""
+
+    def predict(self, context, model_input, params=None):
+        from components.reward import rm_scores
+
+        dialogs = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answer"]}]
+                   for r in _rows(model_input)]
+        return rm_scores(self.model, self.tokenizer, dialogs, batch_size=32)
+
+
+def _rows(model_input) -> list[dict]:
+    return model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
+
+
+def register_checkpoint(checkpoint: str | Path, name: str, alias: str | None, tags: dict, reward: bool = False,
+                        ) -> dict:
+    """Log the checkpoint as a pyfunc model (a chat model, or a reward model if `reward`) in the active run, register
+    a version, tag it, and point `alias` at it (None = register without promotion)."""
     from mlflow import MlflowClient
 
     import mlflow
 
-    info = mlflow.pyfunc.log_model(name="model", python_model=ChatModel(),
+    root = Path(__file__).resolve().parents[1]
+    info = mlflow.pyfunc.log_model(name="model", python_model=RewardModel() if reward else ChatModel(),
                                    artifacts={"checkpoint": str(checkpoint)},
-                                   code_paths=[str(Path(__file__).resolve().parents[1] / "model")],
+                                   code_paths=[str(root / "model"), str(root / "components")],
                                    pip_requirements=["torch>=2.5", "sentencepiece>=0.2", "safetensors>=0.4"])
     version = mlflow.register_model(info.model_uri, name)
     client = MlflowClient()

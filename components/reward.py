@@ -89,6 +89,19 @@ def score(reward_model: nn.Module, tokens: torch.Tensor, last_index: torch.Tenso
     return values.gather(1, last_index[:, None]).squeeze(1)
 
 
+@torch.no_grad()
+def rm_scores(reward_model, tokenizer, dialogs: list[list[dict]], batch_size: int) -> list[float]:
+    """sigmoid(RM score) of each complete dialog (prompt + answer)."""
+    out = []
+    for start in range(0, len(dialogs), batch_size):
+        rows = [encode_dialog(tokenizer, d).tokens for d in dialogs[start:start + batch_size]]
+        tokens, last = pad_right(rows, tokenizer.pad_id)
+        device = next(reward_model.parameters()).device
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out += torch.sigmoid(score(reward_model, tokens.to(device), last.to(device)).float()).tolist()
+    return out
+
+
 def rm_loss_and_metrics(reward_model: nn.Module, batch: PairBatch, margins: Mapping[str, float] | None = None,
                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Margin ranking loss of one batch and its metrics (detached 0-d tensors, ready for an all-reduce).

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from components.losses import piecewise_reward
-from components.reward import pad_right, score
+from components.reward import rm_scores
 from model.chat import encode_dialog, encode_prompt
 from model.checkpoint import load_checkpoint
 from model.generation import SamplingParams, generate
@@ -67,19 +67,6 @@ class Sampler:
         print(f"[sample] {len(prompts)} prompts x {cfg.k}: {tokens} tokens in {time.perf_counter() - start:.1f} s",
               flush=True)
         return result
-
-
-@torch.no_grad()
-def rm_scores(reward_model, tokenizer, dialogs: list[list[dict]], batch_size: int) -> list[float]:
-    """sigmoid(RM score) of each complete dialog (prompt + answer)."""
-    out = []
-    for start in range(0, len(dialogs), batch_size):
-        rows = [encode_dialog(tokenizer, d).tokens for d in dialogs[start:start + batch_size]]
-        tokens, last = pad_right(rows, tokenizer.pad_id)
-        device = next(reward_model.parameters()).device
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            out += torch.sigmoid(score(reward_model, tokens.to(device), last.to(device)).float()).tolist()
-    return out
 
 
 def sample(rows: list[dict], policy, cfg: SampleConfig, ray_cfg, reward_models: dict | None = None) -> list[dict]:

@@ -22,7 +22,7 @@ def main() -> None:
         info = register_checkpoint(candidate, cfg["model_name"], cfg["alias"] if gate["passed"] else None, tags)
         for rm in ("rm_helpful", "rm_safety"):
             register_checkpoint(path(f"checkpoints/{rm}"), f"llama2-{rm.replace('_', '-')}", None,
-                                read_json(path(f"metrics/{rm}.json")))
+                                read_json(path(f"metrics/{rm}.json")), reward=True)
     write_metrics("register", {**info, "gate_passed": gate["passed"]})
     moved = f"alias '{cfg['alias']}' -> version {info['version']}" if gate["passed"] else "gate failed: alias unchanged"
     print(f"[register] {cfg['model_name']} version {info['version']} ({moved})")

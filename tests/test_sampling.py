@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from components.ray_utils import RayConfig
-from components.reward import init_reward_model
+from components.reward import init_reward_model, rm_scores
 from components.sampling import (SampleConfig, choose_reward, gatt_sampling_turn, gatt_training_dialogs,
-                                 ghost_attention, rm_scores, sample, select_best, select_distilled, with_preprompt)
+                                 ghost_attention, sample, select_best, select_distilled, with_preprompt)
 from model.chat import encode_dialog
 from model.checkpoint import save_checkpoint
 from tests.helpers import debug_model, small_tokenizer
