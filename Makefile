@@ -57,7 +57,7 @@ serve: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" serve run infra/serve.yaml
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=5
 
 bench: install
 	$(BIN)/python benchmarks/bench_model.py
