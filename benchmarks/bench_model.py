@@ -2,10 +2,12 @@
 
 Measures training tokens/s (forward + backward + AdamW) in fp32 and bf16 autocast, and KV-cache decode tokens/s at
 batch 1 and 16 (greedy, a fixed number of new tokens) against transformers' `generate`; prints the ratios and the
-model FLOPs utilisation against a matmul peak measured here.
+model FLOPs utilisation against a matmul peak measured here. Our decode runs compiled (generate(compile=True), its
+first call's time printed apart); our training step eagerly unless --compile-train.
 
     python benchmarks/bench_model.py                    # CPU, the ~6.5M llama2-6m config
     python benchmarks/bench_model.py --device cuda --config llama2-125m --dtypes bf16
+    python benchmarks/bench_model.py --compile-train    # training compiled too
 """
 
 from __future__ import annotations
@@ -121,6 +123,8 @@ def main() -> None:
     parser.add_argument("--decode-batches", default="1,16")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--compile-train", action="store_true",
+                        help="torch.compile our training step (LMTrainConfig.compile); decode always compiles")
     parser.add_argument("--json", help="also write the results here")
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
@@ -139,11 +143,12 @@ def main() -> None:
     for dtype in opts.dtypes.split(","):
         autocast = dtype == "bf16"
         ours_t, hf_t = [], []
+        ours_train = torch.compile(ours) if opts.compile_train else ours  # same parameters
         for _ in range(opts.rounds):  # alternate so machine noise hits both
-            ours_t += time_training(ours, False, batch, autocast, device, opts.steps)
+            ours_t += time_training(ours_train, False, batch, autocast, device, opts.steps)
             hf_t += time_training(hf, True, batch, autocast, device, opts.steps)
         ours_tps, hf_tps = tokens_per_step / statistics.median(ours_t), tokens_per_step / statistics.median(hf_t)
-        rows.append({"bench": f"train {dtype}", "ours": ours_tps, "transformers": hf_tps, "ratio": ours_tps / hf_tps,
+        rows.append({"bench": f"train {dtype}" + (" compiled" if opts.compile_train else ""), "ours": ours_tps, "transformers": hf_tps, "ratio": ours_tps / hf_tps,
                      "mfu_ours": ours_tps * flops_per_token / peaks[dtype],
                      "mfu_transformers": hf_tps * flops_per_token / peaks[dtype]})
     for decode_batch in [int(b) for b in opts.decode_batches.split(",")]:

@@ -9,12 +9,12 @@ as it would alone.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass, field
 
 import torch
 
-from model.llama import ContextLengthError, KVCache, Transformer, padding_attention_mask, positions_from_mask
+from model.llama import (ContextLengthError, KVCache, Transformer, compile_enabled, padding_attention_mask,
+                         positions_from_mask)
 
 
 @dataclass
@@ -91,26 +91,17 @@ def _compiled_decode_step():
     return torch.compile(_static_decode_step, fullgraph=True, options={"cpp_wrapper": True})
 
 
-def compile_enabled(compile: bool | None) -> bool:
-    """Whether generate() runs its decode steps compiled. $LLAMA2_COMPILE=0 turns compiling off everywhere.
-
-    None (the default) means eager. Measured for llama2-6m on 2 cores: compiling costs 25-35 s in a fresh process
-    (4-15 s when inductor's on-disk cache has the graph) and saves ~0.6 ms a step at batch 1 (1.45 -> 0.8 ms) and
-    ~1 ms at batch 16, so it pays after some 10^4 decode steps. The pipeline's stages decode a few hundred to a
-    few thousand steps per process (ppo: 12 x 24, sampling: 32 a call), so compiling would slow them down; long
-    -running processes (a server, a benchmark) pass compile=True.
-    """
-    if os.environ.get("LLAMA2_COMPILE", "1") == "0":
-        return False
-    return bool(compile)
-
-
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams, eos_id: int, pad_id: int = 0,
              *, compile: bool | None = None) -> GenerationOutput:
     """Continue each prompt (a list of token ids) until eos, a stop sequence, or max_new_tokens.
 
-    compile: run the decode steps through torch.compile (see compile_enabled); same tokens, up to float rounding.
+    compile: run the decode steps through torch.compile; same tokens, up to float rounding. None (the default)
+    means eager. Measured for llama2-6m on 2 cores: compiling costs 25-35 s in a fresh process (4-15 s when
+    inductor's on-disk cache has the graph) and saves ~0.6 ms a step at batch 1 (1.45 -> 0.8 ms) and ~1 ms at
+    batch 16, so it pays after some 10^4 decode steps. The pipeline's stages decode a few hundred to a few
+    thousand steps per process (ppo: 12 x 24, sampling: 32 a call) and would only slow down; long-running
+    processes (a server, a benchmark) pass compile=True. $LLAMA2_COMPILE=0 overrides it.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt at least one token")

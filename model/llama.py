@@ -7,6 +7,8 @@ Shapes in comments: B batch, T query length, S key length, H query heads, K kv h
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +19,12 @@ from model.loss import linear_cross_entropy
 
 class ContextLengthError(ValueError):
     """An input longer than the model's context length (max_seq_len)."""
+
+
+def compile_enabled(requested: bool | None) -> bool:
+    """torch.compile only where the caller asks for it (compiling costs tens of seconds in each new process) and
+    $LLAMA2_COMPILE is not 0 (a switch for machines without a working C++ toolchain, or to rule compiling out)."""
+    return bool(requested) and os.environ.get("LLAMA2_COMPILE", "1") != "0"
 
 
 def precompute_freqs_cis(head_dim: int, end: int, theta: float, device=None) -> torch.Tensor:

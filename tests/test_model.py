@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from model.config import CONFIGS, ModelArgs, get_config
-from model import generation
 from model.generation import SamplingParams, generate
-from model.llama import ContextLengthError, KVCache, Transformer, count_parameters
+from model.llama import ContextLengthError, KVCache, Transformer, compile_enabled, count_parameters
 from tests.helpers import debug_model
 
 
@@ -122,7 +121,7 @@ def test_compiled_decoding_matches_eager(monkeypatch):
             for p in model.parameters():
                 p.mul_(1.1)
     monkeypatch.setenv("LLAMA2_COMPILE", "0")
-    assert not generation.compile_enabled(True)
+    assert not compile_enabled(True)
 
 
 def test_context_length_is_enforced_with_a_clear_error():
@@ -154,3 +153,14 @@ def test_scalar_head():
     args = get_config("llama2-debug", head="scalar")
     values = Transformer(args).init_weights()(torch.randint(0, 512, (2, 9)))
     assert values.shape == (2, 9, 1)
+
+
+def test_compiled_training_step_matches_eager():
+    """LMTrainConfig.compile: the compiled forward (fused loss included) and backward give eager's loss and grads."""
+    eager, compiled = debug_model(std=0.1).train(), debug_model(std=0.1).train()
+    compiled.compile()
+    tokens = torch.randint(3, 512, (2, 17), generator=torch.Generator().manual_seed(4))
+    for model in (eager, compiled):
+        model(tokens[:, :-1], targets=tokens[:, 1:]).backward()
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
