@@ -148,7 +148,8 @@ def main() -> None:
             ours_t += time_training(ours_train, False, batch, autocast, device, opts.steps)
             hf_t += time_training(hf, True, batch, autocast, device, opts.steps)
         ours_tps, hf_tps = tokens_per_step / statistics.median(ours_t), tokens_per_step / statistics.median(hf_t)
-        rows.append({"bench": f"train {dtype}" + (" compiled" if opts.compile_train else ""), "ours": ours_tps, "transformers": hf_tps, "ratio": ours_tps / hf_tps,
+        name = f"train {dtype}" + (" compiled" if opts.compile_train else "")
+        rows.append({"bench": name, "ours": ours_tps, "transformers": hf_tps, "ratio": ours_tps / hf_tps,
                      "mfu_ours": ours_tps * flops_per_token / peaks[dtype],
                      "mfu_transformers": hf_tps * flops_per_token / peaks[dtype]})
     for decode_batch in [int(b) for b in opts.decode_batches.split(",")]:

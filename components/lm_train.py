@@ -39,9 +39,9 @@ class LMTrainConfig:
     eps: float = 1e-5
     grad_clip: float = 1.0
     bf16: bool = True  # bf16 autocast (CPU with AVX512-BF16/AMX, or GPU)
-    # torch.compile the model's forward and backward: llama2-6m on 2 cores trains ~20% faster in bf16 (~7% in
-    # fp32) but the first step costs 20-30 s, and again for evaluation's no-grad forward: a win from some
-    # thousand steps on, not for the short stages of the CI and tiny profiles. $LLAMA2_COMPILE=0 turns it off.
+    # torch.compile the model's forward and backward: llama2-6m on 2 cores trains ~20-30% faster in bf16 (~7% in
+    # fp32) but the first step costs 20-36 s, and again for evaluation's no-grad forward: a win from some
+    # hundreds of steps on, not for the short stages of the CI and tiny profiles. $LLAMA2_COMPILE=0 turns it off.
     compile: bool = False
     eval_every: int = 50
     log_every: int = 10

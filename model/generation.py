@@ -8,6 +8,7 @@ as it would alone.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, field
 
@@ -97,11 +98,11 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     """Continue each prompt (a list of token ids) until eos, a stop sequence, or max_new_tokens.
 
     compile: run the decode steps through torch.compile; same tokens, up to float rounding. None (the default)
-    means eager. Measured for llama2-6m on 2 cores: compiling costs 25-35 s in a fresh process (4-15 s when
-    inductor's on-disk cache has the graph) and saves ~0.6 ms a step at batch 1 (1.45 -> 0.8 ms) and ~1 ms at
-    batch 16, so it pays after some 10^4 decode steps. The pipeline's stages decode a few hundred to a few
-    thousand steps per process (ppo: 12 x 24, sampling: 32 a call) and would only slow down; long-running
-    processes (a server, a benchmark) pass compile=True. $LLAMA2_COMPILE=0 overrides it.
+    means eager. Measured for llama2-6m on 2 cores: compiling costs ~20 s in a fresh process, ~13 s more for a
+    second batch size (1-2 s when inductor's on-disk cache already holds the graphs), and saves ~0.6 ms a step at
+    batch 1 (1.45 -> 0.83 ms) and ~1 ms at batch 16, so it pays after some 10^4 decode steps. The pipeline's
+    stages decode a few hundred to a few thousand steps per process (ppo: 12 x 24, sampling: 32 a call) and would
+    only slow down; long-running processes (a server, a benchmark) pass compile=True. $LLAMA2_COMPILE=0 overrides.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt at least one token")
@@ -140,26 +141,27 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     lengths = torch.full((B,), new, dtype=torch.long, device=device)
     stops = [torch.tensor(s, device=device) for s in params.stop]
     compiled_step = _compiled_decode_step() if compile_enabled(compile) else None
-    for t in range(new):
-        next_token, logprob = _next_token(logits.float(), params, generator)
-        next_token = next_token.masked_fill(finished, pad_id)
-        out_tokens[:, t], out_logprobs[:, t] = next_token, logprob
-        done_now = next_token == eos_id
-        for stop in stops:
-            if t + 1 >= len(stop):
-                done_now |= (out_tokens[:, t + 1 - len(stop):t + 1] == stop).all(-1)
-        done_now &= ~finished
-        lengths = torch.where(done_now, t + 1, lengths)
-        finished |= done_now
-        if t == new - 1 or bool(finished.all()):
-            break
-        pos = prompt_len + t
-        if compiled_step is not None:
-            logits = compiled_step(model, next_token[:, None], positions, key_valid, cache,
-                                   torch.tensor([pos], device=device))
-        else:  # eager: attend to the written slots only, the least work
-            step_mask = key_valid[:, None, None, :pos + 1] if padded else None  # (B, 1, 1, S)
-            logits = model(next_token[:, None], positions[:, pos:pos + 1], step_mask, cache, pos)[:, -1]
+    with model.fresh_fused_weights() if compiled_step is not None else contextlib.nullcontext():
+        for t in range(new):
+            next_token, logprob = _next_token(logits.float(), params, generator)
+            next_token = next_token.masked_fill(finished, pad_id)
+            out_tokens[:, t], out_logprobs[:, t] = next_token, logprob
+            done_now = next_token == eos_id
+            for stop in stops:
+                if t + 1 >= len(stop):
+                    done_now |= (out_tokens[:, t + 1 - len(stop):t + 1] == stop).all(-1)
+            done_now &= ~finished
+            lengths = torch.where(done_now, t + 1, lengths)
+            finished |= done_now
+            if t == new - 1 or bool(finished.all()):
+                break
+            pos = prompt_len + t
+            if compiled_step is not None:
+                logits = compiled_step(model, next_token[:, None], positions, key_valid, cache,
+                                       torch.tensor([pos], device=device))
+            else:  # eager: attend to the written slots only, the least work
+                step_mask = key_valid[:, None, None, :pos + 1] if padded else None  # (B, 1, 1, S)
+                logits = model(next_token[:, None], positions[:, pos:pos + 1], step_mask, cache, pos)[:, -1]
 
     lengths_list, finished_list = lengths.tolist(), finished.tolist()
     tokens_list, logprobs_list = out_tokens.tolist(), out_logprobs.tolist()

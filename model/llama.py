@@ -7,6 +7,7 @@ Shapes in comments: B batch, T query length, S key length, H query heads, K kv h
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -88,6 +89,9 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+_fused_weights_fresh = False  # True inside Transformer.fresh_fused_weights()
+
+
 def fused_inference_weight(owner: nn.Module, name: str, linears: tuple[nn.Linear, ...]) -> torch.Tensor:
     """The linears' weights concatenated on the output dim, cached on `owner` until any of them changes.
 
@@ -96,9 +100,11 @@ def fused_inference_weight(owner: nn.Module, name: str, linears: tuple[nn.Linear
     """
     cached = owner.__dict__.get(name)
     if torch.compiler.is_compiling():
-        # A compiled graph cannot check version counters: it takes what the last eager call cached, which in
-        # generate() is the prefill that runs just before the compiled decode steps.
-        return cached[1] if cached is not None else torch.cat([lin.weight for lin in linears])
+        # A compiled graph cannot check version counters: it may take the cached weight only inside
+        # Transformer.fresh_fused_weights(); anywhere else it concatenates (correct, a copy per call).
+        if _fused_weights_fresh and cached is not None:
+            return cached[1]
+        return torch.cat([lin.weight for lin in linears])
     key = tuple((lin.weight.data_ptr(), lin.weight._version) for lin in linears)
     if cached is None or cached[0] != key:
         cached = (key, torch.cat([lin.weight.detach() for lin in linears]))
@@ -125,14 +131,16 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
 
+    def fused_qkv(self) -> torch.Tensor:
+        return fused_inference_weight(self, "_wqkv", (self.wq, self.wk, self.wv))
+
     def forward(self, x, freqs_cis, attn_mask=None, cache: KVCache | None = None, start_pos: int = 0):
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         if torch.is_grad_enabled():
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         else:
-            q, k, v = F.linear(x, fused_inference_weight(self, "_wqkv", (self.wq, self.wk, self.wv))).split(
-                (H * D, K * D, K * D), dim=-1)
+            q, k, v = F.linear(x, self.fused_qkv()).split((H * D, K * D, K * D), dim=-1)
         q = apply_rotary_emb(q.view(B, T, H, D), freqs_cis)
         k = apply_rotary_emb(k.view(B, T, K, D), freqs_cis)
         k, v = k.transpose(1, 2), v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
@@ -163,11 +171,14 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
+    def fused_w13(self) -> torch.Tensor:
+        return fused_inference_weight(self, "_w13", (self.w1, self.w3))
+
     def forward(self, x):
         if torch.is_grad_enabled():
             gate, up = self.w1(x), self.w3(x)
         else:
-            gate, up = F.linear(x, fused_inference_weight(self, "_w13", (self.w1, self.w3))).chunk(2, dim=-1)
+            gate, up = F.linear(x, self.fused_w13()).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 
@@ -203,6 +214,20 @@ class Transformer(nn.Module):
             table = precompute_freqs_cis(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device)
             self._rotary = {False: table, True: torch.view_as_real(table).clone()}
         return self._rotary[real]
+
+    @contextlib.contextmanager
+    def fresh_fused_weights(self):
+        """Refresh every cached fused weight now (eagerly) and let compiled no-grad code inside the block read them;
+        no weight may change until it ends (generate's compiled decode steps)."""
+        global _fused_weights_fresh
+        for layer in self.layers:
+            layer.attention.fused_qkv()
+            layer.feed_forward.fused_w13()
+        previous, _fused_weights_fresh = _fused_weights_fresh, True
+        try:
+            yield
+        finally:
+            _fused_weights_fresh = previous
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> "Transformer":
         """Normal(0, std) weights, with residual output projections scaled by 1/sqrt(2 n_layers) (GPT-2 style)."""

@@ -155,6 +155,17 @@ def test_scalar_head():
     assert values.shape == (2, 9, 1)
 
 
+def test_compiled_inference_never_reads_stale_fused_weights():
+    model = debug_model(std=0.1)
+    tokens = torch.randint(3, 512, (2, 9), generator=torch.Generator().manual_seed(5))
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        model(tokens)  # eager: caches the fused QKV/W13 weights
+        for p in model.parameters():
+            p.mul_(1.1)
+        torch.testing.assert_close(compiled(tokens), model(tokens), atol=1e-5, rtol=1e-5)
+
+
 def test_compiled_training_step_matches_eager():
     """LMTrainConfig.compile: the compiled forward (fused loss included) and backward give eager's loss and grads."""
     eager, compiled = debug_model(std=0.1).train(), debug_model(std=0.1).train()
