@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from model.checkpoint import load_checkpoint, load_into, save_checkpoint
 from model.config import ModelArgs
-from model.llama import Transformer
+from model.llama import Transformer, compile_enabled
 from model.loss import IGNORE_INDEX
 from model.tokenizer import Tokenizer
 
@@ -39,6 +39,10 @@ class LMTrainConfig:
     eps: float = 1e-5
     grad_clip: float = 1.0
     bf16: bool = True  # bf16 autocast (CPU with AVX512-BF16/AMX, or GPU)
+    # torch.compile the model's forward and backward: llama2-6m on 2 cores trains ~20-30% faster in bf16 (~7% in
+    # fp32) but the first step costs 20-36 s, and again for evaluation's no-grad forward: a win from some
+    # hundreds of steps on, not for the short stages of the CI and tiny profiles. $LLAMA2_COMPILE=0 turns it off.
+    compile: bool = False
     eval_every: int = 50
     log_every: int = 10
     checkpoint_every: int = 200  # steps between Ray Train checkpoints (resume points)
@@ -249,6 +253,8 @@ def lm_train_loop(config: dict) -> None:
     data = ray.get(config["data"])
     train, val = data["train"], data["val"]
     model, tokenizer = load_init(config["init"])
+    if compile_enabled(cfg.compile):
+        model.compile()  # in place: state-dict keys, checkpoints and DDP wrapping stay as they are
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)

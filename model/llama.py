@@ -7,6 +7,9 @@ Shapes in comments: B batch, T query length, S key length, H query heads, K kv h
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +22,12 @@ class ContextLengthError(ValueError):
     """An input longer than the model's context length (max_seq_len)."""
 
 
+def compile_enabled(requested: bool | None) -> bool:
+    """torch.compile only where the caller asks for it (compiling costs tens of seconds in each new process) and
+    $LLAMA2_COMPILE is not 0 (a switch for machines without a working C++ toolchain, or to rule compiling out)."""
+    return bool(requested) and os.environ.get("LLAMA2_COMPILE", "1") != "0"
+
+
 def precompute_freqs_cis(head_dim: int, end: int, theta: float, device=None) -> torch.Tensor:
     """Rotary frequencies as unit complex numbers, (end, head_dim/2), computed in fp32 as Meta does."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
@@ -27,9 +36,16 @@ def precompute_freqs_cis(head_dim: int, end: int, theta: float, device=None) -> 
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs of x (B, T, H, D) by freqs_cis (B or 1, T, 1, D/2): one complex multiply."""
-    x_complex = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(x_complex * freqs_cis).flatten(-2).type_as(x)
+    """Rotate consecutive pairs of x (B, T, H, D) by freqs_cis (B or 1, T, 1, D/2).
+
+    freqs_cis complex: one complex multiply, the fewest eager ops. Real (..., D/2, 2) holding (cos, sin): the same
+    rotation spelled out, for torch.compile (inductor has no complex kernels) which fuses it into one loop.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    if freqs_cis.is_complex():
+        return torch.view_as_real(torch.view_as_complex(pairs) * freqs_cis).flatten(-2).type_as(x)
+    (re, im), (cos, sin) = pairs.unbind(-1), freqs_cis.unbind(-1)
+    return torch.stack((re * cos - im * sin, re * sin + im * cos), -1).flatten(-2).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -46,21 +62,34 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: (B, K, max_len, D) each, written in place during decoding."""
+    """Preallocated keys and values, one (B, K, max_len, D) tensor each per layer, written in place."""
 
     def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         if max_len > args.max_seq_len:
             raise ContextLengthError(f"KV cache of {max_len} positions exceeds the context length {args.max_seq_len}")
-        shape = (args.n_layers, batch_size, args.kv_heads, max_len, args.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, args.kv_heads, max_len, args.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, K, T, D) at positions [start, start+T); return all keys and values up to there."""
+    def update(self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, K, T, D) at positions [start, start+T) and return the keys and values to attend to.
+
+        start an int: those up to start+T. start a (1,) tensor (one token, T=1): all max_len slots, so shapes do not
+        change from step to step (what torch.compile needs to capture the step once); the caller masks the slots
+        after start.
+        """
+        if isinstance(start, torch.Tensor):
+            self.k[layer].index_copy_(2, start, k)
+            self.v[layer].index_copy_(2, start, v)
+            return self.k[layer], self.v[layer]
         end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+_fused_weights_fresh = False  # True inside Transformer.fresh_fused_weights()
 
 
 def fused_inference_weight(owner: nn.Module, name: str, linears: tuple[nn.Linear, ...]) -> torch.Tensor:
@@ -69,12 +98,27 @@ def fused_inference_weight(owner: nn.Module, name: str, linears: tuple[nn.Linear
     Inference only (no autograd): one matmul instead of several matters when decoding is overhead-bound. The key
     holds each weight's storage and version counter, so optimizer steps and reloads invalidate it.
     """
-    key = tuple((lin.weight.data_ptr(), lin.weight._version) for lin in linears)
     cached = owner.__dict__.get(name)
+    if torch.compiler.is_compiling():
+        # A compiled graph cannot check version counters: it may take the cached weight only inside
+        # Transformer.fresh_fused_weights(); anywhere else it concatenates (correct, a copy per call).
+        if _fused_weights_fresh and cached is not None:
+            return cached[1]
+        return torch.cat([lin.weight for lin in linears])
+    key = tuple((lin.weight.data_ptr(), lin.weight._version) for lin in linears)
     if cached is None or cached[0] != key:
         cached = (key, torch.cat([lin.weight.detach() for lin in linears]))
         owner.__dict__[name] = cached
     return cached[1]
+
+
+def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
+    """SDPA for q (B, K, G, D) against k, v (B, K, S, D), spelled as products and sums (in fp32) that inductor
+    fuses into a few loops: under torch.compile, cheaper than a call to the SDPA kernel for one query per row."""
+    scores = (q.float().unsqueeze(3) * k.float().unsqueeze(2)).sum(-1) * q.shape[-1] ** -0.5  # (B, K, G, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1).unsqueeze(-1) * v.float().unsqueeze(2)).sum(3).type_as(q)
 
 
 class Attention(nn.Module):
@@ -87,14 +131,16 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
 
+    def fused_qkv(self) -> torch.Tensor:
+        return fused_inference_weight(self, "_wqkv", (self.wq, self.wk, self.wv))
+
     def forward(self, x, freqs_cis, attn_mask=None, cache: KVCache | None = None, start_pos: int = 0):
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         if torch.is_grad_enabled():
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         else:
-            q, k, v = F.linear(x, fused_inference_weight(self, "_wqkv", (self.wq, self.wk, self.wv))).split(
-                (H * D, K * D, K * D), dim=-1)
+            q, k, v = F.linear(x, self.fused_qkv()).split((H * D, K * D, K * D), dim=-1)
         q = apply_rotary_emb(q.view(B, T, H, D), freqs_cis)
         k = apply_rotary_emb(k.view(B, T, K, D), freqs_cis)
         k, v = k.transpose(1, 2), v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
@@ -103,7 +149,11 @@ class Attention(nn.Module):
         if T == 1 and cache is not None:
             # One decoding query per row: fold each kv head's group of query heads into the query length,
             # (B, 1, H, D) -> (B, K, H/K, D), so SDPA needs neither a causal mask nor a GQA expansion.
-            y = F.scaled_dot_product_attention(q.view(B, K, H // K, D), k, v, attn_mask=attn_mask)
+            q = q.view(B, K, H // K, D)
+            if torch.compiler.is_compiling():
+                y = single_query_attention(q, k, v, attn_mask)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         else:
             # Without a mask, a full causal block (training, unpadded prefill) takes the is_causal fast path.
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=attn_mask,
@@ -121,11 +171,14 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
+    def fused_w13(self) -> torch.Tensor:
+        return fused_inference_weight(self, "_w13", (self.w1, self.w3))
+
     def forward(self, x):
         if torch.is_grad_enabled():
             gate, up = self.w1(x), self.w3(x)
         else:
-            gate, up = F.linear(x, fused_inference_weight(self, "_w13", (self.w1, self.w3))).chunk(2, dim=-1)
+            gate, up = F.linear(x, self.fused_w13()).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 
@@ -150,15 +203,31 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.output_dim, bias=False)  # (C, vocab) or (C, 1) for a scalar head
-        # Rotary table kept out of the state dict and out of .to(dtype) (which would drop its imaginary part);
-        # built lazily per device.
-        self._freqs_cis: torch.Tensor | None = None
+        # Rotary tables kept out of the state dict and out of .to(dtype) (which would drop the imaginary part);
+        # built lazily per device: complex for eager code, the same numbers as real (cos, sin) pairs for compiled.
+        self._rotary: dict[bool, torch.Tensor] = {}
 
-    def freqs_cis(self, device) -> torch.Tensor:
-        if self._freqs_cis is None or self._freqs_cis.device != torch.device(device):
-            self._freqs_cis = precompute_freqs_cis(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta,
-                                                   device)
-        return self._freqs_cis
+    def freqs_cis(self, device, real: bool = False) -> torch.Tensor:
+        """(max_seq_len, D/2) complex, or (max_seq_len, D/2, 2) real (cos, sin)."""
+        table = self._rotary.get(real)
+        if table is None or table.device != torch.device(device):
+            table = precompute_freqs_cis(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device)
+            self._rotary = {False: table, True: torch.view_as_real(table).clone()}
+        return self._rotary[real]
+
+    @contextlib.contextmanager
+    def fresh_fused_weights(self):
+        """Refresh every cached fused weight now (eagerly) and let compiled no-grad code inside the block read them;
+        no weight may change until it ends (generate's compiled decode steps)."""
+        global _fused_weights_fresh
+        for layer in self.layers:
+            layer.attention.fused_qkv()
+            layer.feed_forward.fused_w13()
+        previous, _fused_weights_fresh = _fused_weights_fresh, True
+        try:
+            yield
+        finally:
+            _fused_weights_fresh = previous
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> "Transformer":
         """Normal(0, std) weights, with residual output projections scaled by 1/sqrt(2 n_layers) (GPT-2 style)."""
@@ -172,22 +241,23 @@ class Transformer(nn.Module):
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                       attn_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                      start_pos: int = 0) -> torch.Tensor:
+                      start_pos: int | torch.Tensor = 0) -> torch.Tensor:
         """Final-normed hidden states (B, T, C) for tokens (B, T).
 
         positions (B, T): rotary position of each token (default start_pos + arange(T)); never beyond start_pos + T.
         attn_mask (B, 1, T, S) bool, True = may attend; None = causal. With a cache, keys are [0, start_pos + T).
+        start_pos a (1,) tensor: one decoding step over the whole cache (see KVCache.update); then positions and an
+        attn_mask over all cache slots are required, and the caller checks the context length.
         """
         B, T = tokens.shape
-        end = start_pos + T
-        if end > self.args.max_seq_len:
+        if isinstance(start_pos, int) and start_pos + T > self.args.max_seq_len:
             raise ContextLengthError(
-                f"sequence of {end} tokens exceeds the model's context length {self.args.max_seq_len}")
-        table = self.freqs_cis(tokens.device)
+                f"sequence of {start_pos + T} tokens exceeds the model's context length {self.args.max_seq_len}")
+        table = self.freqs_cis(tokens.device, real=torch.compiler.is_compiling())
         if positions is None:
-            freqs_cis = table[start_pos:end].view(1, T, 1, -1)
+            freqs_cis = table[start_pos:start_pos + T][None, :, None]  # (1, T, 1, D/2[, 2])
         else:
-            freqs_cis = table[positions].unsqueeze(2)  # (B, T, 1, D/2)
+            freqs_cis = table[positions].unsqueeze(2)  # (B, T, 1, D/2[, 2])
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, freqs_cis, attn_mask, cache, start_pos)
@@ -195,7 +265,7 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                start_pos: int = 0, targets: torch.Tensor | None = None) -> torch.Tensor:
+                start_pos: int | torch.Tensor = 0, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits (B, T, vocab) in fp32; (B, T, 1) values for a scalar head.
 
         With targets (B, T) (model.loss.IGNORE_INDEX where no loss), the mean cross-entropy instead, computed
