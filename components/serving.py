@@ -6,7 +6,7 @@ Routes: `POST /v1/chat/completions` (non-streaming, or server-sent events in Ope
 
 Generation is `model.generation.generate`, the one decoding path of the project: concurrent requests with the same
 sampling parameters are grouped by `@serve.batch` into one batched `generate` call. Streaming replays the finished
-generation token by token (see `TextStream`); true incremental streaming needs a per-step hook in `generate`.
+sends each token's text as `generate` produces it (its on_step hook; text through `TextStream`).
 
 Run: `serve run infra/serve.yaml` (model from `LLAMA2_MODEL_URI`, else the config's `model_uri`).
 """
@@ -21,8 +21,8 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -290,6 +290,11 @@ class _Job:
     prompt: list[int]
     params: SamplingParams
     batch_key: tuple  # jobs with equal keys share one generate() call
+    on_token: Callable[[int], None] | None = field(default=None, compare=False)  # streaming: each id as it comes
+
+
+def _usage(job: _Job, n_tokens: int) -> dict:
+    return {"prompt_tokens": len(job.prompt), "completion_tokens": n_tokens, "total_tokens": len(job.prompt) + n_tokens}
 
 
 def _sse(payload: dict | str) -> str:
@@ -338,21 +343,20 @@ class ChatServer:
     async def chat_completions(self, request: Request):
         req = self._parse(await self._read_body(request))
         self._check_model(req.model)
-        job = self._job(req)
-        tokens, finish_reason = await self._generate_batch(job)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def usage(n_tokens: int) -> dict:
-            return {"prompt_tokens": len(job.prompt), "completion_tokens": n_tokens,
-                    "total_tokens": len(job.prompt) + n_tokens}
-
         if not req.stream:
+            job = self._job(req)
+            tokens, finish_reason = await self._generate_batch(job)
             pieces, n_tokens, finish_reason = self._detokenize(tokens, finish_reason, req.stop)
             choice = {"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
                       "logprobs": None, "finish_reason": finish_reason}
             return {"id": completion_id, "object": "chat.completion", "created": created, "model": self.model_name,
-                    "choices": [choice], "usage": usage(n_tokens)}
+                    "choices": [choice], "usage": _usage(job, n_tokens)}
 
+        # Streaming: the decode thread hands each new id to this event loop; the text goes out as it comes.
+        loop, ids = asyncio.get_running_loop(), asyncio.Queue()
+        job = self._job(req, on_token=lambda token_id: loop.call_soon_threadsafe(ids.put_nowait, token_id))
+        generation = asyncio.ensure_future(self._generate_batch(job))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def events() -> AsyncIterator[str]:
@@ -361,14 +365,30 @@ class ChatServer:
                         "model": self.model_name,
                         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
-            pieces, n_tokens, finish = self._detokenize(tokens, finish_reason, req.stop)
             yield _sse(chunk({"role": "assistant", "content": ""}))
-            for piece in pieces:
+            text, ended = TextStream(self.tokenizer, req.stop), False
+            while not (generation.done() and ids.empty()):  # ids queued before the result is set: none is lost
+                next_id = asyncio.ensure_future(ids.get())
+                await asyncio.wait({next_id, generation}, return_when=asyncio.FIRST_COMPLETED)
+                if not next_id.done():
+                    next_id.cancel()
+                    continue
+                ended = ended or next_id.result() == self.tokenizer.eos_id
+                if piece := ("" if ended else text.push(next_id.result())):
+                    yield _sse(chunk({"content": piece}))
+            try:
+                tokens, finish_reason = generation.result()
+            except Exception as exc:  # the stream has begun: the error goes in it, as OpenAI's does
+                yield _sse({"error": {"message": f"generation failed: {type(exc).__name__}: {exc}",
+                                      "type": "server_error", "param": None, "code": None}})
+                return
+            if piece := text.flush():
                 yield _sse(chunk({"content": piece}))
-            yield _sse(chunk({}, finish))
+            _, n_tokens, finish_reason = self._detokenize(tokens, finish_reason, req.stop)
+            yield _sse(chunk({}, finish_reason))
             if include_usage:  # OpenAI's extra last chunk: no choices, the usage of the whole completion
                 yield _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                            "model": self.model_name, "choices": [], "usage": usage(n_tokens)})
+                            "model": self.model_name, "choices": [], "usage": _usage(job, n_tokens)})
             yield _sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream",
@@ -411,7 +431,7 @@ class ChatServer:
         except ValidationError as exc:
             raise _validation_error(exc) from None
 
-    def _job(self, req: ChatCompletionRequest) -> _Job:
+    def _job(self, req: ChatCompletionRequest, on_token: Callable[[int], None] | None = None) -> _Job:
         """Tokens and sampling parameters of a request, checked against the context length."""
         try:
             prompt = encode_prompt(self.tokenizer, [m.model_dump() for m in req.messages])
@@ -434,7 +454,7 @@ class ChatServer:
         # A seeded request runs alone: its random draws would otherwise depend on what it was batched with.
         key = (params.max_new_tokens, params.temperature, params.top_p, tuple(map(tuple, params.stop)),
                uuid.uuid4().hex if req.seed is not None else None)
-        return _Job(prompt, params, key)
+        return _Job(prompt, params, key, on_token)
 
     def _detokenize(self, tokens: list[int], finish_reason: str, stop: list[str]) -> tuple[list[str], int, str]:
         """Text pieces (one per id that adds text), ids used (up to the stop string), finish reason."""
@@ -461,8 +481,16 @@ class ChatServer:
             groups.setdefault(job.batch_key, []).append(i)
         results: list[tuple[list[int], str]] = [([], "length")] * len(jobs)
         for indices in groups.values():
+            sinks = [jobs[i].on_token for i in indices]
+
+            def on_step(step_ids: list[int], rows: list[int], sinks=sinks) -> None:
+                for token_id, row in zip(step_ids, rows):
+                    if sinks[row] is not None:
+                        sinks[row](token_id)
+
             out = generate(self.model, [jobs[i].prompt for i in indices], jobs[indices[0]].params,
-                           eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
+                           eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+                           on_step=on_step if any(sinks) else None)
             for i, tokens, reason in zip(indices, out.tokens, out.finish_reasons):
                 results[i] = (tokens, reason)
         return results

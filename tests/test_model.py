@@ -106,6 +106,20 @@ def test_eos_stop_sequences_and_early_exit():
     assert len(out.tokens[1]) <= 3 or free.tokens[1].index(eos) < 3
 
 
+def test_on_step_hands_over_each_rows_tokens_as_they_come():
+    model = debug_model(std=0.1)
+    prompts = [[5, 6, 7], [8, 9, 10, 11]]
+    free = generate(model, prompts, SamplingParams(max_new_tokens=8, temperature=0), eos_id=-1)
+    eos = free.tokens[0][2]  # row 0 ends at its 3rd token (or earlier), row 1 runs on
+    steps: list[tuple[list[int], list[int]]] = []
+    out = generate(model, prompts, SamplingParams(max_new_tokens=8, temperature=0), eos_id=eos,
+                   on_step=lambda ids, rows: steps.append((ids, rows)))
+    streamed = [[i for ids, rows in steps for i, r in zip(ids, rows) if r == row] for row in range(2)]
+    assert streamed == out.tokens  # every row's tokens, in order, nothing after its end
+    assert len(steps) == max(len(t) for t in out.tokens)  # one call per step
+    assert steps[-1][1] == [r for r in (0, 1) if len(out.tokens[r]) == len(steps)]
+
+
 def test_compiled_decoding_matches_eager(monkeypatch):
     """The torch.compile'd decode step (static shapes over the whole cache, padded rows masked) gives eager's
     tokens and log-probs, follows in-place weight updates (PPO), and $LLAMA2_COMPILE=0 turns it off."""
