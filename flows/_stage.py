@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from components.common import REPO_ROOT, config_from_dict, load_yaml, write_json
 from components.ray_utils import RayConfig
 from model.config import get_config

@@ -9,10 +9,10 @@ from dataclasses import asdict
 
 import mlflow
 
+from components.common import write_json
 from components.datasets import read_table
 from components.sampling import context_distillation
 from components.tracking import stage_run
-from components.common import write_json
 from flows._stage import finetune, lm_section, load_params, path, ray_config, write_metrics
 from model.checkpoint import copy_checkpoint
 
