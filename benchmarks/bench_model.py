@@ -140,7 +140,7 @@ def main() -> None:
     tokens_per_step = opts.batch * opts.seq_len
     flops_per_token = train_flops_per_token(args, opts.seq_len)
     rows = []
-    for dtype in opts.dtypes.split(","):
+    for dtype in filter(None, opts.dtypes.split(",")):  # --dtypes "": decode only
         autocast = dtype == "bf16"
         ours_t, hf_t = [], []
         ours_train = torch.compile(ours) if opts.compile_train else ours  # same parameters

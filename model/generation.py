@@ -59,33 +59,39 @@ def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator |
     return torch.gather(probs_idx, -1, next_token).squeeze(-1)
 
 
-def _next_token(logits: torch.Tensor, params: SamplingParams, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick the next id per row from logits (B, V); return it and its log-probability."""
+def _next_token(logprobs: torch.Tensor, params: SamplingParams, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the next id per row from log-probabilities (B, V) at temperature 1 (shifted logits: the same softmax at
+    any temperature); return it and its log-probability under the temperature-scaled policy."""
     if params.temperature == 0:
-        best, next_token = logits.max(dim=-1)
-        return next_token, best - logits.logsumexp(dim=-1)
+        best, next_token = logprobs.max(dim=-1)
+        return next_token, best
+    logits = logprobs / params.temperature
+    logprobs = torch.log_softmax(logits, dim=-1)
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        next_token = sample_top_p(probs, params.top_p, generator)
     else:
-        logits = logits / params.temperature
-        logprobs = torch.log_softmax(logits, dim=-1)
-        if params.top_k:
-            kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if params.top_p < 1.0:
-            next_token = sample_top_p(probs, params.top_p, generator)
-        else:
-            next_token = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+        next_token = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
     return next_token, logprobs.gather(-1, next_token[:, None]).squeeze(-1)
+
+
+def _last_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax (fp32) of the last position's logits (B, T, V) -> (B, V): inside the compiled step it fuses with
+    the output head, where an eager logsumexp per step cost more than the compiled step's attention."""
+    return logits[:, -1].float().log_softmax(-1)
 
 
 def _static_decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
                         cache: KVCache, pos: torch.Tensor) -> torch.Tensor:
-    """Logits (B, V) for tokens (B, 1) at cache slot pos, a (1,) tensor; positions and key_valid are (B, S) for
-    the whole cache. Attention spans every slot, the unwritten ones masked: no shape depends on pos, so
+    """Log-probabilities (B, V) for tokens (B, 1) at cache slot pos, a (1,) tensor; positions and key_valid are
+    (B, S) for the whole cache. Attention spans every slot, the unwritten ones masked: no shape depends on pos, so
     torch.compile captures this once, not once per step (eager, attending to the written slots only is cheaper)."""
     slots = torch.arange(key_valid.shape[1], device=key_valid.device)
     mask = (key_valid & (slots <= pos))[:, None, None]  # (B, 1, 1, S)
-    return model(tokens, positions.index_select(1, pos), mask, cache, pos)[:, -1]
+    return _last_logprobs(model(tokens, positions.index_select(1, pos), mask, cache, pos))
 
 
 @functools.cache
@@ -140,7 +146,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
 
     # Prefill: the whole prompt block at once; then one token per step.
     mask = padding_attention_mask(key_valid[:, :prompt_len], prompt_len) if padded else None
-    logits = model(tokens, positions[:, :prompt_len], mask, cache, 0)[:, -1]
+    logprobs = _last_logprobs(model(tokens, positions[:, :prompt_len], mask, cache, 0))
     out_tokens = torch.full((B, new), pad_id, dtype=torch.long, device=device)
     out_logprobs = torch.zeros(B, new, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -149,7 +155,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     compiled_step = _compiled_decode_step() if compile_enabled(compile) else None
     with model.fresh_fused_weights() if compiled_step is not None else contextlib.nullcontext():
         for t in range(new):
-            next_token, logprob = _next_token(logits.float(), params, generator)
+            next_token, logprob = _next_token(logprobs, params, generator)
             next_token = next_token.masked_fill(finished, pad_id)
             if on_step is not None:
                 rows = (~finished).nonzero().squeeze(1).tolist()
@@ -166,11 +172,11 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
                 break
             pos = prompt_len + t
             if compiled_step is not None:
-                logits = compiled_step(model, next_token[:, None], positions, key_valid, cache,
+                logprobs = compiled_step(model, next_token[:, None], positions, key_valid, cache,
                                        torch.tensor([pos], device=device))
             else:  # eager: attend to the written slots only, the least work
                 step_mask = key_valid[:, None, None, :pos + 1] if padded else None  # (B, 1, 1, S)
-                logits = model(next_token[:, None], positions[:, pos:pos + 1], step_mask, cache, pos)[:, -1]
+                logprobs = _last_logprobs(model(next_token[:, None], positions[:, pos:pos + 1], step_mask, cache, pos))
 
     lengths_list, finished_list = lengths.tolist(), finished.tolist()
     tokens_list, logprobs_list = out_tokens.tolist(), out_logprobs.tolist()

@@ -13,6 +13,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from model.config import ModelArgs
 from model.loss import linear_cross_entropy
@@ -107,9 +108,55 @@ def fused_inference_weight(owner: nn.Module, name: str, linears: tuple[nn.Linear
         return torch.cat([lin.weight for lin in linears])
     key = tuple((lin.weight.data_ptr(), lin.weight._version) for lin in linears)
     if cached is None or cached[0] != key:
-        cached = (key, torch.cat([lin.weight.detach() for lin in linears]))
+        with torch.inference_mode(False):  # a normal tensor even under inference_mode: prepacked_linear caches it
+            cached = (key, torch.cat([lin.weight.detach() for lin in linears]))
         owner.__dict__[name] = cached
     return cached[1]
+
+
+DECODE_MATVEC_ROWS = 4  # compiled inference with at most this many rows: a product and a sum (see linear)
+_ONEDNN = torch.backends.mkldnn.is_available()
+_PREPACKED = WeakIdKeyDictionary()  # weight -> (its version counter, the same weight in oneDNN's blocked layout)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight), made faster for fp32 inference on CPU (no autograd, no autocast), measured for
+    llama2-6m's 25 decoding matmuls (22 MB of weights, 2 threads) on an AMD EPYC:
+    - compiled with at most DECODE_MATVEC_ROWS rows: a product and a sum, which inductor turns into one vectorised
+      pass over the weight (a matrix-vector product is bound by reading it): 0.34 ms a step against 1.0-2.1 ms for
+      the BLAS call;
+    - otherwise oneDNN with the weight prepacked once into its blocked layout (prepacked_linear): 1.2 ms against
+      2.6 ms at 16 rows, 1.8 against 4.9 at 32 (MKL's sgemm takes a slow path on AMD CPUs).
+    """
+    if (x.device.type != "cpu" or weight.dtype != torch.float32 or torch.is_grad_enabled()
+            or torch.is_autocast_enabled("cpu") or not _ONEDNN):
+        return F.linear(x, weight)
+    if torch.compiler.is_compiling():
+        if x.shape[:-1].numel() <= DECODE_MATVEC_ROWS:
+            return (x.unsqueeze(-2) * weight).sum(-1)
+        if not _fused_weights_fresh:
+            # The weight may be a concatenation in the graph, whose buffer inductor reuses for other tensors
+            # without moving a version counter: nothing could tell its cached packing stale.
+            return F.linear(x, weight)
+    return prepacked_linear(x, weight)
+
+
+@torch.library.custom_op("llama2::prepacked_linear", mutates_args=())
+def prepacked_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T through oneDNN, the weight packed on first use and again whenever it changes in place (its
+    version counter moves: optimizer steps, load_state_dict). A custom op so compiled graphs call it too (they
+    cannot take oneDNN's opaque tensors as inputs)."""
+    if weight.is_inference():  # no version counter to tell a change by
+        return F.linear(x, weight)
+    entry = _PREPACKED.get(weight)
+    if entry is None or entry[0] != weight._version:
+        entry = _PREPACKED[weight] = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16))
+    return torch.ops.mkldnn._linear_pointwise(x, entry[1], None, "none", [], "")
+
+
+@prepacked_linear.register_fake
+def _(x, weight):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
@@ -140,7 +187,7 @@ class Attention(nn.Module):
         if torch.is_grad_enabled():
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         else:
-            q, k, v = F.linear(x, self.fused_qkv()).split((H * D, K * D, K * D), dim=-1)
+            q, k, v = linear(x, self.fused_qkv()).split((H * D, K * D, K * D), dim=-1)
         q = apply_rotary_emb(q.view(B, T, H, D), freqs_cis)
         k = apply_rotary_emb(k.view(B, T, K, D), freqs_cis)
         k, v = k.transpose(1, 2), v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
@@ -159,7 +206,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=attn_mask,
                                                is_causal=attn_mask is None, enable_gqa=K != H)
             y = y.transpose(1, 2)  # (B, T, H, D)
-        return self.wo(y.reshape(B, T, H * D))
+        return linear(y.reshape(B, T, H * D), self.wo.weight)
 
 
 class FeedForward(nn.Module):
@@ -178,8 +225,8 @@ class FeedForward(nn.Module):
         if torch.is_grad_enabled():
             gate, up = self.w1(x), self.w3(x)
         else:
-            gate, up = F.linear(x, self.fused_w13()).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+            gate, up = linear(x, self.fused_w13()).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.w2.weight)
 
 
 class TransformerBlock(nn.Module):
@@ -274,7 +321,7 @@ class Transformer(nn.Module):
         h = self.hidden_states(tokens, positions, attn_mask, cache, start_pos)
         if targets is not None:
             return linear_cross_entropy(h, self.output.weight, targets)
-        return self.output(h).float()
+        return linear(h, self.output.weight).float()
 
 
 def padding_attention_mask(key_valid: torch.Tensor, query_len: int) -> torch.Tensor:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.config import CONFIGS, ModelArgs, get_config
 from model.generation import SamplingParams, generate
-from model.llama import ContextLengthError, KVCache, Transformer, compile_enabled, count_parameters
+from model.llama import (_PREPACKED, ContextLengthError, KVCache, Transformer, compile_enabled, count_parameters,
+                         linear)
 from tests.helpers import debug_model
 
 
@@ -120,11 +122,12 @@ def test_on_step_hands_over_each_rows_tokens_as_they_come():
     assert steps[-1][1] == [r for r in (0, 1) if len(out.tokens[r]) == len(steps)]
 
 
-def test_compiled_decoding_matches_eager(monkeypatch):
+@pytest.mark.parametrize("rows", [3, 6])  # <= DECODE_MATVEC_ROWS: product-and-sum matmuls; more: prepacked oneDNN
+def test_compiled_decoding_matches_eager(monkeypatch, rows):
     """The torch.compile'd decode step (static shapes over the whole cache, padded rows masked) gives eager's
     tokens and log-probs, follows in-place weight updates (PPO), and $LLAMA2_COMPILE=0 turns it off."""
     model = debug_model(std=0.1)
-    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [3]]
+    prompts = ([[5, 6, 7], [8, 9, 10, 11, 12], [3]] * 2)[:rows]
     params = SamplingParams(max_new_tokens=12, temperature=0)
     for _ in range(2):
         eager = generate(model, prompts, params, eos_id=-1, compile=False)
@@ -167,6 +170,19 @@ def test_scalar_head():
     args = get_config("llama2-debug", head="scalar")
     values = Transformer(args).init_weights()(torch.randint(0, 512, (2, 9)))
     assert values.shape == (2, 9, 1)
+
+
+def test_inference_linear_follows_weight_changes():
+    """linear() in fp32 CPU inference (oneDNN, the weight prepacked and cached) gives F.linear's result, and packs
+    again when the weight changes in place (an optimizer step, load_state_dict)."""
+    weight, x = torch.randn(48, 32), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x, weight), F.linear(x, weight))
+        assert weight in _PREPACKED
+        weight.mul_(2)
+        torch.testing.assert_close(linear(x, weight), F.linear(x, weight))
+        weight.copy_(torch.randn(48, 32))
+        torch.testing.assert_close(linear(x, weight), F.linear(x, weight))
 
 
 def test_compiled_inference_never_reads_stale_fused_weights():
