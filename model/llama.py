@@ -13,10 +13,10 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from model.config import ModelArgs
 from model.loss import linear_cross_entropy
+from model.matmul import onednn_applies, onednn_linear, prepacked_linear
 
 
 class ContextLengthError(ValueError):
@@ -115,22 +115,20 @@ def fused_inference_weight(owner: nn.Module, name: str, linears: tuple[nn.Linear
 
 
 DECODE_MATVEC_ROWS = 4  # compiled inference with at most this many rows: a product and a sum (see linear)
-_ONEDNN = torch.backends.mkldnn.is_available()
-_PREPACKED = WeakIdKeyDictionary()  # weight -> (its version counter, the same weight in oneDNN's blocked layout)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight), made faster for fp32 inference on CPU (no autograd, no autocast), measured for
-    llama2-6m's 25 decoding matmuls (22 MB of weights, 2 threads) on an AMD EPYC:
-    - compiled with at most DECODE_MATVEC_ROWS rows: a product and a sum, which inductor turns into one vectorised
-      pass over the weight (a matrix-vector product is bound by reading it): 0.34 ms a step against 1.0-2.1 ms for
-      the BLAS call;
-    - otherwise oneDNN with the weight prepacked once into its blocked layout (prepacked_linear): 1.2 ms against
-      2.6 ms at 16 rows, 1.8 against 4.9 at 32 (MKL's sgemm takes a slow path on AMD CPUs).
+    """F.linear(x, weight), no bias; in fp32 on CPU through oneDNN (model.matmul: 2x MKL's sgemm on AMD CPUs):
+    - training: forward and backward products in oneDNN (onednn_linear);
+    - inference: the weight prepacked into oneDNN's blocked layout once, until it changes (prepacked_linear);
+    - compiled inference with at most DECODE_MATVEC_ROWS rows (decoding a few sequences): a product and a sum,
+      which inductor makes one vectorised pass over the weight, the bound of a matrix-vector product (llama2-6m's
+      25 decoding products: 0.34 ms a step, against 0.6 ms prepacked and 1.0-2.1 ms through MKL).
     """
-    if (x.device.type != "cpu" or weight.dtype != torch.float32 or torch.is_grad_enabled()
-            or torch.is_autocast_enabled("cpu") or not _ONEDNN):
+    if not onednn_applies(x, weight):
         return F.linear(x, weight)
+    if torch.is_grad_enabled():
+        return onednn_linear(x, weight)
     if torch.compiler.is_compiling():
         if x.shape[:-1].numel() <= DECODE_MATVEC_ROWS:
             return (x.unsqueeze(-2) * weight).sum(-1)
@@ -139,24 +137,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             # without moving a version counter: nothing could tell its cached packing stale.
             return F.linear(x, weight)
     return prepacked_linear(x, weight)
-
-
-@torch.library.custom_op("llama2::prepacked_linear", mutates_args=())
-def prepacked_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T through oneDNN, the weight packed on first use and again whenever it changes in place (its
-    version counter moves: optimizer steps, load_state_dict). A custom op so compiled graphs call it too (they
-    cannot take oneDNN's opaque tensors as inputs)."""
-    if weight.is_inference():  # no version counter to tell a change by
-        return F.linear(x, weight)
-    entry = _PREPACKED.get(weight)
-    if entry is None or entry[0] != weight._version:
-        entry = _PREPACKED[weight] = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16))
-    return torch.ops.mkldnn._linear_pointwise(x, entry[1], None, "none", [], "")
-
-
-@prepacked_linear.register_fake
-def _(x, weight):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
@@ -185,7 +165,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         if torch.is_grad_enabled():
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+            q, k, v = linear(x, self.wq.weight), linear(x, self.wk.weight), linear(x, self.wv.weight)
         else:
             q, k, v = linear(x, self.fused_qkv()).split((H * D, K * D, K * D), dim=-1)
         q = apply_rotary_emb(q.view(B, T, H, D), freqs_cis)
@@ -223,7 +203,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         if torch.is_grad_enabled():
-            gate, up = self.w1(x), self.w3(x)
+            gate, up = linear(x, self.w1.weight), linear(x, self.w3.weight)
         else:
             gate, up = linear(x, self.fused_w13()).chunk(2, dim=-1)
         return linear(F.silu(gate) * up, self.w2.weight)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from model.matmul import mm_nt
+
 IGNORE_INDEX = -100
 
 
@@ -28,7 +30,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + chunk_rows)
             h, keep = hidden[rows].to(compute_dtype), valid[rows]
             tgt = targets[rows].clamp(min=0)
-            logits = (h @ w.T).float()  # (n, V)
+            logits = mm_nt(h, w).float()  # (n, V)
             lse = torch.logsumexp(logits, dim=-1)
             target_logit = logits.gather(1, tgt[:, None]).squeeze(1)
             total += ((lse - target_logit) * keep).sum()
@@ -39,9 +41,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_logits *= keep[:, None]
                 grad_logits = grad_logits.to(compute_dtype)
                 if need_hidden:
-                    grad_hidden[rows] = grad_logits @ w
+                    grad_hidden[rows] = mm_nt(grad_logits, w.t())
                 if need_weight:
-                    grad_weight += (grad_logits.T @ h).float()
+                    grad_weight += mm_nt(grad_logits.t(), h.t()).float()
         ctx.save_for_backward(grad_hidden / n_valid if need_hidden else None,
                               (grad_weight / n_valid).to(weight.dtype) if need_weight else None)
         return total / n_valid

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 from model.config import CONFIGS, ModelArgs, get_config
 from model.generation import SamplingParams, generate
-from model.llama import (_PREPACKED, ContextLengthError, KVCache, Transformer, compile_enabled, count_parameters,
-                         linear)
+from model.llama import ContextLengthError, KVCache, Transformer, compile_enabled, count_parameters, linear
+from model.loss import IGNORE_INDEX, linear_cross_entropy
+from model.matmul import _PREPACKED
 from tests.helpers import debug_model
 
 
@@ -183,6 +184,28 @@ def test_inference_linear_follows_weight_changes():
         torch.testing.assert_close(linear(x, weight), F.linear(x, weight))
         weight.copy_(torch.randn(48, 32))
         torch.testing.assert_close(linear(x, weight), F.linear(x, weight))
+
+
+def test_training_linear_and_fused_loss_match_torch():
+    """The oneDNN training products (linear's forward and backward, the fused cross-entropy's chunks) give torch's
+    F.linear and F.cross_entropy values and gradients, on a strided input and with ignored positions."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 40, 10, generator=gen).transpose(1, 2)  # (3, 10, 40), not contiguous
+    weight, head = torch.randn(24, 40, generator=gen), torch.randn(50, 24, generator=gen)
+    targets = torch.randint(0, 50, (3, 10), generator=gen)
+    targets[0, :4] = IGNORE_INDEX
+    results = []
+    for ours in (True, False):
+        xs, w, h = (t.clone().requires_grad_() for t in (x, weight, head))
+        hidden = linear(xs, w) if ours else F.linear(xs, w)
+        if ours:
+            loss = linear_cross_entropy(hidden, h, targets, chunk_rows=7)
+        else:
+            loss = F.cross_entropy(F.linear(hidden, h).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        loss.backward()
+        results.append((loss, xs.grad, w.grad, h.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_compiled_inference_never_reads_stale_fused_weights():
