@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from model.matmul import mm_nt
+from model.matmul import mm_nt, mm_tn
 
 IGNORE_INDEX = -100
 
@@ -43,7 +43,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_hidden:
                     grad_hidden[rows] = mm_nt(grad_logits, w.t())
                 if need_weight:
-                    grad_weight += mm_nt(grad_logits.t(), h.t()).float()
+                    grad_weight += mm_tn(grad_logits, h).float()
         ctx.save_for_backward(grad_hidden / n_valid if need_hidden else None,
                               (grad_weight / n_valid).to(weight.dtype) if need_weight else None)
         return total / n_valid

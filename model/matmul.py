@@ -39,6 +39,17 @@ def mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _mm_nt(a, b) if onednn_applies(a, b) else a @ b.T
 
 
+def mm_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (M, N).T @ b (M, K) -> (N, K), no autograd (weight gradients). oneDNN copies its first operand when that
+    is transposed, so the narrower one goes first: at 2048 rows, 1.6-2.7x faster than the other order when N and K
+    differ a lot (the output head's 4096 x 256), and than MKL."""
+    if not onednn_applies(a, b):
+        return a.T @ b
+    if a.shape[1] >= b.shape[1]:
+        return _mm_nt(b.t(), a.t()).t()
+    return _mm_nt(a.t(), b.t())
+
+
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):
@@ -51,8 +62,7 @@ class _Linear(torch.autograd.Function):
         grad_x = _mm_nt(grad, weight.t()) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
-            g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-            grad_w = _mm_nt(g2.t(), x2.t())
+            grad_w = mm_tn(grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]))
         return grad_x, grad_w
 
 
