@@ -97,7 +97,8 @@ def _static_decode_step(model: Transformer, tokens: torch.Tensor, positions: tor
 @functools.cache
 def _compiled_decode_step():
     # cpp_wrapper: the graph's ~60 kernel and matmul calls made from C++, not Python (0.86 -> 0.81 ms a step for
-    # llama2-6m at batch 1 on 2 cores). A new batch size or cache length recompiles once, then dims go dynamic.
+    # llama2-6m at batch 1 on 2 cores of an Intel Xeon). A new batch size or cache length recompiles once, then dims
+    # go dynamic.
     return torch.compile(_static_decode_step, fullgraph=True, options={"cpp_wrapper": True})
 
 
@@ -110,9 +111,10 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     finished before it (a server streams them as they come).
 
     compile: run the decode steps through torch.compile; same tokens, up to float rounding. None (the default)
-    means eager. Measured for llama2-6m on 2 cores: compiling costs ~20 s in a fresh process, ~13 s more for a
-    second batch size (1-2 s when inductor's on-disk cache already holds the graphs), and saves ~0.6 ms a step at
-    batch 1 (1.45 -> 0.83 ms) and ~1 ms at batch 16, so it pays after some 10^4 decode steps. The pipeline's
+    means eager. Measured for llama2-6m on 2 cores (AMD EPYC, 2026-12-02): compiling costs ~18 s in a fresh process
+    and about as much for a second batch size (2-3 s when inductor's on-disk cache already holds the graphs), and
+    saves ~2 ms a step at batch 1 (2.9-3.9 -> 0.6-1.5 ms) and ~1.5 ms at batch 16 (4.7 -> 3.0-3.6 ms), so it pays
+    after some 10^4 decode steps. The pipeline's
     stages decode a few hundred to a few thousand steps per process (ppo: 12 x 24, sampling: 32 a call) and would
     only slow down; long-running processes (a server, a benchmark) pass compile=True. $LLAMA2_COMPILE=0 overrides.
     """
