@@ -75,7 +75,8 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def prepacked_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T for inference, the weight packed on first use and again whenever it changes in place (its
     version counter moves: optimizer steps, load_state_dict). A custom op so compiled graphs can call it (they
-    cannot take oneDNN's opaque packed tensors as inputs)."""
+    cannot take oneDNN's opaque packed tensors as inputs). The packed copy lives as long as the weight: CPU inference
+    holds each weight twice (a 7B model in fp32 would need ~54 GB; such models run on GPUs, which never take this)."""
     if weight.is_inference():  # no version counter to tell a change by
         return _mm_nt(x, weight)
     entry = _PREPACKED.get(weight)
