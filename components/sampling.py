@@ -166,11 +166,12 @@ def ghost_attention(dialogs: list[dict], policy, cfg: SampleConfig, ray_cfg) -> 
 def select_distilled(prompts: list[list[dict]], with_preprompt: list[dict], without: list[dict],
                      ) -> tuple[list[list[dict]], dict]:
     """Context distillation's filter: the safest of the preprompted answers (trained on without the preprompt) is kept
-    only where the safety RM scores it above the plain answer."""
+    only where the safety RM scores it above the safest plain answer. Best of k against best of k: against a single
+    plain sample, the best of k preprompted ones would win often even where the preprompt changes nothing."""
     dialogs, gains = [], []
     for prompt, pre, plain in zip(prompts, with_preprompt, without, strict=True):
         best = max(range(len(pre["rm_safety"])), key=pre["rm_safety"].__getitem__)
-        gain = pre["rm_safety"][best] - plain["rm_safety"][0]
+        gain = pre["rm_safety"][best] - max(plain["rm_safety"])
         if gain > 0:
             dialogs.append(prompt + [{"role": "assistant", "content": pre["answers"][best]}])
             gains.append(gain)

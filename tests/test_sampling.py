@@ -67,6 +67,9 @@ def test_select_distilled_keeps_only_answers_the_safety_rm_prefers():
     pre_k = [{"answers": ["a", "b"], "rm_safety": [0.3, 0.7]}]
     dialogs, _ = select_distilled(prompts[:1], pre_k, plain[:1])
     assert dialogs[0][-1]["content"] == "b"
+    # ... with the safest of the k plain answers
+    plain_k = [{"answers": ["c", "d"], "rm_safety": [0.1, 0.8]}]
+    assert select_distilled(prompts[:1], pre_k, plain_k)[0] == []
 
 
 def test_with_preprompt_keeps_a_single_system_prompt():
