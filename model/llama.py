@@ -151,7 +151,7 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 # PyTorch's CPU flash attention runs bf16 on AMX tiles where the CPU has them; without (AVX-512 BF16 only, as on
 # this project's AMD EPYC) its bf16 kernel is slower than its fp32 one: llama2-6m's attention, forward and backward,
 # 26 against 20 ms a layer. There it attends in fp32 (as precise as Meta's fp32 softmax, or more).
-_CPU_FP32_ATTENTION = not torch.cpu._is_amx_tile_supported()
+_CPU_FP32_ATTENTION = not getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()  # a private torch API
 
 
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
