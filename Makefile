@@ -22,7 +22,7 @@ run: pipeline
 
 pipeline: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
-	@$(BIN)/python -m components.tracking
+	@$(BIN)/python -m components.track.tracking
 	@echo
 	@echo "Done. Metrics: .venv/bin/dvc metrics show    Plots: .venv/bin/dvc plots show (writes dvc_plots/index.html)"
 	@echo "MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db   (then http://127.0.0.1:5000)"

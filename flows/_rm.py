@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from components.common import config_from_dict
-from components.datasets import messages_column, read_table
-from components.reward import encode_pair
-from components.rm_train import RMTrainConfig, train_rm
-from components.tracking import stage_run
-from flows._stage import load_params, path, ray_config, section, write_curves, write_metrics
+from components.data.datasets import messages_column, read_table
+from components.rlhf.reward import encode_pair
+from components.train.rm import RMTrainConfig, train_rm
+from components.track.tracking import stage_run
+from flows._stage import finish_stage, load_params, path, ray_config, section
 from model.tokenizer import Tokenizer
 
 
@@ -31,8 +31,4 @@ def run(stage: str, table: str) -> None:
         print(f"[{stage}] {len(pairs) - n_val} training pairs, {n_val} held out")
         metrics = train_rm(sft, pairs[n_val:], pairs[:n_val], train_cfg, ray_config(params, "rm"), stage, out,
                            run_.info.run_id)
-        import mlflow
-
-        mlflow.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-        write_metrics(stage, metrics)
-        write_curves(stage, out)
+        finish_stage(stage, metrics, out)

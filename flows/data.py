@@ -1,12 +1,12 @@
 """DVC stage `data`: the synthetic world (deterministic from params) and any real sources (params data.sources,
-components/ingest.py) written as Parquet -> data/raw/."""
+components/data/ingest.py) written as Parquet -> data/raw/."""
 
 from __future__ import annotations
 
 import time
 
-from components.ingest import DataConfig, IngestError, build_data, lineage_params, write_data
-from components.tracking import stage_run
+from components.data.ingest import DataConfig, IngestError, build_data, lineage_params, write_data
+from components.track.tracking import stage_run
 from flows._stage import load_params, path, section, write_metrics
 
 OUT = path("data/raw")

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-import mlflow
 
 from components.common import write_json
-from components.datasets import read_table
-from components.sampling import context_distillation
-from components.tracking import stage_run
-from flows._stage import finetune, lm_section, load_params, path, ray_config, write_metrics
+from components.data.datasets import read_table
+from components.rlhf.sampling import context_distillation
+from components.track.tracking import stage_run
+from flows._finetune import finetune, lm_section
+from flows._stage import finish_stage, load_params, path, ray_config
 from model.checkpoint import copy_checkpoint
 
 POLICY, OUT = path("checkpoints/gatt"), path("checkpoints/chat")
@@ -38,8 +38,7 @@ def main() -> None:
             print(f"[distill] WARNING: only {len(dialogs)} preprompted answers beat the plain ones on the safety RM "
                   f"(fewer than a batch of {cfg.train.batch_size}); checkpoints/chat = checkpoints/gatt unchanged")
             copy_checkpoint(POLICY, OUT)
-            mlflow.log_metrics(stats)
-            write_metrics("distill", stats)
+            finish_stage("distill", stats)
             write_json(path("plots/curves/distill.json"), [])
             write_json(path("plots/curves/distill_val.json"), [])
             return

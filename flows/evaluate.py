@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 
-from components.datasets import read_table
-from components.evaluate import evaluate_checkpoint
-from components.registry import champion_metrics
-from components.tracking import setup_mlflow, stage_run
+from components.data.datasets import read_table
+from components.rlhf.evaluate import evaluate_checkpoint
+from components.track.registry import champion_metrics
+from components.track.tracking import setup_mlflow, stage_run
 from flows._stage import load_params, path, section, write_metrics
 from components.common import read_json, write_json
 from model.checkpoint import load_checkpoint

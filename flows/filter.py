@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 from components.common import write_json
-from components.filter import FilterConfig, run_filter
-from components.ray_utils import init_ray
-from components.tracking import stage_run
-from components.oracle import TOXIC_LEXICON
+from components.data.filter import FilterConfig, run_filter
+from components.cluster import init_ray
+from components.track.tracking import stage_run
+from components.data.oracle import TOXIC_LEXICON
 from flows._stage import load_params, path, ray_config, section
 
 OUT = path("data/clean")

@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-from components.datasets import read_table
-from components.sampling import ghost_attention
-from components.tracking import stage_run
-from flows._stage import finetune, lm_section, load_params, path, ray_config
+from components.data.datasets import read_table
+from components.rlhf.sampling import ghost_attention
+from components.track.tracking import stage_run
+from flows._finetune import finetune, lm_section
+from flows._stage import load_params, path, ray_config
 
 POLICY, OUT = path("checkpoints/ppo"), path("checkpoints/gatt")
 

@@ -6,10 +6,10 @@ import json
 from dataclasses import asdict
 
 from components.common import config_from_dict
-from components.datasets import read_table
-from components.ppo_train import PPOStageConfig, train_ppo
-from components.tracking import stage_run
-from flows._stage import load_params, path, ray_config, section, write_curves, write_metrics
+from components.data.datasets import read_table
+from components.train.ppo import PPOStageConfig, train_ppo
+from components.track.tracking import stage_run
+from flows._stage import finish_stage, load_params, path, ray_config, section
 from model.chat import encode_prompt
 from model.tokenizer import Tokenizer
 
@@ -31,11 +31,7 @@ def main() -> None:
         prompts = [encode_prompt(tokenizer, json.loads(r["prompt"])) for r in rows]
         metrics = train_ppo(policy, rm_h, rm_s, prompts, [bool(r["is_safety"]) for r in rows], cfg, stage_cfg,
                             ray_config(params, "ppo"), "ppo", OUT, run.info.run_id)
-        import mlflow
-
-        mlflow.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-        write_metrics("ppo", metrics)
-        write_curves("ppo", OUT)
+        finish_stage("ppo", metrics, OUT)
 
 
 if __name__ == "__main__":

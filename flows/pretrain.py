@@ -9,10 +9,11 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from components.datasets import pretrain_data
-from components.lm_train import train_lm
-from components.tracking import stage_run
-from flows._stage import lm_section, load_params, model_args, path, ray_config, write_curves, write_metrics
+from components.data.datasets import pretrain_data
+from components.train.lm import train_lm
+from components.track.tracking import stage_run
+from flows._finetune import lm_section
+from flows._stage import finish_stage, load_params, model_args, path, ray_config, write_metrics
 from model.checkpoint import atomic_dir
 from model.tokenizer import Tokenizer
 
@@ -20,8 +21,6 @@ OUT = path("checkpoints/base")
 
 
 def main() -> None:
-    import mlflow
-
     params = load_params()
     cfg = lm_section(params, "pretrain")
     tokenizer_path = path("artifacts/tokenizer/tokenizer.model")
@@ -50,9 +49,7 @@ def main() -> None:
         metrics = train_lm(init, train, val, cfg.train, ray_config(params, "pretrain"), "pretrain", OUT,
                            run.info.run_id)
         metrics["train_tokens"] = int(train["inputs"].numel())
-        mlflow.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-        write_metrics("pretrain", metrics)
-        write_curves("pretrain", OUT)
+        finish_stage("pretrain", metrics, OUT)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from components.common import read_json
-from components.registry import register_checkpoint
-from components.tracking import stage_run
+from components.track.registry import register_checkpoint
+from components.track.tracking import stage_run
 from flows._stage import load_params, path, section, write_metrics
-from flows.evaluate import STAGES
 
 
 def main() -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from components.datasets import messages_column, read_table
-from components.tracking import stage_run
-from flows._stage import finetune, lm_section, load_params, path
+from components.data.datasets import messages_column, read_table
+from components.track.tracking import stage_run
+from flows._finetune import finetune, lm_section
+from flows._stage import load_params, path
 
 OUT = path("checkpoints/sft")
 

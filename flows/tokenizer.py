@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import time
 
-from components.common import write_json
-from components.datasets import train_corpus_tokenizer
-from components.tracking import stage_run
+from components.data.datasets import train_corpus_tokenizer
+from components.track.tracking import stage_run
 from flows._stage import load_params, path, section, write_metrics
 
 OUT = path("artifacts/tokenizer")

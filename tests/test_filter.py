@@ -1,4 +1,4 @@
-"""components/filter.py: each rule on hand-written positives and negatives, MinHash against exact Jaccard, dedup on a
+"""components/data/filter.py: each rule on hand-written positives and negatives, MinHash against exact Jaccard, dedup on a
 mini corpus, and the Ray Data pipeline end to end on a generated corpus with planted labels (exact report numbers)."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from components import filter as flt
-from components.filter import (FilterConfig, english_ratio, exact_duplicates, exact_hash, is_non_english, luhn_valid,
+from components.data import filter as flt
+from components.data.filter import (FilterConfig, english_ratio, exact_duplicates, exact_hash, is_non_english, luhn_valid,
                                minhash_signatures, near_duplicates, normalize, quality_reason, run_filter, scrub_pii,
                                toxicity_score)
 
@@ -167,7 +167,7 @@ def test_minhash_estimates_jaccard():
 
 def test_minhash_is_stable_across_processes():
     """Ray workers are separate processes with their own PYTHONHASHSEED: signatures must not depend on it."""
-    code = ("from components.filter import minhash_signatures, exact_hash;"
+    code = ("from components.data.filter import minhash_signatures, exact_hash;"
             "print(minhash_signatures(['the quick brown fox jumps'])[0, :4].tolist(), exact_hash('a b'))")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
@@ -309,7 +309,7 @@ def test_pipeline_end_to_end(ray_local, corpus_file, tmp_path):
 
 
 def test_pipeline_with_unlabelled_documents(ray_local, corpus_file, tmp_path):
-    """Real-source documents (planted null, components/ingest.py) go through every rule but not into the scores."""
+    """Real-source documents (planted null, components/data/ingest.py) go through every rule but not into the scores."""
     path, expected_kept = corpus_file
     labelled = pq.read_table(path)
     texts = labelled.column("text").to_pylist()

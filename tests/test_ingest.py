@@ -1,4 +1,4 @@
-"""components/ingest.py: every format on small hand-written files (local and memory://), the world's exact schemas,
+"""components/data/ingest.py: every format on small hand-written files (local and memory://), the world's exact schemas,
 real rows added to the world's tables, the consumers' own code on real rows, and every error path."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from components import ingest, oracle
-from components.ingest import REAL_TASK, DataConfig, IngestError, build_data, lineage_params, run_data
-from components.world import SCHEMAS, WorldConfig, generate_world
+from components.data import ingest, oracle
+from components.data.ingest import REAL_TASK, DataConfig, IngestError, build_data, lineage_params, run_data
+from components.data.world import SCHEMAS, WorldConfig, generate_world
 
 SMALL_WORLD = {"n_pretrain_docs": 20, "n_sft": 10, "n_pref_pairs": 10, "n_rl_prompts": 10, "n_gatt_dialogs": 4,
                "n_eval_prompts": 10, "n_eval_gatt": 4}
@@ -156,7 +156,7 @@ def test_harmful_csv_and_memory_filesystem(tmp_path):
 
 def test_real_rows_work_with_the_consumers_code(tmp_path):
     """What the sft, rm, rejection/ppo and evaluate code does with real rows (tiny tokenizer, no training)."""
-    from components.reward import encode_pair
+    from components.rlhf.reward import encode_pair
     from model.chat import encode_dialog, encode_prompt
     from tests.helpers import small_tokenizer
 

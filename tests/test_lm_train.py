@@ -7,8 +7,10 @@ import json
 import pytest
 import torch
 
-from components.lm_train import LMTrainConfig, cosine_lr, pack_documents, pack_examples, train_lm
-from components.ray_utils import RayConfig
+from components.cluster import RayConfig
+from components.data.packing import pack_documents, pack_examples
+from components.train.core import cosine_lr
+from components.train.lm import LMTrainConfig, train_lm
 from model.checkpoint import load_checkpoint
 from model.config import get_config
 from model.llama import Transformer

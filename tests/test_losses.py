@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from components.losses import (RATING_MARGINS, RATINGS, entropy_from_logits, gae, last_token_index, logit,
+from components.rlhf.losses import (RATING_MARGINS, RATINGS, entropy_from_logits, gae, last_token_index, logit,
                                logprobs_from_logits, margins_tensor, masked_mean, piecewise_reward, ppo_policy_loss,
                                ppo_rewards, ppo_value_loss, rating_margins, reward_margin_loss, whiten)
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from components import oracle
-from components.oracle import REFUSAL, TASKS, helpfulness, is_refusal, safety
+from components.data import oracle
+from components.data.oracle import REFUSAL, TASKS, helpfulness, is_refusal, safety
 
 ARITH = {"a": 7, "b": 5, "op": "+", "answer": 12}
 FACT = {"entity": "zorp", "attribute": "color", "answer": "blue",
@@ -126,7 +126,7 @@ def test_rating_needs_a_positive_gap():
 
 
 def test_ratings_match_the_reward_losses():
-    from components.losses import RATINGS
+    from components.rlhf.losses import RATINGS
 
     assert oracle.RATINGS == RATINGS
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from components.ppo import PPOConfig, PPOTrainer, build_sequences
-from components.reward import init_reward_model
+from components.rlhf.ppo import PPOConfig, PPOTrainer, build_sequences
+from components.rlhf.reward import init_reward_model
 from model.config import get_config
 from model.generation import SamplingParams, generate
 from model.llama import Transformer

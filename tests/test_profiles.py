@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from components.common import REPO_ROOT, config_from_dict, load_yaml
-from components.ray_utils import RayConfig
+from components.cluster import RayConfig
 
 PROFILES_DIR = REPO_ROOT / "infra/profiles"
 PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
@@ -76,11 +76,11 @@ def test_profile_has_exactly_the_keys_of_params_yaml(name):
 @pytest.mark.parametrize("name", PROFILES)
 def test_profile_converts_to_every_stage_config(name):
     """Each section through the code path its flow uses (flows/*.py): unknown keys and bad values raise here."""
-    from components.filter import FilterConfig
-    from components.ppo import PPOConfig
-    from components.ppo_train import PPOStageConfig
-    from components.rm_train import RMTrainConfig
-    from components.world import WorldConfig
+    from components.data.filter import FilterConfig
+    from components.rlhf.ppo import PPOConfig
+    from components.train.ppo import PPOStageConfig
+    from components.train.rm import RMTrainConfig
+    from components.data.world import WorldConfig
     from flows._stage import lm_section, model_args, ray_config
 
     params = load(name)
@@ -265,7 +265,7 @@ def test_rayjob_runs_dvc_repro_on_a_profile():
 def test_rayservice_serves_the_app_of_serve_yaml_on_gpus():
     from ray.serve.schema import ServeDeploySchema
 
-    from components.serving import AppArgs
+    from components.serve.app import AppArgs
 
     local = {a["name"]: a for a in yaml.safe_load((REPO_ROOT / "infra/serve.yaml").read_text())["applications"]}
     spec = yaml.safe_load((REPO_ROOT / "infra/kuberay/rayservice.yaml").read_text())["spec"]

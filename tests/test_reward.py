@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from components.losses import RATINGS, rating_margins
-from components.reward import (PreferencePair, collate_pairs, encode_pair, evaluate_rm, init_reward_model,
+from components.rlhf.losses import RATINGS, rating_margins
+from components.rlhf.reward import (PreferencePair, collate_pairs, encode_pair, evaluate_rm, init_reward_model,
                                rm_loss_and_metrics, score)
 from model.chat import encode_dialog
 from model.config import get_config

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.ray_utils import RayConfig
-from components.reward import init_reward_model, rm_scores
-from components.sampling import (SampleConfig, choose_reward, gatt_sampling_turn, gatt_training_dialogs,
+from components.cluster import RayConfig
+from components.rlhf.reward import init_reward_model, rm_scores
+from components.rlhf.sampling import (SampleConfig, choose_reward, gatt_sampling_turn, gatt_training_dialogs,
                                  ghost_attention, sample, select_best, select_distilled, with_preprompt)
 from model.chat import encode_dialog
 from model.checkpoint import save_checkpoint

@@ -10,8 +10,8 @@ from collections import Counter
 
 import pytest
 
-from components import oracle
-from components.world import (BENIGN_TOPICS, GATT_SYSTEM_PROMPTS, NOISE_KINDS, PII_KINDS, PLANTED_KINDS, REFUSAL,
+from components.data import oracle
+from components.data.world import (BENIGN_TOPICS, GATT_SYSTEM_PROMPTS, NOISE_KINDS, PII_KINDS, PLANTED_KINDS, REFUSAL,
                               SCHEMAS, TASKS, TOXIC_LEXICON, WorldConfig, build_world, generate_world)
 
 SMALL = WorldConfig(seed=3, n_entities=12, n_pretrain_docs=600, noise_rate=0.3, n_sft=300, n_pref_pairs=300,

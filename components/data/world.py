@@ -1,5 +1,5 @@
 """The synthetic world: a small, regular language with a ground truth, so a 1-7M parameter Llama trained for a few
-CPU-minutes can learn it and every stage of the Llama 2 recipe can be *proved* by the oracle (components/oracle.py).
+CPU-minutes can learn it and every stage of the Llama 2 recipe can be *proved* by the oracle (components/data/oracle.py).
 
 The world. `n_entities` invented creatures ("zorp", "blicket", ...), each with five attributes drawn from small
 closed sets: color, home (a place), food, size and a number of legs. Everything else is templated English about
@@ -56,9 +56,9 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from components.common import config_from_dict
-from components.oracle import (GATT_INSTRUCTIONS, REFUSAL, TASKS, TOXIC_LEXICON, is_toxic, preference_score,
+from components.data.oracle import (GATT_INSTRUCTIONS, REFUSAL, TASKS, TOXIC_LEXICON, is_toxic, preference_score,
                                rating_for_gap)
-from components.oracle import RATINGS as RATINGS  # re-exported for callers of the world
+from components.data.oracle import RATINGS as RATINGS  # re-exported for callers of the world
 
 __all__ = ["WorldConfig", "generate_world", "build_world", "World", "TOXIC_LEXICON", "REFUSAL", "TASKS",
            "PLANTED_KINDS", "NOISE_KINDS", "PII_KINDS", "GATT_SYSTEM_PROMPTS", "SCHEMAS", "RATINGS"]

@@ -34,13 +34,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from components.track.tracking import tracking_uri as default_tracking_uri
 from model.chat import ChatFormatError, encode_prompt
 from model.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, CheckpointError, load_checkpoint
 from model.generation import SamplingParams, generate
-from model.llama import ContextLengthError
 from model.tokenizer import Tokenizer
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_URI = "models:/llama2-chat@champion"
 MODEL_URI_ENV = "LLAMA2_MODEL_URI"  # overrides args.model_uri: `serve run config.yaml` takes no args on the CLI
 CACHE_ENV = "LLAMA2_SERVE_CACHE"  # where registry downloads are kept, one folder per model version
@@ -48,11 +47,6 @@ CACHE_ENV = "LLAMA2_SERVE_CACHE"  # where registry downloads are kept, one folde
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Model resolution
-
-
-def default_tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI if set, else the SQLite file at the repo root (the project-wide rule)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
 
 
 def find_checkpoint_dir(root: Path) -> Path:
@@ -517,7 +511,7 @@ class AppArgs(BaseModel):
 
 
 def build_app(args: AppArgs) -> serve.Application:
-    """Serve application builder: `components.serving:build_app` (args: AppArgs, or a dict of its fields)."""
+    """Serve application builder: `components.serve.app:build_app` (args: AppArgs, or a dict of its fields)."""
     if isinstance(args, dict):  # serve.run(build_app({...})) from Python; Serve itself passes an AppArgs
         args = AppArgs.model_validate(args)
     model_uri = os.environ.get(MODEL_URI_ENV) or args.model_uri or DEFAULT_MODEL_URI

@@ -33,7 +33,7 @@ class RewardModel(ChatModel):
     value rejection sampling, PPO and evaluate use."""
 
     def predict(self, context, model_input, params=None):
-        from components.reward import rm_scores
+        from components.rlhf.reward import rm_scores
 
         dialogs = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answer"]}]
                    for r in _rows(model_input)]
@@ -52,7 +52,8 @@ def register_checkpoint(checkpoint: str | Path, name: str, alias: str | None, ta
 
     import mlflow
 
-    root = Path(__file__).resolve().parents[1]
+    from components.common import REPO_ROOT as root
+
     info = mlflow.pyfunc.log_model(name="model", python_model=RewardModel() if reward else ChatModel(),
                                    artifacts={"checkpoint": str(checkpoint)},
                                    code_paths=[str(root / "model"), str(root / "components")],

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from components.losses import (entropy_from_logits, gae, last_token_index, logit, logprobs_from_logits, masked_mean,
+from components.rlhf.losses import (entropy_from_logits, gae, last_token_index, logit, logprobs_from_logits, masked_mean,
                                piecewise_reward, ppo_policy_loss, ppo_rewards, ppo_value_loss, whiten)
-from components.reward import score, unwrap
+from components.rlhf.reward import score
+from components.train.core import make_optimizer, unwrap
 from model.generation import SamplingParams, generate
 from model.llama import padding_attention_mask, positions_from_mask
 
@@ -157,13 +158,6 @@ def _window(key_valid: torch.Tensor, mask: torch.Tensor, prompt_len: int) -> tup
     return start, prompt_len - start, R
 
 
-def _adamw(model: nn.Module, lr: float, config: PPOConfig) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=config.adam_betas, eps=config.adam_eps)
-
-
 def _now(device: torch.device) -> float:
     if device.type == "cuda":  # kernels are asynchronous: wait for them so phase timings are real
         torch.cuda.synchronize(device)
@@ -191,8 +185,10 @@ class PPOTrainer:
         self.eos_id, self.pad_id, self.config = eos_id, pad_id, config
         for frozen in (ref_policy, rm_helpful, rm_safety):
             frozen.requires_grad_(False).eval()
-        self.policy_optimizer = _adamw(policy, config.lr, config)
-        self.value_optimizer = _adamw(value_model, config.value_lr or config.lr, config)
+        self.policy_optimizer = make_optimizer(policy, config.lr, config.weight_decay, config.adam_betas,
+                                               config.adam_eps)
+        self.value_optimizer = make_optimizer(value_model, config.value_lr or config.lr, config.weight_decay,
+                                              config.adam_betas, config.adam_eps)
         self.device = next(unwrap(policy).parameters()).device
         self.global_step = 0  # completed steps: part of the seeds, saved in state_dict for resume
 

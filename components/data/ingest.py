@@ -1,7 +1,7 @@
 """The `data` stage's work: the synthetic world and real sources (params `data`) -> the world's tables in Parquet.
 
 params `data`:
-  world      WorldConfig overrides (components/world.py)
+  world      WorldConfig overrides (components/data/world.py)
   synthetic  true (default): every world table is generated and real rows are added to it; false: no world table,
              so every table a later stage reads must come from a source; or a list of world tables to keep (e.g.
              [gatt, eval_prompts, eval_gatt]: real pretraining/SFT/preference/RL data, the world's GAtt dialogs
@@ -59,7 +59,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.common import config_from_dict
-from components.world import RATINGS, SCHEMAS, WorldConfig, generate_world
+from components.data.world import RATINGS, SCHEMAS, WorldConfig, generate_world
 
 __all__ = ["DataConfig", "Source", "IngestError", "Ingested", "FORMATS", "REAL_TASK", "READERS", "build_data",
            "write_data", "run_data", "lineage_params"]

@@ -1,4 +1,4 @@
-"""The oracle: the one place that judges a response in the synthetic world (see components/world.py).
+"""The oracle: the one place that judges a response in the synthetic world (see components/data/world.py).
 
 Every judgement is a pure function of the prompt's `reference` (a dict the generator stores with each prompt, JSON in
 the tables) and the response text, so the evaluate stage needs no world object. Scores give partial credit on

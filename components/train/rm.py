@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from components.lm_train import (RankZeroLogger, cosine_lr, make_optimizer, report, restore_train_state,
-                                 save_train_state, set_threads, unwrap)
-from components.losses import rating_margins
-from components.reward import PreferencePair, collate_pairs, evaluate_rm, init_reward_model, rm_loss_and_metrics
+from components.train.core import (RankZeroLogger, cosine_lr, make_optimizer, report, restore_train_state,
+                                   save_train_state, set_threads, train_to_folder, unwrap)
+from components.rlhf.losses import rating_margins
+from components.rlhf.reward import PreferencePair, collate_pairs, evaluate_rm, init_reward_model, rm_loss_and_metrics
 from model.checkpoint import load_checkpoint
 
 
@@ -25,6 +25,9 @@ class RMTrainConfig:
     batch_size: int = 16  # pairs per step across workers
     margin: str = "small"  # "small" (1, 2/3, 1/3, 0) or "large" (3, 2, 1, 0) per rating level, or "none"
     weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-5
     grad_clip: float = 1.0
     bf16: bool = True
     log_every: int = 10
@@ -47,7 +50,7 @@ def rm_train_loop(config: dict) -> None:
     sft, tokenizer = load_checkpoint(config["init"])
     model = ray.train.torch.prepare_model(init_reward_model(sft).train())
     device = ray.train.torch.get_device()
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (0.9, 0.95), 1e-5)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
     margins = None if cfg.margin == "none" else rating_margins(cfg.margin)
     local = cfg.batch_size // world
     steps_per_epoch = max(1, len(train_pairs) // cfg.batch_size)
@@ -94,8 +97,8 @@ def train_rm(sft_checkpoint: str | Path, train_pairs: list[PreferencePair], val_
              cfg: RMTrainConfig, ray_cfg, stage: str, out_dir: str | Path, run_id: str | None = None) -> dict:
     import ray
 
-    from components.ray_utils import init_ray, train_to_folder
-    from components.tracking import tracking_uri
+    from components.cluster import init_ray
+    from components.track.tracking import tracking_uri
 
     init_ray(ray_cfg)
     return train_to_folder(rm_train_loop, {

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from components.lm_train import pack_documents, pack_examples, split_validation
+from components.data.packing import pack_documents, pack_examples, split_validation
 from model.tokenizer import Tokenizer, train_tokenizer
 
 

@@ -19,7 +19,7 @@ foreign prose passes it and is attributed to the language rule, while gibberish 
 
 The planted labels (`planted`, `pii_kinds`) never enter the filtering pipeline: only doc_id and text are read for it;
 the labels are read separately, afterwards, to score each rule (METRIC_DEFINITIONS gives the exact definitions).
-Documents from real sources (components/ingest.py) have planted null: they go through every rule like the others,
+Documents from real sources (components/data/ingest.py) have planted null: they go through every rule like the others,
 are left out of precision/recall, and are counted apart in the report's `unlabelled` section.
 """
 

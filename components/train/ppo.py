@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from components.lm_train import RankZeroLogger, all_reduce_mean, report, set_threads, unwrap
-from components.ppo import PPOConfig, PPOTrainer
+from components.train.core import RankZeroLogger, all_reduce_mean, report, set_threads, train_to_folder, unwrap
+from components.rlhf.ppo import PPOConfig, PPOTrainer
 from model.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -76,8 +76,8 @@ def train_ppo(policy_ckpt, rm_helpful_ckpt, rm_safety_ckpt, prompts: list[list[i
 
     import ray
 
-    from components.ray_utils import init_ray, train_to_folder
-    from components.tracking import tracking_uri
+    from components.cluster import init_ray
+    from components.track.tracking import tracking_uri
 
     init_ray(ray_cfg)
     return train_to_folder(ppo_train_loop, {

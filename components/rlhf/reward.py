@@ -14,15 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from components.losses import RATINGS, margins_tensor, reward_margin_loss
+from components.rlhf.losses import RATINGS, margins_tensor, reward_margin_loss
+from components.train.core import unwrap
 from model.chat import encode_dialog
 from model.llama import Transformer, padding_attention_mask, positions_from_mask
 from model.tokenizer import Tokenizer
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP/FSDP-style wrapper (anything with `.module`), else the model itself."""
-    return getattr(model, "module", model)
 
 
 @dataclass

@@ -7,10 +7,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
-from components import oracle
-from components.reward import rm_scores
+from components.data import oracle
+from components.rlhf.reward import rm_scores
 from model.chat import encode_prompt
 from model.checkpoint import load_checkpoint
 from model.generation import SamplingParams, generate

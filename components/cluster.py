@@ -1,11 +1,9 @@
-"""Ray plumbing for every stage: join a cluster or start a local one, and run a TorchTrainer from params."""
+"""Ray for every stage: the `ray` params section, and joining a cluster (RAY_ADDRESS) or starting a local one."""
 
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from components.common import REPO_ROOT
 
@@ -55,37 +53,3 @@ def _quiet_ray_data() -> None:
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
-def run_trainer(loop, loop_config: dict, cfg: RayConfig, name: str):
-    """Run `loop(config)` on cfg.num_workers Ray Train workers; returns the ray.train.Result."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    init_ray(cfg)
-    storage = cfg.storage_path if "://" in cfg.storage_path else str((REPO_ROOT / cfg.storage_path).resolve())
-    if "://" not in storage:
-        Path(storage).mkdir(parents=True, exist_ok=True)
-    trainer = TorchTrainer(
-        loop,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=ray.train.RunConfig(name=name, storage_path=storage,
-                                       failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
-    )
-    return trainer.fit()
-
-
-def train_to_folder(loop, loop_config: dict, cfg: RayConfig, stage: str, out_dir) -> dict:
-    """Run a Ray Train loop whose final report carries a checkpoint; materialise that checkpoint at out_dir
-    atomically (through Ray's storage, so it also works when the workers run on other nodes). Returns the final
-    metrics."""
-    from model.checkpoint import atomic_dir
-
-    result = run_trainer(loop, loop_config, cfg, name=f"{stage}-{int(time.time())}")
-    if result.error:
-        raise RuntimeError(f"{stage} training failed: {result.error}")
-    with atomic_dir(out_dir) as tmp:
-        result.checkpoint.to_directory(str(tmp))
-    return dict(result.metrics)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from components.losses import piecewise_reward
-from components.reward import rm_scores
-from model.chat import encode_dialog, encode_prompt
+from components.rlhf.losses import piecewise_reward
+from components.rlhf.reward import rm_scores
+from model.chat import encode_prompt
 from model.checkpoint import load_checkpoint
 from model.generation import SamplingParams, generate
 
@@ -74,7 +74,7 @@ def sample(rows: list[dict], policy, cfg: SampleConfig, ray_cfg, reward_models: 
     one Sampler actor per Ray worker of ray_cfg. Returns, in row order, {"answers": [k str], <rm name>: [k float]}."""
     import ray
 
-    from components.ray_utils import init_ray
+    from components.cluster import init_ray
 
     if not rows:
         raise ValueError("nothing to sample: no prompts")

@@ -1,0 +1,170 @@
+"""The training core every Ray Train loop shares (LM, reward model, PPO): optimizer, schedule, train-state save and
+restore, reports with checkpoints, rank-0 logging, and the driver that runs a loop on Ray Train and materialises its
+final checkpoint folder."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from components.cluster import REPO_ROOT, RayConfig, init_ray
+from model.checkpoint import atomic_dir, load_checkpoint, load_into, save_checkpoint
+from model.config import ModelArgs
+from model.llama import Transformer
+from model.tokenizer import Tokenizer
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas, eps: float):
+    """AdamW; no weight decay on norms (1-D parameters), as is usual for Llama."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP-style wrapper (anything with `.module`), else the model itself."""
+    return getattr(model, "module", model)
+
+
+def all_reduce_mean(value: float) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).item()
+
+
+def load_init(init: dict) -> tuple[Transformer, Tokenizer]:
+    """init = {"checkpoint": path} or {"args": ModelArgs dict, "tokenizer": path, "seed": int} (fresh weights)."""
+    if "checkpoint" in init:
+        model, tokenizer = load_checkpoint(init["checkpoint"])
+        return model.train(), tokenizer
+    model = Transformer(ModelArgs.from_dict(init["args"]))
+    model.init_weights(generator=torch.Generator().manual_seed(init.get("seed", 0)))
+    return model.train(), Tokenizer.load(init["tokenizer"])
+
+
+def save_train_state(folder: Path, model, tokenizer, optimizer, state: dict, extra: dict | None = None) -> None:
+    """Our checkpoint folder plus trainer_state/ (optimizer tensors via torch.save, loaded with weights_only)."""
+    save_checkpoint(folder, unwrap(model), tokenizer, extra_files={"trainer_state/state.json": state, **(extra or {})})
+    torch.save(optimizer.state_dict(), folder / "trainer_state" / "optimizer.pt")
+
+
+def restore_train_state(model, optimizer) -> dict | None:
+    """Resume from Ray Train's latest checkpoint after a failure restart; returns its state or None."""
+    import ray.train
+
+    from model.checkpoint import load_state_dict
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    import json
+
+    with checkpoint.as_directory() as folder:
+        folder = Path(folder)
+        load_into(unwrap(model), load_state_dict(folder), str(folder))
+        optimizer.load_state_dict(torch.load(folder / "trainer_state" / "optimizer.pt", weights_only=True))
+        return json.loads((folder / "trainer_state" / "state.json").read_text())
+
+
+def report(metrics: dict, save=None) -> None:
+    """ray.train.report from every rank; rank 0 attaches a checkpoint written by save(folder)."""
+    import ray.train
+
+    if save is not None and ray.train.get_context().get_world_rank() == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "checkpoint"
+            save(folder)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    else:
+        ray.train.report(metrics)
+
+
+class RankZeroLogger:
+    """Rank 0 alone prints progress and sends metric curves to MLflow (batched); it keeps the whole history, which
+    checkpoints carry as trainer_state/history.json (the stage's `dvc plots` curves)."""
+
+    def __init__(self, stage: str, run_id: str | None, tracking_uri: str | None, total_steps: int):
+        import ray.train
+
+        self.is_main = ray.train.get_context().get_world_rank() == 0
+        self.stage, self.run_id, self.total = stage, run_id, total_steps
+        self.pending: list[dict] = []
+        self.history: list[dict] = []
+        if self.is_main and run_id and tracking_uri:
+            import mlflow
+
+            mlflow.set_tracking_uri(tracking_uri)
+
+    def log(self, step: int, metrics: dict, flush: bool = False) -> None:
+        if not self.is_main:
+            return
+        self.pending.append({"step": step, **metrics})
+        self.history.append({"step": step, **metrics})
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        print(f"[{self.stage}] step {step}/{self.total}  {shown}", flush=True)
+        if flush or len(self.pending) >= 20:
+            self.flush()
+
+    def history_file(self) -> dict:
+        """extra_files entry for save_train_state."""
+        import json
+
+        return {"trainer_state/history.json": json.dumps(self.history)}
+
+    def flush(self) -> None:
+        if self.is_main and self.run_id and self.pending:
+            from components.track.tracking import log_metric_series
+
+            log_metric_series(self.run_id, self.pending)
+        self.pending = []
+
+
+def set_threads(cpus_per_worker: float) -> None:
+    torch.set_num_threads(max(1, int(round(cpus_per_worker))))
+
+
+def run_trainer(loop, loop_config: dict, cfg: RayConfig, name: str):
+    """Run `loop(config)` on cfg.num_workers Ray Train workers; returns the ray.train.Result."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    init_ray(cfg)
+    storage = cfg.storage_path if "://" in cfg.storage_path else str((REPO_ROOT / cfg.storage_path).resolve())
+    if "://" not in storage:
+        Path(storage).mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage,
+                                       failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
+    )
+    return trainer.fit()
+
+
+def train_to_folder(loop, loop_config: dict, cfg: RayConfig, stage: str, out_dir) -> dict:
+    """Run a Ray Train loop whose final report carries a checkpoint; materialise that checkpoint at out_dir
+    atomically (through Ray's storage, so it also works when the workers run on other nodes). Returns the final
+    metrics."""
+    result = run_trainer(loop, loop_config, cfg, name=f"{stage}-{int(time.time())}")
+    if result.error:
+        raise RuntimeError(f"{stage} training failed: {result.error}")
+    with atomic_dir(out_dir) as tmp:
+        result.checkpoint.to_directory(str(tmp))
+    return dict(result.metrics)

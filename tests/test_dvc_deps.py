@@ -1,0 +1,97 @@
+"""dvc.yaml's code deps are exact: every project module a stage's flow imports, directly or through others (imports
+inside functions included), is a dep of that stage, and no listed module is one it does not import. A changed loss,
+network or loop must rerun the stages it feeds; `dvc repro` saying "up to date" over stale checkpoints is a bug.
+
+`python -m tests.test_dvc_deps` prints the lists dvc.yaml should hold.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("model", "components", "flows")
+# Lineage and metric logging only: they never change what a stage computes, and every stage imports them, so a
+# change there would rerun the whole pipeline for nothing. (The registry is the register stage's own work: listed.)
+TRACKING_ONLY = {"components/track/tracking.py"}
+
+
+def module_file(name: str, root: Path = ROOT) -> str | None:
+    """The project file of a dotted module name (package __init__ included), or None outside the project."""
+    if name.split(".")[0] not in PACKAGES:
+        return None
+    base = root.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate.relative_to(root).as_posix()
+    return None
+
+
+def direct_imports(file: str, root: Path = ROOT) -> set[str]:
+    """Project files that `file` imports anywhere in its body (module level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse((root / file).read_text(), file)):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from components.data import oracle` imports a module; `from model.llama import Transformer` a name.
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for name in names:
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__ too
+                if (f := module_file(".".join(parts[:i]), root)) is not None:
+                    found.add(f)
+    return found
+
+
+def stage_modules(entry: str, root: Path = ROOT) -> set[str]:
+    """Every project file the entry file imports transitively, itself included; empty package __init__ files and
+    tracking-only modules (and what only they import) left out."""
+    seen, todo = set(), [entry]
+    while todo:
+        file = todo.pop()
+        if file in seen or file in TRACKING_ONLY:
+            continue
+        seen.add(file)
+        todo += direct_imports(file, root)
+    return {f for f in seen if not (f.endswith("__init__.py") and not (root / f).read_text().strip())}
+
+
+def stage_code_deps(root: Path = ROOT) -> dict[str, tuple[set[str], set[str]]]:
+    """stage -> (the .py deps dvc.yaml lists, the project modules its command imports)."""
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    result = {}
+    for name, spec in stages.items():
+        module = spec["cmd"].removeprefix("python -m ").split()[0]
+        entry = module_file(module, root)
+        assert entry, f"stage {name}: cannot find the module of {spec['cmd']!r}"
+        listed = {d for d in spec.get("deps", []) if d.endswith(".py")}
+        result[name] = (listed, stage_modules(entry, root))
+    return result
+
+
+def test_every_imported_module_is_a_dep():
+    problems = []
+    for stage, (listed, imported) in stage_code_deps().items():
+        if missing := sorted(imported - listed):
+            problems.append(f"{stage}: missing {missing}")
+        if extra := sorted(listed - imported):
+            problems.append(f"{stage}: lists modules it does not import {extra}")
+    assert not problems, "dvc.yaml deps are out of date (python -m tests.test_dvc_deps prints them):\n" + \
+        "\n".join(problems)
+
+
+def test_the_analysis_sees_function_level_and_transitive_imports():
+    """A stage that imports a loop inside a function still depends on the network that loop builds."""
+    sft = stage_modules("flows/sft.py")
+    assert {"model/llama.py", "model/loss.py", "components/train/lm.py", "components/data/datasets.py"} <= sft
+    assert "components/track/tracking.py" not in sft
+
+
+if __name__ == "__main__":
+    for stage, (_, imported) in stage_code_deps().items():
+        print(f"{stage}: {sorted(imported)}")
