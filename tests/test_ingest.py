@@ -17,7 +17,8 @@ import pytest
 
 from components.data import ingest, oracle
 from components.data.ingest import REAL_TASK, DataConfig, IngestError, build_data, lineage_params, run_data
-from components.data.world import SCHEMAS, WorldConfig, generate_world
+from components.data.tables import SCHEMAS, generate_world
+from components.data.world import WorldConfig
 
 SMALL_WORLD = {"n_pretrain_docs": 20, "n_sft": 10, "n_pref_pairs": 10, "n_rl_prompts": 10, "n_gatt_dialogs": 4,
                "n_eval_prompts": 10, "n_eval_gatt": 4}

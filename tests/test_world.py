@@ -11,8 +11,11 @@ from collections import Counter
 import pytest
 
 from components.data import oracle
-from components.data.world import (BENIGN_TOPICS, GATT_SYSTEM_PROMPTS, NOISE_KINDS, PII_KINDS, PLANTED_KINDS, REFUSAL,
-                              SCHEMAS, TASKS, TOXIC_LEXICON, WorldConfig, build_world, generate_world)
+from components.data.corpus import NOISE_KINDS, PII_KINDS, PLANTED_KINDS
+from components.data.language import BENIGN_TOPICS, GATT_SYSTEM_PROMPTS
+from components.data.oracle import REFUSAL, TASKS, TOXIC_LEXICON
+from components.data.tables import SCHEMAS, generate_world
+from components.data.world import WorldConfig, build_world
 
 SMALL = WorldConfig(seed=3, n_entities=12, n_pretrain_docs=600, noise_rate=0.3, n_sft=300, n_pref_pairs=300,
                     n_rl_prompts=200, n_gatt_dialogs=80, n_eval_prompts=100, n_eval_gatt=20)

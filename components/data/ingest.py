@@ -28,7 +28,7 @@ FORMATS (how a record becomes rows) and the tables each may feed (the first is t
                                           "\\n\\nHuman: ... \\n\\nAssistant: ..." sharing everything but the last answer
   harmful   rl_prompts                    the `column` field (default prompt) -> a user prompt with is_safety true
 
-Real rows have exactly the world's schemas (SCHEMAS) and say that they carry no ground truth:
+Real rows have exactly the world's schemas (SCHEMAS, components/data/tables.py) and say that they carry no ground truth:
   pretrain  doc_id "src<source #>-<row #>" (sorts after the world's "doc-..." ids, so dedup keeps a world document
             over a real copy of it), planted null and pii_kinds null = "not labelled" (the filter scores its rules
             on labelled documents only and counts the unlabelled ones apart)
@@ -59,7 +59,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.common import config_from_dict
-from components.data.world import RATINGS, SCHEMAS, WorldConfig, generate_world
+from components.data.oracle import RATINGS
+from components.data.tables import SCHEMAS, generate_world
+from components.data.world import WorldConfig
 
 __all__ = ["DataConfig", "Source", "IngestError", "Ingested", "FORMATS", "REAL_TASK", "READERS", "build_data",
            "write_data", "run_data", "lineage_params"]

@@ -1,0 +1,229 @@
+"""The tables of the synthetic world: the rows of every table, their schemas, and generate_world (all of them).
+
+Tables (SCHEMAS; "messages" = JSON list of {"role", "content"}; "reference" = JSON dict for the oracle, always with
+an "expected" key holding the canonical answer):
+  pretrain        doc_id, text, planted, pii_kinds
+  sft             messages (ends with the assistant turn; ~15% have an earlier turn, ~7% a GAtt system prompt), task
+  prefs_helpful   prompt, chosen, rejected, rating, task, reference  (ranked by oracle.preference_score "helpful")
+  prefs_safety    same columns                                       (ranked by oracle.preference_score "safety")
+  rl_prompts      prompt, task, is_safety, reference
+  gatt            system, messages (user/assistant turns only: the system prompt is the `system` column), instruction
+  eval_prompts    as rl_prompts; eval_gatt as gatt (assistant turns are reference answers)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pyarrow as pa
+
+from components.data.corpus import pretrain_rows, seg_narrative
+from components.data.language import (COLORS, COMPLIANCE_TEMPLATES, FACT_ANSWERS, FOODS, GATT_SYSTEM_PROMPTS,
+                                      INSULT_ADJECTIVES, INSULT_NOUNS, NON_ANSWERS, PLACES)
+from components.data.oracle import (GATT_INSTRUCTIONS, RATINGS, REFUSAL, TASKS, is_toxic, preference_score,
+                                    rating_for_gap)
+from components.data.tasks import (HELPFUL_PREF_WEIGHTS, SAFETY_PREF_WEIGHTS, TASK_WEIGHTS, Prompt, draw, follow,
+                                   pool_keys, prompt_pools, split_counts)
+from components.data.world import World, WorldConfig, build_world
+
+__all__ = ["SCHEMAS", "generate_world"]
+
+_MESSAGES = pa.string()  # JSON list of {"role", "content"}
+_PROMPT_SCHEMA = pa.schema([("prompt", _MESSAGES), ("task", pa.string()), ("is_safety", pa.bool_()),
+                            ("reference", pa.string())])
+_PREF_SCHEMA = pa.schema([("prompt", _MESSAGES), ("chosen", pa.string()), ("rejected", pa.string()),
+                          ("rating", pa.string()), ("task", pa.string()), ("reference", pa.string())])
+_GATT_SCHEMA = pa.schema([("system", pa.string()), ("messages", _MESSAGES), ("instruction", pa.string())])
+SCHEMAS = {
+    "pretrain": pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("planted", pa.string()),
+                           ("pii_kinds", pa.list_(pa.string()))]),
+    "sft": pa.schema([("messages", _MESSAGES), ("task", pa.string())]),
+    "prefs_helpful": _PREF_SCHEMA,
+    "prefs_safety": _PREF_SCHEMA,
+    "rl_prompts": _PROMPT_SCHEMA,
+    "gatt": _GATT_SCHEMA,
+    "eval_prompts": _PROMPT_SCHEMA,
+    "eval_gatt": _GATT_SCHEMA,
+}
+
+
+# ---------------------------------------------------------------------------------------------------- messages
+def _system(text: str) -> dict:
+    return {"role": "system", "content": text}
+
+
+def _user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def _assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def _prompt_row(p: Prompt) -> dict:
+    reference = {**p.reference, "expected": p.answer}
+    return {"prompt": json.dumps([_user(p.text)]), "task": p.task, "is_safety": p.task == "harmful",
+            "reference": json.dumps(reference)}
+
+
+# ----------------------------------------------------------------------------------------------- SFT and RL rows
+def _sft_rows(cfg: WorldConfig, pools: dict[str, list[Prompt]]) -> list[dict]:
+    rng = random.Random(f"{cfg.seed}/sft")
+    earlier = [p for key, pool in pools.items() if key != "harmful" for p in pool]
+    rows = []
+    for p in draw(rng, pools, TASK_WEIGHTS, cfg.n_sft):
+        messages = [_user(p.text), _assistant(p.answer)]
+        if p.task in ("fact", "arithmetic") and rng.random() < cfg.system_prompt_fraction:
+            # As Llama 2's SFT data, some turns follow a system instruction: the SFT model then obeys one next to
+            # the question, and it is Ghost Attention's job to make it hold in later turns.
+            instruction = rng.choice([i for i in GATT_INSTRUCTIONS if p.task == "fact" or i != "uppercase"])
+            messages = [_system(rng.choice(GATT_SYSTEM_PROMPTS[instruction])), _user(p.text),
+                        _assistant(follow(instruction, p))]
+        elif rng.random() < cfg.multi_turn_fraction:  # teaches the model that a turn ends and a new one begins
+            first = rng.choice(earlier)
+            messages = [_user(first.text), _assistant(first.answer)] + messages
+        rows.append({"messages": json.dumps(messages), "task": p.task})
+    return rows
+
+
+def _rl_rows(cfg: WorldConfig, pools: dict[str, list[Prompt]]) -> list[dict]:
+    rng = random.Random(f"{cfg.seed}/rl")
+    return [_prompt_row(p) for p in draw(rng, pools, TASK_WEIGHTS, cfg.n_rl_prompts)]
+
+
+def _eval_rows(cfg: WorldConfig, held_out: dict[str, list[Prompt]]) -> list[dict]:
+    """Equal share per task, distinct prompts only (a task gets fewer if its held-out pool is smaller)."""
+    rng = random.Random(f"{cfg.seed}/eval")
+    out = []
+    for task, k in split_counts(cfg.n_eval_prompts, dict.fromkeys(TASKS, 1.0)).items():
+        keys = pool_keys(task)
+        for key, kk in split_counts(k, dict.fromkeys(keys, 1.0)).items():
+            out += rng.sample(held_out[key], min(kk, len(held_out[key])))
+    rng.shuffle(out)
+    return [_prompt_row(p) for p in out]
+
+
+# -------------------------------------------------------------------------------------------------------- GAtt
+def _gatt_rows(rng: random.Random, pools: dict[str, list[Prompt]], n: int) -> list[dict]:
+    # Fact and arithmetic turns only (each has a one-word answer, so every instruction can be followed), half and
+    # half; "uppercase" takes facts only, since "7 + 5 = 12." has no letters to put in uppercase.
+    rows = []
+    for _ in range(n):
+        instruction = rng.choice(GATT_INSTRUCTIONS)
+        available = len(pools["fact"]) + (0 if instruction == "uppercase" else len(pools["arithmetic"]))
+        n_turns, turns = min(rng.randint(2, 4), available), {}
+        while len(turns) < n_turns:
+            key = "fact" if instruction == "uppercase" or rng.random() < 0.5 else "arithmetic"
+            p = rng.choice(pools[key])
+            turns.setdefault(p.text, p)  # distinct questions within a dialog
+        messages = []
+        for p in turns.values():
+            messages += [_user(p.text), _assistant(follow(instruction, p))]
+        rows.append({"system": rng.choice(GATT_SYSTEM_PROMPTS[instruction]), "messages": json.dumps(messages),
+                     "instruction": instruction})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- preferences
+def _insult(rng: random.Random) -> str:
+    return rng.choice((f"Only a {rng.choice(INSULT_NOUNS)} would ask that.",
+                       f"What a {rng.choice(INSULT_ADJECTIVES)} question."))
+
+
+def _candidates(rng: random.Random, world: World, p: Prompt, toxic: bool) -> list[str]:
+    """Responses of graded quality for one prompt; the oracle, not this function, decides their order."""
+    ref, out = p.reference, [p.answer, REFUSAL]
+    if p.task != "harmful":  # to a harmful request a non-answer is neither a refusal nor help: keep pairs crisp
+        out.append(rng.choice(NON_ANSWERS))
+        # Off-topic world text, as a barely tuned model rambles: without it the reward models never see such
+        # answers and may score them high, which PPO would exploit.
+        out.append(seg_narrative(rng, world))
+    if p.task == "arithmetic":
+        c = ref["answer"]
+        head = f"{ref['a']} {ref['op']} {ref['b']} ="
+        far = c + rng.choice((-1, 1)) * rng.randint(3, 10)
+        out += [str(c), *(f"{head} {c + d}." for d in (1, -1, 2) if c + d >= 0), f"{head} {abs(far)}."]
+    elif p.task == "fact":
+        e, attr, v = ref["entity"], ref["attribute"], ref["answer"]
+        wrong = rng.choice([x for x in ref["choices"] if x != v])
+        others = [o for o in world.entities if world.facts[o][attr] != v]
+        out += [FACT_ANSWERS[attr].format(e=e, v=wrong), f"It could be {v} or {wrong}."]
+        if others:
+            o = rng.choice(others)
+            out.append(FACT_ANSWERS[attr].format(e=o, v=world.facts[o][attr]))
+    elif p.task == "format":
+        kind = ref["kind"]
+        if kind == "uppercase":
+            source = p.extra["source"]
+            kept = source.split()
+            del kept[rng.randrange(len(kept))]
+            out += [source, source.lower(), " ".join(kept).upper()]
+        elif kind == "one_word":
+            wrong = rng.choice([x for x in ref["choices"] if x != ref["answer"]]) if ref["choices"] \
+                else str(int(ref["answer"]) + rng.choice((1, 2, 3)))
+            out += [p.extra["sentence"], wrong, f"The answer is {wrong} or {ref['answer']}."]
+        else:
+            n, items = ref["n"], ref["items"]
+            invalid = rng.choice([x for x in (*COLORS, *FOODS, *PLACES) if x not in items])
+            picks = rng.sample(items, min(len(items), n + 1))
+            out += [", ".join(picks) + ".", ", ".join(picks[:n - 1]) + ".",
+                    ", ".join(picks[:n - 1] + [invalid]) + ".", ", ".join([picks[0]] * n) + "."]
+    elif p.task == "harmful":
+        out += [t.format(x=ref["topic"]) for t in COMPLIANCE_TEMPLATES]
+    elif p.task == "benign_lookalike":
+        out.append(f"You will need the {ref['keywords'][0]}.")  # half the keywords: partial credit
+    if toxic:
+        out += [f"{p.answer} {_insult(rng)}", f"{rng.choice(out[2:])} {_insult(rng)}"]
+        if p.task == "harmful":
+            out.append(f"{COMPLIANCE_TEMPLATES[0].format(x=ref['topic'])} {_insult(rng)}")
+    return list(dict.fromkeys(out))  # distinct, order kept (deterministic)
+
+
+def _pick_pair(rng: random.Random, scored: list[tuple[float, str]], kind: str, task: str):
+    """A (chosen, rejected, gap) pair: first a target rating at random (so all 4 levels occur), then a pair whose
+    gap falls in it, else any pair with a positive gap."""
+    pairs = [(a, b, sa - sb) for sa, a in scored for sb, b in scored if sa - sb > 1e-9]
+    if kind == "safety" and task not in ("harmful", "benign_lookalike"):
+        # On ordinary prompts a safety comparison is about tone: the rejected side is the toxic one.
+        pairs = [(a, b, g) for a, b, g in pairs if is_toxic(b) and not is_toxic(a)]
+    if not pairs:
+        return None
+    target = rng.choice(RATINGS)
+    in_target = [pair for pair in pairs if rating_for_gap(pair[2]) == target]
+    return rng.choice(in_target or pairs)
+
+
+def _pref_rows(cfg: WorldConfig, world: World, pools: dict[str, list[Prompt]], kind: str) -> list[dict]:
+    rng = random.Random(f"{cfg.seed}/prefs/{kind}")
+    weights = HELPFUL_PREF_WEIGHTS if kind == "helpful" else SAFETY_PREF_WEIGHTS
+    rows = []
+    for p in draw(rng, pools, weights, cfg.n_pref_pairs):
+        scored = [(preference_score(kind, p.task, p.reference, c), c)
+                  for c in _candidates(rng, world, p, toxic=kind == "safety")]
+        pair = _pick_pair(rng, scored, kind, p.task)
+        if pair is None:  # cannot happen with the candidate sets above; the tests check the row count
+            continue
+        chosen, rejected, gap = pair
+        rows.append({"prompt": json.dumps([_user(p.text)]), "chosen": chosen, "rejected": rejected,
+                     "rating": rating_for_gap(gap), "task": p.task,
+                     "reference": json.dumps({**p.reference, "expected": p.answer})})
+    return rows
+
+
+# -------------------------------------------------------------------------------------------------- the tables
+def generate_world(cfg: WorldConfig) -> dict[str, pa.Table]:
+    """All tables of the synthetic world (schemas in SCHEMAS); pure and deterministic in cfg."""
+    world = build_world(cfg)
+    train, held_out = prompt_pools(cfg, world)
+    rows = {
+        "pretrain": pretrain_rows(cfg, world, train),
+        "sft": _sft_rows(cfg, train),
+        "prefs_helpful": _pref_rows(cfg, world, train, "helpful"),
+        "prefs_safety": _pref_rows(cfg, world, train, "safety"),
+        "rl_prompts": _rl_rows(cfg, train),
+        "gatt": _gatt_rows(random.Random(f"{cfg.seed}/gatt"), train, cfg.n_gatt_dialogs),
+        "eval_prompts": _eval_rows(cfg, held_out),
+        "eval_gatt": _gatt_rows(random.Random(f"{cfg.seed}/eval_gatt"), held_out, cfg.n_eval_gatt),
+    }
+    return {name: pa.Table.from_pylist(table_rows, schema=SCHEMAS[name]) for name, table_rows in rows.items()}
