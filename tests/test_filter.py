@@ -1,5 +1,6 @@
-"""components/data/filter.py: each rule on hand-written positives and negatives, MinHash against exact Jaccard, dedup on a
-mini corpus, and the Ray Data pipeline end to end on a generated corpus with planted labels (exact report numbers)."""
+"""components/data/filter.py and dedup.py: each rule on hand-written positives and negatives, MinHash against exact
+Jaccard, dedup on a mini corpus, and the Ray Data pipeline end to end on a generated corpus with planted labels (exact
+report numbers)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from components.data import filter as flt
-from components.data.filter import (FilterConfig, english_ratio, exact_duplicates, exact_hash, is_non_english, luhn_valid,
-                               minhash_signatures, near_duplicates, normalize, quality_reason, run_filter, scrub_pii,
-                               toxicity_score)
+from components.data.dedup import exact_duplicates, exact_hash, minhash_signatures, near_duplicates, normalize
+from components.data.filter import (FilterConfig, english_ratio, is_non_english, luhn_valid, quality_reason, run_filter,
+                                    scrub_pii, toxicity_score)
 
 CFG = FilterConfig()
 
@@ -167,7 +168,7 @@ def test_minhash_estimates_jaccard():
 
 def test_minhash_is_stable_across_processes():
     """Ray workers are separate processes with their own PYTHONHASHSEED: signatures must not depend on it."""
-    code = ("from components.data.filter import minhash_signatures, exact_hash;"
+    code = ("from components.data.dedup import minhash_signatures, exact_hash;"
             "print(minhash_signatures(['the quick brown fox jumps'])[0, :4].tolist(), exact_hash('a b'))")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
