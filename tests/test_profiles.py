@@ -81,7 +81,8 @@ def test_profile_converts_to_every_stage_config(name):
     from components.train.ppo import PPOStageConfig
     from components.train.rm import RMTrainConfig
     from components.data.world import WorldConfig
-    from flows._stage import lm_section, model_args, ray_config
+    from flows._finetune import lm_section
+    from flows._stage import model_args, ray_config
 
     params = load(name)
     for stage in params:
@@ -107,7 +108,8 @@ def test_profile_converts_to_every_stage_config(name):
 
 @pytest.mark.parametrize("name", PROFILES)
 def test_batches_divide_over_the_workers(name):
-    from flows._stage import lm_section, ray_config
+    from flows._finetune import lm_section
+    from flows._stage import ray_config
 
     params = load(name)
     for stage, extra in LM_STAGES.items():
