@@ -7,6 +7,7 @@ import json
 
 from components.data.datasets import read_table
 from components.rlhf.evaluate import evaluate_checkpoint
+from components.rlhf.gate import decide
 from components.track.registry import champion_metrics
 from components.track.tracking import setup_mlflow, stage_run
 from flows._stage import load_params, path, section, write_metrics
@@ -35,13 +36,7 @@ def main() -> None:
         candidate = STAGES[-1]
         setup_mlflow()
         champion = champion_metrics(reg["model_name"], reg["alias"])
-        baseline_name, baseline = ("champion", champion) if champion else ("base", table["base"])
-        tol = reg["tolerance"]
-        passed = (table[candidate]["helpfulness"] >= baseline["helpfulness"] - tol
-                  and table[candidate]["safety"] >= baseline["safety"] - tol)
-        if not champion:  # the first model must actually improve on the pretrained base
-            passed = passed and table[candidate]["helpfulness"] > table["base"]["helpfulness"]
-        gate = {"candidate": candidate, "compared_with": baseline_name, "passed": passed}
+        gate = decide(candidate, table[candidate], table["base"], champion, reg["tolerance"]).to_dict()
         result = {"models": table, "reward_models": {k: {m: v for m, v in r.items() if "accuracy" in m}
                                                      for k, r in rm_acc.items()}, "gate": gate}
         write_metrics("eval", result)
@@ -50,7 +45,7 @@ def main() -> None:
         for name, metrics in table.items():
             mlflow.log_metrics({f"{name}.{k}": v for k, v in metrics.items()})
         mlflow.log_dict(samples, "samples.json")
-        mlflow.set_tag("gate.passed", str(passed))
+        mlflow.set_tag("gate.passed", str(gate["passed"]))
         write_json(path("plots/eval_by_stage.json"),
                    [{"stage": name, **{k: v for k, v in m.items()}} for name, m in table.items()])
         write_json(path("reports/eval_samples.json"), {k: v[:20] for k, v in samples.items()})

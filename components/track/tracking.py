@@ -26,11 +26,18 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
 
 
+# The MLflow UI (3.x) opens an experiment without this tag in its GenAI view (traces: "No data" here).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def setup_mlflow():
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(EXPERIMENT)
+    experiment = mlflow.set_experiment(EXPERIMENT)
+    key, kind = EXPERIMENT_KIND
+    if experiment.tags.get(key) != kind:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, kind)
     return mlflow
 
 
@@ -100,9 +107,25 @@ def _file_md5(path: str) -> str | None:
     return hashlib.md5(file.read_bytes()).hexdigest() if file.is_file() else None
 
 
+def log_dataset_inputs(deps: list[str], md5s: dict[str, str]) -> None:
+    """The stage's data deps (folders and files outside the code) as MLflow dataset inputs, each with its DVC md5 as
+    the digest: the run page's "Datasets" names exactly the data version DVC ran the stage on."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    for path in deps:
+        if path.endswith(".py") or path not in md5s:
+            continue
+        source = resolve_dataset_source(str(REPO_ROOT / path))
+        mlflow.log_input(MetaDataset(source, name=path, digest=md5s[path].removesuffix(".dir")[:36]),
+                         context="input")
+
+
 @contextmanager
 def stage_run(stage: str, params: dict, profile: str, upstream_dirs=(), out_dir: str | Path | None = None):
-    """Open the stage's MLflow run with its lineage; on success write out_dir/mlflow_run.json."""
+    """Open the stage's MLflow run with its lineage and data inputs (system metrics for stages that write a
+    checkpoint: the training stages); on success write out_dir/mlflow_run.json."""
     mlflow = setup_mlflow()
     from mlflow import MlflowClient
 
@@ -120,8 +143,10 @@ def stage_run(stage: str, params: dict, profile: str, upstream_dirs=(), out_dir:
         for path in upstream_outs:
             if path in md5s:
                 client.set_tag(run_id, f"dvc.out.{path}", md5s[path])
-    with mlflow.start_run(run_name=stage, tags=tags) as run:
+    trains = out_dir is not None and "checkpoints" in Path(out_dir).parts
+    with mlflow.start_run(run_name=stage, tags=tags, log_system_metrics=trains) as run:
         mlflow.log_params(flatten(params))
+        log_dataset_inputs(deps, md5s)
         yield run
         mlflow.log_metric("stage_wall_s", time.time() - _process_start())
         if out_dir is not None:
