@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.llama import (ContextLengthError, KVCache, Transformer, compile_enabled, padding_attention_mask,
-                         positions_from_mask)
+from model.kernels import compile_enabled
+from model.llama import ContextLengthError, KVCache, Transformer, padding_attention_mask, positions_from_mask
 
 StepHook = Callable[[list[int], list[int]], None]  # (the step's ids, their row indices)
 
@@ -96,8 +96,8 @@ def _static_decode_step(model: Transformer, tokens: torch.Tensor, positions: tor
 
 @functools.cache
 def _compiled_decode_step():
-    # cpp_wrapper: the graph's ~60 kernel and matmul calls made from C++, not Python (0.86 -> 0.81 ms a step for
-    # llama2-6m at batch 1 on 2 cores of an Intel Xeon). A new batch size or cache length recompiles once, then dims
+    # cpp_wrapper: the graph's ~60 kernel and matmul calls made from C++, not Python (less overhead a step). A new
+    # batch size or cache length recompiles once, then dims
     # go dynamic.
     return torch.compile(_static_decode_step, fullgraph=True, options={"cpp_wrapper": True})
 
@@ -111,11 +111,9 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     finished before it (a server streams them as they come).
 
     compile: run the decode steps through torch.compile; same tokens, up to float rounding. None (the default)
-    means eager. Measured for llama2-6m on 2 cores (AMD EPYC, 2026-12-02): compiling costs ~18 s in a fresh process
-    and about as much for a second batch size (2-3 s when inductor's on-disk cache already holds the graphs), and
-    saves ~2 ms a step at batch 1 (2.9-3.9 -> 0.6-1.5 ms) and ~1.5 ms at batch 16 (4.7 -> 3.0-3.6 ms), so it pays
-    after some 10^4 decode steps. The pipeline's
-    stages decode a few hundred to a few thousand steps per process (ppo: 12 x 24, sampling: 32 a call) and would
+    means eager. Compiling costs seconds to tens of seconds in a fresh process, and again for a new batch size (less
+    when inductor's on-disk cache already holds the graphs), and saves a fraction of each step, so it pays only after
+    many thousands of decode steps (the README has the measurements). The pipeline's stages decode a few hundred to a few thousand steps per process (ppo: 12 x 24, sampling: 32 a call) and would
     only slow down; long-running processes (a server, a benchmark) pass compile=True. $LLAMA2_COMPILE=0 overrides.
     """
     if not prompts or any(len(p) == 0 for p in prompts):

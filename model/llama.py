@@ -1,14 +1,14 @@
 """The Llama 2 network (Touvron et al. 2023), in one file, with Meta's weight names.
 
 Decoder-only transformer: pre-norm RMSNorm, SwiGLU feed-forward, rotary embeddings, grouped-query attention, no
-biases, untied output head. Attention goes through `F.scaled_dot_product_attention` (flash kernels on GPU).
+biases, untied output head. Which kernel each product and attention takes (oneDNN on CPU, SDPA, the compiled
+decoding paths) is model.kernels' choice: a Transformer owns a Kernels object and hands it to its layers.
 Shapes in comments: B batch, T query length, S key length, H query heads, K kv heads, D head dim, C model dim.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import torch.nn.functional as F
@@ -16,17 +16,11 @@ from torch import nn
 
 from model.config import ModelArgs
 from model.loss import linear_cross_entropy
-from model.matmul import onednn_applies, onednn_linear, prepacked_linear
+from model.kernels import Kernels, attention
 
 
 class ContextLengthError(ValueError):
     """An input longer than the model's context length (max_seq_len)."""
-
-
-def compile_enabled(requested: bool | None) -> bool:
-    """torch.compile only where the caller asks for it (compiling costs tens of seconds in each new process) and
-    $LLAMA2_COMPILE is not 0 (a switch for machines without a working C++ toolchain, or to rule compiling out)."""
-    return bool(requested) and os.environ.get("LLAMA2_COMPILE", "1") != "0"
 
 
 def precompute_freqs_cis(head_dim: int, end: int, theta: float, device=None) -> torch.Tensor:
@@ -90,86 +84,10 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
-_fused_weights_fresh = False  # True inside Transformer.fresh_fused_weights()
-
-
-def fused_inference_weight(owner: nn.Module, name: str, linears: tuple[nn.Linear, ...]) -> torch.Tensor:
-    """The linears' weights concatenated on the output dim, cached on `owner` until any of them changes.
-
-    Inference only (no autograd): one matmul instead of several matters when decoding is overhead-bound. The key
-    holds each weight's storage and version counter, so optimizer steps and reloads invalidate it.
-    """
-    cached = owner.__dict__.get(name)
-    if torch.compiler.is_compiling():
-        # A compiled graph cannot check version counters: it may take the cached weight only inside
-        # Transformer.fresh_fused_weights(); anywhere else it concatenates (correct, a copy per call).
-        if _fused_weights_fresh and cached is not None:
-            return cached[1]
-        return torch.cat([lin.weight for lin in linears])
-    key = tuple((lin.weight.data_ptr(), lin.weight._version) for lin in linears)
-    if cached is None or cached[0] != key:
-        with torch.inference_mode(False):  # a normal tensor even under inference_mode: prepacked_linear caches it
-            cached = (key, torch.cat([lin.weight.detach() for lin in linears]))
-        owner.__dict__[name] = cached
-    return cached[1]
-
-
-DECODE_MATVEC_ROWS = 4  # compiled inference with at most this many rows: a product and a sum (see linear)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight), no bias; in fp32 on CPU through oneDNN (model.matmul: 2x MKL's sgemm on AMD CPUs):
-    - training: forward and backward products in oneDNN (onednn_linear);
-    - inference: the weight prepacked into oneDNN's blocked layout once, until it changes (prepacked_linear);
-    - compiled inference with at most DECODE_MATVEC_ROWS rows (decoding a few sequences): a product and a sum,
-      which inductor makes one vectorised pass over the weight, the bound of a matrix-vector product (llama2-6m's
-      25 decoding products: 0.34 ms a step, against 0.6 ms prepacked and 1.0-2.1 ms through MKL).
-    """
-    if not onednn_applies(x, weight):
-        return F.linear(x, weight)
-    if torch.is_grad_enabled():
-        return onednn_linear(x, weight)
-    if torch.compiler.is_compiling():
-        if x.shape[:-1].numel() <= DECODE_MATVEC_ROWS:
-            return (x.unsqueeze(-2) * weight).sum(-1)
-        if not _fused_weights_fresh:
-            # The weight may be a concatenation in the graph, whose buffer inductor reuses for other tensors
-            # without moving a version counter: nothing could tell its cached packing stale.
-            return F.linear(x, weight)
-    return prepacked_linear(x, weight)
-
-
-def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
-    """SDPA for q (B, K, G, D) against k, v (B, K, S, D), spelled as products and sums (in fp32) that inductor
-    fuses into a few loops: under torch.compile, cheaper than a call to the SDPA kernel for one query per row."""
-    scores = (q.float().unsqueeze(3) * k.float().unsqueeze(2)).sum(-1) * q.shape[-1] ** -0.5  # (B, K, G, S)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return (scores.softmax(-1).unsqueeze(-1) * v.float().unsqueeze(2)).sum(3).type_as(q)
-
-
-# PyTorch's CPU flash attention runs bf16 on AMX tiles where the CPU has them; without (AVX-512 BF16 only, as on
-# this project's AMD EPYC) its bf16 kernel is slower than its fp32 one: llama2-6m's attention, forward and backward,
-# 26 against 20 ms a layer. There it attends in fp32 (as precise as Meta's fp32 softmax, or more).
-_CPU_FP32_ATTENTION = not getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()  # a private torch API
-
-
-def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """SDPA of q (B, H, T, D) over k, v (B, K, S, D); mask None = causal (training and unpadded prefill take the
-    is_causal fast path)."""
-    gqa = k.shape[1] != q.shape[1]
-    if q.device.type == "cpu" and q.dtype != torch.float32 and _CPU_FP32_ATTENTION:
-        with torch.autocast("cpu", enabled=False):
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                               is_causal=mask is None, enable_gqa=gqa)
-        return y.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
-
-
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int):
+    def __init__(self, args: ModelArgs, layer_id: int, kernels: Kernels):
         super().__init__()
-        self.layer_id = layer_id
+        self.layer_id, self.kernels = layer_id, kernels
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
         self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
@@ -177,11 +95,12 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
 
     def fused_qkv(self) -> torch.Tensor:
-        return fused_inference_weight(self, "_wqkv", (self.wq, self.wk, self.wv))
+        return self.kernels.fused_weight(self, "_wqkv", (self.wq, self.wk, self.wv))  # inference's one QKV product
 
     def forward(self, x, freqs_cis, attn_mask=None, cache: KVCache | None = None, start_pos: int = 0):
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        linear = self.kernels.linear
         if torch.is_grad_enabled():
             q, k, v = linear(x, self.wq.weight), linear(x, self.wk.weight), linear(x, self.wv.weight)
         else:
@@ -191,32 +110,25 @@ class Attention(nn.Module):
         k, v = k.transpose(1, 2), v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         if cache is not None:
             k, v = cache.update(self.layer_id, start_pos, k, v)  # (B, K, S, D)
-        if T == 1 and cache is not None:
-            # One decoding query per row: fold each kv head's group of query heads into the query length,
-            # (B, 1, H, D) -> (B, K, H/K, D), so SDPA needs neither a causal mask nor a GQA expansion.
-            q = q.view(B, K, H // K, D)
-            if torch.compiler.is_compiling():
-                y = single_query_attention(q, k, v, attn_mask)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        else:
-            y = block_attention(q.transpose(1, 2), k, v, attn_mask).transpose(1, 2)  # (B, T, H, D)
+        y = attention(q, k, v, attn_mask, single_query=T == 1 and cache is not None)  # (B, T, H, D)
         return linear(y.reshape(B, T, H * D), self.wo.weight)
 
 
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, kernels: Kernels):
         super().__init__()
+        self.kernels = kernels
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def fused_w13(self) -> torch.Tensor:
-        return fused_inference_weight(self, "_w13", (self.w1, self.w3))
+        return self.kernels.fused_weight(self, "_w13", (self.w1, self.w3))  # inference's one W1/W3 product
 
     def forward(self, x):
+        linear = self.kernels.linear
         if torch.is_grad_enabled():
             gate, up = linear(x, self.w1.weight), linear(x, self.w3.weight)
         else:
@@ -225,10 +137,10 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int):
+    def __init__(self, args: ModelArgs, layer_id: int, kernels: Kernels):
         super().__init__()
-        self.attention = Attention(args, layer_id)
-        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention = Attention(args, layer_id, kernels)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim, kernels)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
@@ -241,8 +153,9 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
+        self.kernels = Kernels()  # kernel choices and inference caches, shared by the layers
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(args, i, self.kernels) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.output_dim, bias=False)  # (C, vocab) or (C, 1) for a scalar head
         # Rotary tables kept out of the state dict and out of .to(dtype) (which would drop the imaginary part);
@@ -259,17 +172,13 @@ class Transformer(nn.Module):
 
     @contextlib.contextmanager
     def fresh_fused_weights(self):
-        """Refresh every cached fused weight now (eagerly) and let compiled no-grad code inside the block read them;
-        no weight may change until it ends (generate's compiled decode steps)."""
-        global _fused_weights_fresh
+        """Refresh every cached fused weight now (eagerly) and let compiled no-grad code inside the
+        block read them; no weight may change until it ends (generate's compiled decode steps)."""
         for layer in self.layers:
             layer.attention.fused_qkv()
             layer.feed_forward.fused_w13()
-        previous, _fused_weights_fresh = _fused_weights_fresh, True
-        try:
+        with self.kernels.fresh_window():
             yield
-        finally:
-            _fused_weights_fresh = previous
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> "Transformer":
         """Normal(0, std) weights, with residual output projections scaled by 1/sqrt(2 n_layers) (GPT-2 style)."""
@@ -316,7 +225,7 @@ class Transformer(nn.Module):
         h = self.hidden_states(tokens, positions, attn_mask, cache, start_pos)
         if targets is not None:
             return linear_cross_entropy(h, self.output.weight, targets)
-        return linear(h, self.output.weight).float()
+        return self.kernels.linear(h, self.output.weight).float()
 
 
 def padding_attention_mask(key_valid: torch.Tensor, query_len: int) -> torch.Tensor:

@@ -1,19 +1,18 @@
-"""fp32 matrix products on CPU through oneDNN instead of the BLAS (MKL) that torch calls for them.
+"""fp32 matrix products on CPU through oneDNN instead of the BLAS (MKL) that torch calls for them: the low-level ops
+that model.kernels chooses between.
 
-Measured with torch 2.13.0+cpu on this project's 2-vCPU AMD EPYC (AVX-512), llama2-6m shapes, 2 threads: MKL's sgemm
-reaches ~175 GFLOP/s on the training step's 2048-row products, oneDNN 340-420 (it takes MKL's slow path on AMD CPUs);
-for the 16-row products of decoding, oneDNN with the weight prepacked into its blocked layout takes 1.2 ms a step
-against MKL's 2.6. Everywhere else (GPU, bf16, autocast) the callers use torch's own ops.
+MKL's sgemm takes a slow path on AMD CPUs; oneDNN does not, for the training step's large products and, with the
+weight prepacked into its blocked layout, for decoding's few-row ones (the README has the measurements). Everywhere
+else (GPU, bf16, autocast) the callers use torch's own ops. No module-level mutable state: a weight's packed copy
+lives on the weight itself (see prepacked_linear).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
-_ONEDNN = torch.backends.mkldnn.is_available()
-_PREPACKED = WeakIdKeyDictionary()  # weight -> (its version counter, the same weight in oneDNN's blocked layout)
+_ONEDNN = torch.backends.mkldnn.is_available()  # a constant of the build
 
 
 def onednn_applies(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -41,8 +40,8 @@ def mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def mm_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a (M, N).T @ b (M, K) -> (N, K), no autograd (weight gradients). oneDNN copies its first operand when that
-    is transposed, so the narrower one goes first: at 2048 rows, 1.6-2.7x faster than the other order when N and K
-    differ a lot (the output head's 4096 x 256), and than MKL."""
+    is transposed, so the narrower one goes first: much faster than the other order when N and K differ a lot (the
+    output head's vocab x dim), and than MKL."""
     if not onednn_applies(a, b):
         return a.T @ b
     if a.shape[1] >= b.shape[1]:
@@ -71,18 +70,39 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _Linear.apply(x, weight)
 
 
+class _Packing:
+    """A weight's copy in oneDNN's blocked layout, with the version counter it was packed at. Kept as an attribute
+    of the weight, so it lives and dies with it; never copied or pickled with it (deepcopy, Ray): a copy repacks."""
+
+    __slots__ = ("version", "packed")
+
+    def __init__(self, version: int = -1, packed: torch.Tensor | None = None):
+        self.version, self.packed = version, packed
+
+    def __reduce__(self):
+        return (_Packing, ())
+
+
+def packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """weight (N, K) in oneDNN's blocked layout, packed on first use and again whenever it changes in place (its
+    version counter moves: optimizer steps, load_state_dict). Two threads packing at once each get a correct
+    packing of the same version and the last one stays: no lock needed."""
+    packing = getattr(weight, "_onednn_packing", None)
+    if packing is None or packing.version != weight._version:
+        packing = _Packing(weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16))
+        weight._onednn_packing = packing
+    return packing.packed
+
+
 @torch.library.custom_op("llama2::prepacked_linear", mutates_args=())
 def prepacked_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T for inference, the weight packed on first use and again whenever it changes in place (its
-    version counter moves: optimizer steps, load_state_dict). A custom op so compiled graphs can call it (they
-    cannot take oneDNN's opaque packed tensors as inputs). The packed copy lives as long as the weight: CPU inference
-    holds each weight twice (a 7B model in fp32 would need ~54 GB; such models run on GPUs, which never take this)."""
+    """x @ weight.T for inference through the weight's packed copy (packed_weight). A custom op so compiled graphs
+    can call it (they cannot take oneDNN's opaque packed tensors as inputs). The packed copy lives as long as the
+    weight: CPU inference holds each weight twice (fine for the small models this runs on CPU; large ones run on
+    GPUs, which never take this)."""
     if weight.is_inference():  # no version counter to tell a change by
         return _mm_nt(x, weight)
-    entry = _PREPACKED.get(weight)
-    if entry is None or entry[0] != weight._version:
-        entry = _PREPACKED[weight] = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16))
-    return torch.ops.mkldnn._linear_pointwise(x, entry[1], None, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), None, "none", [], "")
 
 
 @prepacked_linear.register_fake

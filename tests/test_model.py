@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from model.config import CONFIGS, ModelArgs, get_config
 from model.generation import SamplingParams, generate
-from model.llama import ContextLengthError, KVCache, Transformer, compile_enabled, count_parameters, linear
+from model.kernels import Kernels, compile_enabled
+from model.llama import ContextLengthError, KVCache, Transformer, count_parameters
 from model.loss import IGNORE_INDEX, linear_cross_entropy
-from model.matmul import _PREPACKED
 from tests.helpers import debug_model
 
 
@@ -177,9 +180,10 @@ def test_inference_linear_follows_weight_changes():
     """linear() in fp32 CPU inference (oneDNN, the weight prepacked and cached) gives F.linear's result, and packs
     again when the weight changes in place (an optimizer step, load_state_dict)."""
     weight, x = torch.randn(48, 32), torch.randn(2, 5, 32)
+    linear = Kernels().linear
     with torch.no_grad():
         torch.testing.assert_close(linear(x, weight), F.linear(x, weight))
-        assert weight in _PREPACKED
+        assert weight._onednn_packing.version == weight._version
         weight.mul_(2)
         torch.testing.assert_close(linear(x, weight), F.linear(x, weight))
         weight.copy_(torch.randn(48, 32))
@@ -197,7 +201,7 @@ def test_training_linear_and_fused_loss_match_torch():
     results = []
     for ours in (True, False):
         xs, w, h = (t.clone().requires_grad_() for t in (x, weight, head))
-        hidden = linear(xs, w) if ours else F.linear(xs, w)
+        hidden = Kernels().linear(xs, w) if ours else F.linear(xs, w)
         if ours:
             loss = linear_cross_entropy(hidden, h, targets, chunk_rows=7)
         else:
@@ -228,3 +232,52 @@ def test_compiled_training_step_matches_eager():
         model(tokens[:, :-1], targets=tokens[:, 1:]).backward()
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_concurrent_generation_on_one_model_equals_sequential():
+    """A server calls generate() on one model from several threads: the shared caches (fused weights, packings)
+    fill under concurrency and every thread gets its sequential tokens."""
+    model = debug_model(std=0.1)
+    prompts = [[[5, 6, 7], [8, 9]], [[3, 4, 5, 6, 7, 8]], [[11], [12, 13, 14]]]
+    params = SamplingParams(max_new_tokens=10, temperature=0)
+    results: dict[int, list[list[int]]] = {}
+    barrier = threading.Barrier(len(prompts))
+
+    def worker(i):
+        barrier.wait()
+        results[i] = generate(model, prompts[i], params, eos_id=-1, compile=False).tokens
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    model_again = debug_model(std=0.1)  # cold caches: sequential calls from scratch
+    assert [results[i] for i in range(len(prompts))] == [
+        generate(model_again, p, params, eos_id=-1, compile=False).tokens for p in prompts]
+
+
+def test_fresh_windows_overlapping_across_threads_leave_no_state():
+    """The fresh window is state of one model's Kernels, not of the module: overlapping windows from two threads
+    (a saved-and-restored global left the flag set for good) end with the model not fresh, another model is never
+    touched, and a copied model gets its own kernel state."""
+    model, other = debug_model(), debug_model()
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def hold():
+        with model.fresh_fused_weights():
+            inside.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert inside.wait(10)
+    with model.fresh_fused_weights():  # opened after the other thread's, closed before it
+        seen["inside"], seen["other model"] = model.kernels.fresh, other.kernels.fresh
+    release.set()
+    holder.join()
+    assert seen == {"inside": True, "other model": False}
+    assert not model.kernels.fresh
+    copied = copy.deepcopy(model)
+    assert copied.kernels is not model.kernels and not copied.kernels.fresh
+    assert all(layer.attention.kernels is copied.kernels for layer in copied.layers)
