@@ -10,7 +10,6 @@ lives on the weight itself (see prepacked_linear).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 _ONEDNN = torch.backends.mkldnn.is_available()  # a constant of the build
 

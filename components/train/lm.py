@@ -16,7 +16,7 @@ import torch
 
 from components.train.core import (RankZeroLogger, all_reduce_mean, cosine_lr, load_init, make_optimizer, report,
                                    restore_train_state, save_train_state, set_threads, train_to_folder)
-from model.llama import compile_enabled
+from model.kernels import compile_enabled
 from model.loss import IGNORE_INDEX
 
 
