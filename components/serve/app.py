@@ -7,7 +7,8 @@ Generation is `model.generation.generate`, the one decoding path of the project:
 sampling parameters are grouped by `@serve.batch` into one batched `generate` call (jobs.py). Streaming sends each
 token's text as `generate` produces it (its on_step hook; text through text.TextStream).
 
-The model comes from resolve.py (a checkpoint folder or a models:/ URI).
+The model comes from resolve.py (a checkpoint folder or a models:/ URI). Every setting, and its one default, is a
+field of `AppArgs`; `ChatServer` takes the validated `AppArgs`.
 
 Run: `serve run infra/serve.yaml` (model from `LLAMA2_MODEL_URI`, else the config's `model_uri`).
 """
@@ -35,16 +36,16 @@ from components.serve.text import TextStream, detokenize
 from components.track.tracking import tracking_uri as default_tracking_uri
 from model.checkpoint import load_checkpoint
 
-DEFAULT_MODEL_URI = "models:/llama2-chat@champion"
 MODEL_URI_ENV = "LLAMA2_MODEL_URI"  # overrides args.model_uri: `serve run config.yaml` takes no args on the CLI
 
 
 class AppArgs(BaseModel):
-    """Arguments of `build_app`, from the `args:` of a Serve config or `serve.run(build_app({...}))`."""
+    """Arguments of `build_app`, from the `args:` of a Serve config or `serve.run(build_app({...}))`; the settings
+    of every ChatServer replica. The one place their defaults are defined."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model_uri: str | None = None  # checkpoint folder or models:/ URI; $LLAMA2_MODEL_URI wins, then this, then default
+    model_uri: str = "models:/llama2-chat@champion"  # checkpoint folder or models:/ URI; $LLAMA2_MODEL_URI wins
     model_name: str = "llama2-chat"  # the id in /v1/models and in responses
     tracking_uri: str | None = None  # MLflow registry for models:/ URIs; None = $MLFLOW_TRACKING_URI or repo sqlite
     cache_dir: str | None = None  # registry downloads; None = $LLAMA2_SERVE_CACHE or <tmp>/llama2-serve-models
@@ -55,6 +56,8 @@ class AppArgs(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, the checkpoint's dtype on CPU
 
 
+_DEFAULTS = AppArgs()
+
 api = FastAPI(title="Llama-2-Chat", docs_url=None, redoc_url=None)
 protocol.add_error_handlers(api)
 
@@ -64,23 +67,21 @@ protocol.add_error_handlers(api)
 class ChatServer:
     """One replica: the model and tokenizer in memory, OpenAI's chat routes on top."""
 
-    def __init__(self, model_uri: str, model_name: str, tracking_uri: str | None, cache_dir: str | None,
-                 default_max_tokens: int, max_request_bytes: int, max_batch_size: int, batch_wait_timeout_s: float,
-                 dtype: str):
+    def __init__(self, args: AppArgs):
         import ray
 
+        self.args = args
         # A GPU only when Ray gave this replica one (ray_actor_options.num_gpus), whatever the node has.
         self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
-        if dtype == "auto":  # bf16 on GPU; on CPU keep the saved dtype (fp32 decode is not slower there)
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
+        if args.dtype == "auto":  # bf16 on GPU; on CPU keep the saved dtype (fp32 decode is not slower there)
             torch_dtype = torch.bfloat16 if self.device.type == "cuda" else None
-        self.checkpoint = resolve_checkpoint(model_uri, tracking_uri, cache_dir)
+        self.checkpoint = resolve_checkpoint(args.model_uri, args.tracking_uri, args.cache_dir)
         self.model, self.tokenizer = load_checkpoint(self.checkpoint, device=self.device, dtype=torch_dtype)
-        self.model_uri, self.model_name, self.created = model_uri, model_name, int(time.time())
+        self.model_name, self.created = args.model_name, int(time.time())
         self.context_length = self.model.args.max_seq_len
-        self.default_max_tokens, self.max_request_bytes = default_max_tokens, max_request_bytes
-        self._generate_batch.set_max_batch_size(max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._generate_batch.set_max_batch_size(args.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
 
     # -- routes ---------------------------------------------------------------------------------------------------
 
@@ -99,7 +100,7 @@ class ChatServer:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        req = protocol.parse_request(await protocol.read_body(request, self.max_request_bytes))
+        req = protocol.parse_request(await protocol.read_body(request, self.args.max_request_bytes))
         self._check_model(req.model)
         completion_id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name
         if not req.stream:
@@ -160,11 +161,12 @@ class ChatServer:
                            param="model", code="model_not_found")
 
     def _job(self, req: protocol.ChatCompletionRequest, on_token=None) -> Job:
-        return make_job(req, self.tokenizer, self.context_length, self.default_max_tokens, on_token)
+        return make_job(req, self.tokenizer, self.context_length, self.args.default_max_tokens, on_token)
 
     # -- batched generation ---------------------------------------------------------------------------------------
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    # The batch settings are AppArgs' (set per replica in __init__); the decorator's are only their defaults.
+    @serve.batch(max_batch_size=_DEFAULTS.max_batch_size, batch_wait_timeout_s=_DEFAULTS.batch_wait_timeout_s)
     async def _generate_batch(self, jobs: list[Job]) -> list[tuple[list[int], str]]:
         # The decode loop is CPU/GPU-bound: run it off the event loop so /health and new requests stay served.
         return await asyncio.to_thread(run_jobs, self.model, self.tokenizer, jobs)
@@ -174,7 +176,6 @@ def build_app(args: AppArgs) -> serve.Application:
     """Serve application builder: `components.serve.app:build_app` (args: AppArgs, or a dict of its fields)."""
     if isinstance(args, dict):  # serve.run(build_app({...})) from Python; Serve itself passes an AppArgs
         args = AppArgs.model_validate(args)
-    model_uri = os.environ.get(MODEL_URI_ENV) or args.model_uri or DEFAULT_MODEL_URI
+    model_uri = os.environ.get(MODEL_URI_ENV) or args.model_uri
     tracking_uri = args.tracking_uri or (default_tracking_uri() if model_uri.startswith("models:/") else None)
-    return ChatServer.bind(model_uri, args.model_name, tracking_uri, args.cache_dir, args.default_max_tokens,
-                           args.max_request_bytes, args.max_batch_size, args.batch_wait_timeout_s, args.dtype)
+    return ChatServer.bind(args.model_copy(update={"model_uri": model_uri, "tracking_uri": tracking_uri}))
