@@ -20,7 +20,8 @@ import pytest
 from mlflow import MlflowClient
 from ray import serve
 
-from components.serve.app import MODEL_URI_ENV, build_app, resolve_checkpoint
+from components.serve.app import MODEL_URI_ENV, build_app
+from components.serve.resolve import resolve_checkpoint
 from model.chat import encode_prompt
 from model.checkpoint import CheckpointError, save_checkpoint
 from tests.helpers import debug_model, small_tokenizer
