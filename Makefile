@@ -25,7 +25,7 @@ pipeline: install
 	@$(BIN)/python -m components.track.tracking
 	@echo
 	@echo "Done. Metrics: .venv/bin/dvc metrics show    Plots: .venv/bin/dvc plots show (writes dvc_plots/index.html)"
-	@echo "MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db   (then http://127.0.0.1:5000)"
+	@echo "MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db   (then the page above)"
 	@echo "Serve:      make serve   (Ray Serve, OpenAI-compatible, http://127.0.0.1:8000/v1)"
 	@echo "Query:      curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\"
 	@echo "              -d '{\"model\": \"llama2-chat\", \"messages\": [{\"role\": \"user\", \"content\": \"What is 3 + 4?\"}]}'"

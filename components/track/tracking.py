@@ -26,7 +26,8 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
 
 
-# The MLflow UI (3.x) opens an experiment without this tag in its GenAI view (traces: "No data" here).
+# What the experiment is for, in MLflow 3.x's own terms. The 3.17 UI still picks its view from the URL
+# (`?workflowType=machine_learning`, which summary() prints) or the browser's last choice, GenAI by default.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
@@ -183,6 +184,10 @@ def summary() -> str:
             info = latest[stage].info
             seconds = latest[stage].data.metrics.get("stage_wall_s", float("nan"))
             lines.append(f"| {stage} | {info.status} | {seconds:.1f} | {info.run_id} |")
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    if experiment is not None:  # MLflow 3.x's UI opens in its GenAI view unless the URL asks for the training one
+        lines.append(f"\nMLflow UI page of these runs (once `mlflow ui` runs): http://127.0.0.1:5000/#/experiments/"
+                     f"{experiment.experiment_id}?workflowType=machine_learning")
     return "\n".join(lines)
 
 
