@@ -25,6 +25,17 @@ DECODE_MATVEC_ROWS = 4  # compiled inference with at most this many rows: a prod
 _CPU_FP32_ATTENTION = not getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()  # a private torch API
 
 
+# bf16 autocast pays only where bf16 products run natively (AVX512-BF16 or AMX on CPU): on a CPU with AVX2 alone
+# oneDNN has no bf16 kernel and a bf16 matmul is tens of times slower than fp32. A constant of the machine.
+_CPU_BF16 = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+
+
+def bf16_autocast(device_type: str, requested: bool = True):
+    """torch.autocast to bf16 when requested and the device computes bf16 natively; else off (fp32)."""
+    native = torch.cuda.is_bf16_supported() if device_type == "cuda" else device_type == "cpu" and _CPU_BF16
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=requested and native)
+
+
 def compile_enabled(requested: bool | None) -> bool:
     """torch.compile only where the caller asks for it (compiling is slow in each new process) and
     $LLAMA2_COMPILE is not 0 (a switch for machines without a working C++ toolchain, or to rule compiling out)."""

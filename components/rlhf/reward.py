@@ -16,6 +16,7 @@ from torch import nn
 
 from components.rlhf.losses import RATINGS, margins_tensor, reward_margin_loss
 from components.train.core import unwrap
+from model.kernels import bf16_autocast
 from model.chat import encode_dialog
 from model.llama import Transformer, padding_attention_mask, positions_from_mask
 from model.tokenizer import Tokenizer
@@ -93,7 +94,7 @@ def rm_scores(reward_model, tokenizer, dialogs: list[list[dict]], batch_size: in
         rows = [encode_dialog(tokenizer, d).tokens for d in dialogs[start:start + batch_size]]
         tokens, last = pad_right(rows, tokenizer.pad_id)
         device = next(reward_model.parameters()).device
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with bf16_autocast(device.type):
             out += torch.sigmoid(score(reward_model, tokens.to(device), last.to(device)).float()).tolist()
     return out
 

@@ -17,6 +17,7 @@ import torch
 
 from components.rlhf.losses import piecewise_reward
 from components.rlhf.reward import rm_scores
+from model.kernels import bf16_autocast
 from model.chat import encode_prompt
 from model.checkpoint import load_checkpoint
 from model.generation import SamplingParams, generate
@@ -51,7 +52,7 @@ class Sampler:
         # Seeded per batch from its first row id, so a rerun on the same data draws the same samples.
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                 seed=cfg.seed * 1_000_003 + int(batch["id"][0]))
-        with torch.autocast(self.device, dtype=torch.bfloat16):
+        with bf16_autocast(self.device):
             out = generate(self.model, encoded, params, tok.eos_id, tok.pad_id)
         answers = [tok.decode(t).strip() for t in out.tokens]
         result = {"id": batch["id"], "answers": [json.dumps(answers[i * cfg.k:(i + 1) * cfg.k])

@@ -16,7 +16,7 @@ import torch
 
 from components.train.core import (RankZeroLogger, all_reduce_mean, cosine_lr, load_init, make_optimizer, report,
                                    restore_train_state, save_train_state, set_threads, train_to_folder)
-from model.kernels import compile_enabled
+from model.kernels import bf16_autocast, compile_enabled
 from model.loss import IGNORE_INDEX
 
 
@@ -34,7 +34,7 @@ class LMTrainConfig:
     beta2: float = 0.95
     eps: float = 1e-5
     grad_clip: float = 1.0
-    bf16: bool = True  # bf16 autocast (CPU with AVX512-BF16/AMX, or GPU)
+    bf16: bool = True  # bf16 autocast where the device has native bf16 (AVX512-BF16/AMX CPUs, GPUs)
     # torch.compile the model's forward and backward: llama2-6m on 2 cores trains ~20-30% faster in bf16 (~7% in
     # fp32) but the first step costs 20-36 s, and again for evaluation's no-grad forward: a win from some
     # hundreds of steps on, not for the short stages of the CI and tiny profiles. $LLAMA2_COMPILE=0 turns it off.
@@ -58,7 +58,7 @@ def evaluate_loss(model, data: dict, micro_batch: int, device, bf16: bool) -> fl
         n = int((targets != IGNORE_INDEX).sum())
         if n == 0:
             continue
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with bf16_autocast(device.type, bf16):
             total += model(inputs, targets=targets).item() * n
         count += n
     model.train()
@@ -115,7 +115,7 @@ def lm_train_loop(config: dict) -> None:
             inputs, targets = train["inputs"][idx].to(device), train["targets"][idx].to(device)
             sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
             ctx_sync = model.no_sync() if not sync else torch.enable_grad()
-            with ctx_sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            with ctx_sync, bf16_autocast(device.type, cfg.bf16):
                 loss = model(inputs, targets=targets) / len(micro)
             loss.backward()
             loss_sum += loss.item()

@@ -11,6 +11,7 @@ import torch
 
 from components.train.core import RankZeroLogger, all_reduce_mean, report, set_threads, train_to_folder, unwrap
 from components.rlhf.ppo import PPOConfig, PPOTrainer
+from model.kernels import bf16_autocast
 from model.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -49,7 +50,7 @@ def ppo_train_loop(config: dict) -> None:
     history = []
     for it in range(stage_cfg.iterations):
         idx = torch.randint(len(prompts), (ppo_cfg.rollout_batch_size,), generator=gen).tolist()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=stage_cfg.bf16):
+        with bf16_autocast(device.type, stage_cfg.bf16):
             stats = trainer.step([prompts[i] for i in idx], [is_safety[i] for i in idx])
         stats = {k: all_reduce_mean(v) for k, v in stats.items()}
         history.append(stats)

@@ -13,6 +13,7 @@ from components.train.core import (RankZeroLogger, cosine_lr, make_optimizer, re
                                    save_train_state, set_threads, train_to_folder, unwrap)
 from components.rlhf.losses import rating_margins
 from components.rlhf.reward import PreferencePair, collate_pairs, evaluate_rm, init_reward_model, rm_loss_and_metrics
+from model.kernels import bf16_autocast
 from model.checkpoint import load_checkpoint
 
 
@@ -72,7 +73,7 @@ def rm_train_loop(config: dict) -> None:
         order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
         idx = order[offset * cfg.batch_size:(offset + 1) * cfg.batch_size][rank * local:(rank + 1) * local]
         batch = collate_pairs([train_pairs[i] for i in idx], tokenizer.pad_id).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        with bf16_autocast(device.type, cfg.bf16):
             loss, metrics = rm_loss_and_metrics(model, batch, margins)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
