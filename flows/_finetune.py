@@ -1,39 +1,32 @@
-"""The chat fine-tuning stages' shared part (sft, rejection, gatt, distill): their params section and the tail that
-trains on dialogs."""
+"""The chat fine-tuning stages' shared part (sft, rejection, gatt, distill): the configs of the stages that sample the
+policy, and the tail that trains on dialogs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.common import config_from_dict
-from flows._stage import finish_stage, path, ray_config, section
+from components.rlhf.sampling import SampleConfig
+from components.train.lm import LMTrainConfig
+from flows._stage import finish_stage, path
 
 
-@dataclass
-class LMSection:
-    """An LM training section of params.yaml, split: the loop's config, data shaping, and the sampling sub-section."""
+@dataclass(frozen=True, kw_only=True)
+class SampledFinetuneConfig(LMTrainConfig):
+    """params `gatt` (and the base of `rejection`, `distill`): answers sampled from the policy, then fine-tuned on."""
 
-    train: object  # LMTrainConfig
-    seq_len: int
-    val_fraction: float
-    sample: object | None  # SampleConfig, for stages that sample the policy
-    replay: int  # SFT demonstrations mixed into a self-generated training set, against forgetting
-    extra: dict
+    sample: SampleConfig
+    replay: int = 0  # SFT demonstrations mixed into the self-generated training set, against forgetting
 
 
-def lm_section(params: dict, stage: str, extra: tuple[str, ...] = ()) -> LMSection:
-    from components.train.lm import LMTrainConfig
-    from components.rlhf.sampling import SampleConfig
+@dataclass(frozen=True, kw_only=True)
+class RejectionConfig(SampledFinetuneConfig):
+    safety_threshold: float  # rlhf.safety_threshold: R_c picks the safety score below it, as in PPO
 
-    cfg = dict(section(params, stage))
-    cfg.pop("ray", None)
-    seq_len, val_fraction = cfg.pop("seq_len"), cfg.pop("val_fraction")
-    sample, replay = cfg.pop("sample", None), cfg.pop("replay", 0)
-    extras = {k: cfg.pop(k) for k in extra}
-    return LMSection(config_from_dict(LMTrainConfig, cfg, stage), seq_len, val_fraction,
-                     None if sample is None else config_from_dict(SampleConfig, sample, f"{stage}.sample"), replay,
-                     extras)
+
+@dataclass(frozen=True, kw_only=True)
+class DistillConfig(SampledFinetuneConfig):
+    preprompt: str  # the safety preprompt answers are generated with (and trained without)
 
 
 def sft_replay(n: int, seed: int) -> list[list[dict]]:
@@ -46,11 +39,11 @@ def sft_replay(n: int, seed: int) -> list[list[dict]]:
     return random.Random(seed).sample(dialogs, min(n, len(dialogs)))
 
 
-def finetune(params: dict, stage: str, cfg: LMSection, init: Path, dialogs: list[list[dict]], out: Path,
-             run_id: str, last_turn_only: bool = False, extra_metrics: dict | None = None) -> dict:
+def finetune(stage: str, cfg: LMTrainConfig, init: Path, dialogs: list[list[dict]], out: Path, run_id: str,
+             last_turn_only: bool = False, extra_metrics: dict | None = None) -> dict:
     """The tail every chat fine-tuning stage shares (sft, rejection, gatt, distill): dialogs in the chat format with
-    loss on the assistant tokens (or the last turn only) -> the shared LM loop on Ray Train from `init` -> out,
-    metrics, curves."""
+    loss on the assistant tokens (or the last turn only), plus any SFT replay -> the shared LM loop on Ray Train from
+    `init` -> out, metrics, curves."""
     from components.data.datasets import examples_data
     from components.train.lm import train_lm
     from model.chat import encode_dialog
@@ -58,13 +51,12 @@ def finetune(params: dict, stage: str, cfg: LMSection, init: Path, dialogs: list
 
     tokenizer = Tokenizer.load(init / "tokenizer.model")
     examples = [encode_dialog(tokenizer, d, last_turn_only=last_turn_only) for d in dialogs]
-    replay = sft_replay(cfg.replay, cfg.train.seed) if cfg.replay else []
+    replay = sft_replay(cfg.replay, cfg.seed) if isinstance(cfg, SampledFinetuneConfig) and cfg.replay else []
     examples += [encode_dialog(tokenizer, d) for d in replay]
-    train, val, stats = examples_data(examples, tokenizer.pad_id, cfg.seq_len, cfg.val_fraction, cfg.train.seed)
+    train, val, stats = examples_data(examples, tokenizer.pad_id, cfg.seq_len, cfg.val_fraction, cfg.seed)
     stats["replayed_sft"] = len(replay)
     print(f"[{stage}] {stats}")
-    metrics = train_lm({"checkpoint": str(init)}, train, val, cfg.train, ray_config(params, stage), stage, out,
-                       run_id)
+    metrics = train_lm({"checkpoint": str(init)}, train, val, cfg, stage, out, run_id)
     metrics.update(stats, **(extra_metrics or {}))
     finish_stage(stage, metrics, out)
     return metrics

@@ -4,31 +4,26 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from components.common import config_from_dict
 from components.data.datasets import messages_column, read_table
 from components.rlhf.reward import encode_pair
 from components.train.rm import RMTrainConfig, train_rm
 from components.track.tracking import stage_run
-from flows._stage import finish_stage, load_params, path, ray_config, section
+from flows._stage import finish_stage, load_params, path, stage_config
 from model.tokenizer import Tokenizer
 
 
 def run(stage: str, table: str) -> None:
     params = load_params()
-    cfg = dict(section(params, "rm"))
-    val_fraction = cfg.pop("val_fraction")
-    cfg.pop("ray", None)
-    train_cfg = config_from_dict(RMTrainConfig, cfg, "rm")
+    cfg = stage_config(params, "rm", RMTrainConfig)
     sft, out = path("checkpoints/sft"), path(f"checkpoints/{stage}")
-    with stage_run(stage, asdict(train_cfg), params["profile"], [sft, path("data/raw")], out) as run_:
+    with stage_run(stage, asdict(cfg), params["profile"], [sft, path("data/raw")], out) as run_:
         tokenizer = Tokenizer.load(sft / "tokenizer.model")
         rows = read_table(path(f"data/raw/{table}.parquet"))
         prompts = messages_column(rows, "prompt")
         pairs = [encode_pair(tokenizer, p, c, r, rating) for p, c, r, rating in zip(
             prompts, rows.column("chosen").to_pylist(), rows.column("rejected").to_pylist(),
             rows.column("rating").to_pylist())]
-        n_val = max(1, int(len(pairs) * val_fraction))
+        n_val = max(1, int(len(pairs) * cfg.val_fraction))
         print(f"[{stage}] {len(pairs) - n_val} training pairs, {n_val} held out")
-        metrics = train_rm(sft, pairs[n_val:], pairs[:n_val], train_cfg, ray_config(params, "rm"), stage, out,
-                           run_.info.run_id)
+        metrics = train_rm(sft, pairs[n_val:], pairs[:n_val], cfg, stage, out, run_.info.run_id)
         finish_stage(stage, metrics, out)

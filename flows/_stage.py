@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, fields
 from pathlib import Path
+from typing import TypeVar
 
 from components.common import REPO_ROOT, config_from_dict, load_yaml, write_json
 from components.cluster import RayConfig
-from model.config import get_config
 
 PARAMS_FILE = REPO_ROOT / "params.yaml"
+T = TypeVar("T")
 
 
 def load_params() -> dict:
@@ -25,13 +27,31 @@ def section(params: dict, name: str) -> dict:
 
 def ray_config(params: dict, stage: str) -> RayConfig:
     """The shared `ray` section, with per-stage overrides under <stage>.ray."""
-    merged = {**section(params, "ray"), **(params.get(stage, {}) or {}).get("ray", {})}
-    return config_from_dict(RayConfig, merged, "ray")
+    shared = config_from_dict(RayConfig, section(params, "ray"), "ray")
+    return config_from_dict(RayConfig, {**asdict(shared), **((params.get(stage) or {}).get("ray") or {})},
+                            f"{stage}.ray")
 
 
-def model_args(params: dict, vocab_size: int):
-    model = section(params, "model")
-    return get_config(model["config"], vocab_size=vocab_size, **(model.get("overrides") or {}))
+def stage_config(params: dict, name: str, cls: type[T], nested: tuple[str, ...] = (),
+                 flat: tuple[str, ...] = ()) -> T:
+    """A stage's one config, parsed from params section `name` by the one parser: its `ray` field is the shared
+    `ray` section with <name>.ray's overrides; each `nested` section is the field of that name (e.g. `model`); each
+    `flat` section's keys are fields too (e.g. rlhf.safety_threshold: one value for every stage that reads it). The
+    stage's own section may not set what a shared section sets. A mistake exits naming the section and key."""
+    try:
+        data, known = dict(section(params, name)), {f.name for f in fields(cls)}
+        for shared in nested + flat:
+            keys = [shared] if shared in nested else list(section(params, shared))
+            if clash := sorted(set(keys) & set(data)):
+                raise ValueError(f"params section {name!r}: {clash} set in section {shared!r}, not here")
+            if unknown := sorted(set(keys) - known):
+                raise ValueError(f"unknown keys {unknown} in params section {shared!r}")
+            data.update({shared: section(params, shared)} if shared in nested else section(params, shared))
+        if "ray" in known:
+            data["ray"] = ray_config(params, name)
+        return config_from_dict(cls, data, name)
+    except ValueError as e:  # a params mistake: what and where, without a traceback
+        raise SystemExit(f"error: {e}") from None
 
 
 def path(p: str) -> Path:

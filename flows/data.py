@@ -4,6 +4,7 @@ components/data/ingest.py) written as Parquet -> data/raw/."""
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 
 from components.data.ingest import DataConfig, IngestError, build_data, lineage_params, write_data
 from components.track.tracking import stage_run
@@ -14,13 +15,13 @@ OUT = path("data/raw")
 
 def main() -> None:
     params = load_params()
-    raw = section(params, "data")
     start = time.perf_counter()
     try:  # every source is checked and read before the MLflow run opens and anything is written
-        data = build_data(DataConfig.from_dict(raw))
+        cfg = DataConfig.from_dict(section(params, "data"))
+        data = build_data(cfg)
     except IngestError as e:
         raise SystemExit(f"error: {e}") from None
-    with stage_run("data", raw, params["profile"], [], None) as run:
+    with stage_run("data", asdict(cfg), params["profile"], [], None) as run:
         metrics = write_data(data, OUT, {"mlflow_run.json": {"stage": "data", "run_id": run.info.run_id,
                                                              "experiment_id": run.info.experiment_id}})
         metrics["seconds"] = time.perf_counter() - start

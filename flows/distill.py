@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-
 from components.common import write_json
 from components.data.datasets import read_table
 from components.rlhf.sampling import context_distillation
 from components.track.tracking import stage_run
-from flows._finetune import finetune, lm_section
-from flows._stage import finish_stage, load_params, path, ray_config
+from flows._finetune import DistillConfig, finetune
+from flows._stage import finish_stage, load_params, path, stage_config
 from model.checkpoint import copy_checkpoint
 
 POLICY, OUT = path("checkpoints/gatt"), path("checkpoints/chat")
@@ -22,27 +21,25 @@ REWARD_MODELS = {name: path(f"checkpoints/{name}") for name in ("rm_helpful", "r
 
 def main() -> None:
     params = load_params()
-    cfg = lm_section(params, "distill", extra=("preprompt",))
-    preprompt = cfg.extra["preprompt"]
-    with stage_run("distill", {**asdict(cfg.train), "sample": asdict(cfg.sample), "preprompt": preprompt},
-                   params["profile"], [POLICY, *REWARD_MODELS.values(), path("data/raw")], OUT) as run:
+    cfg = stage_config(params, "distill", DistillConfig)
+    with stage_run("distill", asdict(cfg), params["profile"], [POLICY, *REWARD_MODELS.values(), path("data/raw")],
+                   OUT) as run:
         rows = [r for r in read_table(path("data/raw/rl_prompts.parquet")).to_pylist() if r["is_safety"]]
         records = [{"prompt": json.loads(r["prompt"])} for r in rows[:cfg.sample.prompts or None]]
-        dialogs, stats = context_distillation(records, POLICY, REWARD_MODELS, preprompt, cfg.sample,
-                                              ray_config(params, "distill"))
+        dialogs, stats = context_distillation(records, POLICY, REWARD_MODELS, cfg.preprompt, cfg.sample, cfg.ray)
         print(f"[distill] {stats}")
-        if len(dialogs) < cfg.train.batch_size and not cfg.replay:
+        if len(dialogs) < cfg.batch_size and not cfg.replay:
             # Fewer kept answers than one batch: the policy is already about as safe as its preprompted self, and a
             # step or two on a handful of answers moves it at random (measured: 2 kept on tiny cost 13% of its
             # refusals). Say so loudly and pass the policy on unchanged rather than train on noise or stop.
             print(f"[distill] WARNING: only {len(dialogs)} preprompted answers beat the plain ones on the safety RM "
-                  f"(fewer than a batch of {cfg.train.batch_size}); checkpoints/chat = checkpoints/gatt unchanged")
+                  f"(fewer than a batch of {cfg.batch_size}); checkpoints/chat = checkpoints/gatt unchanged")
             copy_checkpoint(POLICY, OUT)
             finish_stage("distill", stats)
             write_json(path("plots/curves/distill.json"), [])
             write_json(path("plots/curves/distill_val.json"), [])
             return
-        finetune(params, "distill", cfg, POLICY, dialogs, OUT, run.info.run_id, extra_metrics=stats)
+        finetune("distill", cfg, POLICY, dialogs, OUT, run.info.run_id, extra_metrics=stats)
 
 
 if __name__ == "__main__":

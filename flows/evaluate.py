@@ -4,14 +4,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
+from components.common import read_json, write_json
 from components.data.datasets import read_table
-from components.rlhf.evaluate import evaluate_checkpoint
+from components.rlhf.evaluate import EvalConfig, evaluate_checkpoint
 from components.rlhf.gate import decide
 from components.track.registry import champion_metrics
 from components.track.tracking import setup_mlflow, stage_run
-from flows._stage import load_params, path, section, write_metrics
-from components.common import read_json, write_json
+from flows._stage import load_params, path, stage_config, write_metrics
 from model.checkpoint import load_checkpoint
 
 STAGES = ["base", "sft", "rs", "ppo", "gatt", "chat"]  # model stages in recipe order; the last is the candidate
@@ -19,24 +20,24 @@ STAGES = ["base", "sft", "rs", "ppo", "gatt", "chat"]  # model stages in recipe 
 
 def main() -> None:
     params = load_params()
-    cfg = section(params, "evaluate")
-    reg = section(params, "register")
+    cfg = stage_config(params, "evaluate", EvalConfig, nested=("register",))
+    reg = cfg.register
     checkpoints = {name: path(f"checkpoints/{name}") for name in STAGES}
     upstream = list(checkpoints.values()) + [path("checkpoints/rm_helpful"), path("checkpoints/rm_safety")]
-    with stage_run("evaluate", cfg, params["profile"], upstream, None) as run:
+    with stage_run("evaluate", asdict(cfg), params["profile"], upstream, None) as run:
         records = read_table(path("data/raw/eval_prompts.parquet")).to_pylist()
         gatt = read_table(path("data/raw/eval_gatt.parquet")).to_pylist()
         rms = {name: load_checkpoint(path(f"checkpoints/{name}"))[0] for name in ("rm_helpful", "rm_safety")}
         table, samples = {}, {}
         for name, ckpt in checkpoints.items():
-            table[name], samples[name] = evaluate_checkpoint(ckpt, records, gatt, rms, cfg["max_new_tokens"],
-                                                             cfg["batch_size"])
+            table[name], samples[name] = evaluate_checkpoint(ckpt, records, gatt, rms, cfg.max_new_tokens,
+                                                             cfg.batch_size)
             print(f"[evaluate] {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in table[name].items()))
         rm_acc = {name: read_json(path(f"metrics/{name}.json")) for name in rms}
         candidate = STAGES[-1]
         setup_mlflow()
-        champion = champion_metrics(reg["model_name"], reg["alias"])
-        gate = decide(candidate, table[candidate], table["base"], champion, reg["tolerance"]).to_dict()
+        champion = champion_metrics(reg.model_name, reg.alias)
+        gate = decide(candidate, table[candidate], table["base"], champion, reg.tolerance).to_dict()
         result = {"models": table, "reward_models": {k: {m: v for m, v in r.items() if "accuracy" in m}
                                                      for k, r in rm_acc.items()}, "gate": gate}
         write_metrics("eval", result)

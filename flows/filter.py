@@ -15,10 +15,9 @@ OUT = path("data/clean")
 
 def main() -> None:
     params = load_params()
-    overrides = dict(section(params, "filter"))
-    cfg = FilterConfig.from_dict({"toxic_lexicon": sorted(TOXIC_LEXICON), **overrides}) \
-        if "toxic_lexicon" in FilterConfig.__dataclass_fields__ else FilterConfig.from_dict(overrides)
-    with stage_run("filter", overrides, params["profile"], [path("data/raw")], None) as run:
+    # The synthetic world's toxic words unless params set filter.toxic_lexicon (FilterConfig's default: a generic list)
+    cfg = FilterConfig.from_dict({"toxic_lexicon": sorted(TOXIC_LEXICON), **section(params, "filter")})
+    with stage_run("filter", cfg.to_dict(), params["profile"], [path("data/raw")], None) as run:
         init_ray(ray_config(params, "filter"))
         report = run_filter([str(path("data/raw/pretrain.parquet"))], str(OUT), cfg)
         write_json(OUT / "mlflow_run.json", {"stage": "filter", "run_id": run.info.run_id,

@@ -10,23 +10,22 @@ from dataclasses import asdict
 from components.data.datasets import read_table
 from components.rlhf.sampling import ghost_attention
 from components.track.tracking import stage_run
-from flows._finetune import finetune, lm_section
-from flows._stage import load_params, path, ray_config
+from flows._finetune import SampledFinetuneConfig, finetune
+from flows._stage import load_params, path, stage_config
 
 POLICY, OUT = path("checkpoints/ppo"), path("checkpoints/gatt")
 
 
 def main() -> None:
     params = load_params()
-    cfg = lm_section(params, "gatt")
-    with stage_run("gatt", {**asdict(cfg.train), "sample": asdict(cfg.sample)}, params["profile"],
-                   [POLICY, path("data/raw")], OUT) as run:
+    cfg = stage_config(params, "gatt", SampledFinetuneConfig)
+    with stage_run("gatt", asdict(cfg), params["profile"], [POLICY, path("data/raw")], OUT) as run:
         rows = read_table(path("data/raw/gatt.parquet")).to_pylist()[:cfg.sample.prompts or None]
         dialogs = [{"system": r["system"], "users": [m["content"] for m in json.loads(r["messages"])
                                                      if m["role"] == "user"]} for r in rows]
-        training, stats = ghost_attention(dialogs, POLICY, cfg.sample, ray_config(params, "gatt"))
+        training, stats = ghost_attention(dialogs, POLICY, cfg.sample, cfg.ray)
         print(f"[gatt] {stats}")
-        finetune(params, "gatt", cfg, POLICY, training, OUT, run.info.run_id, last_turn_only=True,
+        finetune("gatt", cfg, POLICY, training, OUT, run.info.run_id, last_turn_only=True,
                  extra_metrics=stats)
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-from components.common import config_from_dict
 from components.data.datasets import read_table
 from components.train.ppo import PPOStageConfig, train_ppo
 from components.track.tracking import stage_run
-from flows._stage import finish_stage, load_params, path, ray_config, section
+from flows._stage import finish_stage, load_params, path, stage_config
 from model.chat import encode_prompt
 from model.tokenizer import Tokenizer
 
@@ -19,20 +18,15 @@ POLICY = "checkpoints/rs"  # the stage before PPO in this DAG: rejection-samplin
 
 def main() -> None:
     params = load_params()
-    cfg = dict(section(params, "ppo"))
-    cfg.pop("ray", None)
-    stage_cfg = config_from_dict(PPOStageConfig, {k: cfg.pop(k) for k in list(cfg) if k in
-                                                  PPOStageConfig.__dataclass_fields__}, "ppo")
+    cfg = stage_config(params, "ppo", PPOStageConfig, flat=("rlhf",))
     policy, rm_h, rm_s = path(POLICY), path("checkpoints/rm_helpful"), path("checkpoints/rm_safety")
-    with stage_run("ppo", {**cfg, **asdict(stage_cfg)}, params["profile"], [policy, rm_h, rm_s, path("data/raw")],
-                   OUT) as run:
+    with stage_run("ppo", asdict(cfg), params["profile"], [policy, rm_h, rm_s, path("data/raw")], OUT) as run:
         tokenizer = Tokenizer.load(policy / "tokenizer.model")
         rows = read_table(path("data/raw/rl_prompts.parquet")).to_pylist()
         prompts = [encode_prompt(tokenizer, json.loads(r["prompt"])) for r in rows]
-        metrics = train_ppo(policy, rm_h, rm_s, prompts, [bool(r["is_safety"]) for r in rows], cfg, stage_cfg,
-                            ray_config(params, "ppo"), "ppo", OUT, run.info.run_id)
+        metrics = train_ppo(policy, rm_h, rm_s, prompts, [bool(r["is_safety"]) for r in rows], cfg, "ppo", OUT,
+                            run.info.run_id)
         finish_stage("ppo", metrics, OUT)
-
 
 if __name__ == "__main__":
     main()

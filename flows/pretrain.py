@@ -10,10 +10,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from components.data.datasets import pretrain_data
-from components.train.lm import train_lm
+from components.train.lm import PretrainConfig, train_lm
 from components.track.tracking import stage_run
-from flows._finetune import lm_section
-from flows._stage import finish_stage, load_params, model_args, path, ray_config, write_metrics
+from flows._stage import finish_stage, load_params, path, stage_config, write_metrics
 from model.checkpoint import atomic_dir
 from model.tokenizer import Tokenizer
 
@@ -22,35 +21,31 @@ OUT = path("checkpoints/base")
 
 def main() -> None:
     params = load_params()
-    cfg = lm_section(params, "pretrain")
+    cfg = stage_config(params, "pretrain", PretrainConfig, nested=("model",))
     tokenizer_path = path("artifacts/tokenizer/tokenizer.model")
-    hf_weights = params["model"].get("hf_weights")
-    args = model_args(params, Tokenizer.load(tokenizer_path).vocab_size).replace(max_seq_len=max(
-        cfg.seq_len, (params["model"].get("overrides") or {}).get("max_seq_len", cfg.seq_len)))
-    logged = {**asdict(cfg.train), "seq_len": cfg.seq_len, "model": args.to_dict(), "hf_weights": hf_weights}
-    with stage_run("pretrain", logged, params["profile"], [path("data/clean"), path("artifacts/tokenizer")],
-                   OUT) as run, tempfile.TemporaryDirectory() as tmp:
-        if hf_weights:
+    args = cfg.model.args(Tokenizer.load(tokenizer_path).vocab_size)
+    args = args.replace(max_seq_len=max(cfg.seq_len, cfg.model.overrides.get("max_seq_len", cfg.seq_len)))
+    with stage_run("pretrain", {**asdict(cfg), "model_args": args.to_dict()}, params["profile"],
+                   [path("data/clean"), path("artifacts/tokenizer")], OUT) as run, tempfile.TemporaryDirectory() as tmp:
+        if cfg.model.hf_weights:
             from model.hf import import_hf
 
-            if cfg.train.max_steps == 0:  # import only
+            if cfg.max_steps == 0:  # import only
                 with atomic_dir(OUT) as out:
-                    import_hf(hf_weights, out, max_seq_len=args.max_seq_len)
-                write_metrics("pretrain", {"imported_from": str(hf_weights), "train_tokens": 0})
+                    import_hf(cfg.model.hf_weights, out, max_seq_len=args.max_seq_len)
+                write_metrics("pretrain", {"imported_from": str(cfg.model.hf_weights), "train_tokens": 0})
                 return
             init = {"checkpoint": str(Path(tmp) / "imported")}
-            import_hf(hf_weights, init["checkpoint"], max_seq_len=args.max_seq_len)
+            import_hf(cfg.model.hf_weights, init["checkpoint"], max_seq_len=args.max_seq_len)
             tokenizer_path = Path(init["checkpoint"]) / "tokenizer.model"  # the weights' own vocabulary, not ours
         else:
-            init = {"args": args.to_dict(), "tokenizer": str(tokenizer_path), "seed": cfg.train.seed}
-        train, val = pretrain_data(path("data/clean"), tokenizer_path, cfg.seq_len, cfg.val_fraction, cfg.train.seed)
+            init = {"args": args.to_dict(), "tokenizer": str(tokenizer_path), "seed": cfg.seed}
+        train, val = pretrain_data(path("data/clean"), tokenizer_path, cfg.seq_len, cfg.val_fraction, cfg.seed)
         print(f"[pretrain] {train['inputs'].numel():,} training tokens in {train['inputs'].shape[0]} rows of "
               f"{cfg.seq_len}")
-        metrics = train_lm(init, train, val, cfg.train, ray_config(params, "pretrain"), "pretrain", OUT,
-                           run.info.run_id)
+        metrics = train_lm(init, train, val, cfg, "pretrain", OUT, run.info.run_id)
         metrics["train_tokens"] = int(train["inputs"].numel())
         finish_stage("pretrain", metrics, OUT)
-
 
 if __name__ == "__main__":
     main()

@@ -2,29 +2,32 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from components.common import read_json
+from components.rlhf.gate import PromotionConfig
 from components.track.registry import register_checkpoint
 from components.track.tracking import stage_run
-from flows._stage import load_params, path, section, write_metrics
+from flows._stage import load_params, path, stage_config, write_metrics
 
 
 def main() -> None:
     params = load_params()
-    cfg = section(params, "register")
+    cfg = stage_config(params, "register", PromotionConfig)
     evaluation = read_json(path("metrics/eval.json"))
     gate = evaluation["gate"]
     candidate = path(f"checkpoints/{gate['candidate']}")
-    with stage_run("register", cfg, params["profile"], [candidate], None):
+    with stage_run("register", asdict(cfg), params["profile"], [candidate], None):
         tags = {f"eval.{k}": v for k, v in evaluation["models"][gate["candidate"]].items()}
         tags["gate.passed"] = gate["passed"]
         tags["training_run"] = read_json(candidate / "mlflow_run.json")["run_id"]
-        info = register_checkpoint(candidate, cfg["model_name"], cfg["alias"] if gate["passed"] else None, tags)
+        info = register_checkpoint(candidate, cfg.model_name, cfg.alias if gate["passed"] else None, tags)
         for rm in ("rm_helpful", "rm_safety"):
             register_checkpoint(path(f"checkpoints/{rm}"), f"llama2-{rm.replace('_', '-')}", None,
                                 read_json(path(f"metrics/{rm}.json")), reward=True)
     write_metrics("register", {**info, "gate_passed": gate["passed"]})
-    moved = f"alias '{cfg['alias']}' -> version {info['version']}" if gate["passed"] else "gate failed: alias unchanged"
-    print(f"[register] {cfg['model_name']} version {info['version']} ({moved})")
+    moved = f"alias '{cfg.alias}' -> version {info['version']}" if gate["passed"] else "gate failed: alias unchanged"
+    print(f"[register] {cfg.model_name} version {info['version']} ({moved})")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ from dataclasses import asdict
 from components.data.datasets import read_table
 from components.rlhf.sampling import rejection_sampling
 from components.track.tracking import stage_run
-from flows._finetune import finetune, lm_section
-from flows._stage import load_params, path, ray_config
+from flows._finetune import RejectionConfig, finetune
+from flows._stage import load_params, path, stage_config
 
 POLICY, OUT = path("checkpoints/sft"), path("checkpoints/rs")
 REWARD_MODELS = {name: path(f"checkpoints/{name}") for name in ("rm_helpful", "rm_safety")}
@@ -19,14 +19,14 @@ REWARD_MODELS = {name: path(f"checkpoints/{name}") for name in ("rm_helpful", "r
 
 def main() -> None:
     params = load_params()
-    cfg = lm_section(params, "rejection")
-    with stage_run("rejection", {**asdict(cfg.train), "sample": asdict(cfg.sample)}, params["profile"],
-                   [POLICY, *REWARD_MODELS.values(), path("data/raw")], OUT) as run:
+    cfg = stage_config(params, "rejection", RejectionConfig, flat=("rlhf",))
+    with stage_run("rejection", asdict(cfg), params["profile"], [POLICY, *REWARD_MODELS.values(), path("data/raw")],
+                   OUT) as run:
         rows = read_table(path("data/raw/rl_prompts.parquet")).to_pylist()[:cfg.sample.prompts or None]
         records = [{"prompt": json.loads(r["prompt"]), "is_safety": r["is_safety"]} for r in rows]
-        dialogs, stats = rejection_sampling(records, POLICY, REWARD_MODELS, cfg.sample, ray_config(params, "rejection"))
+        dialogs, stats = rejection_sampling(records, POLICY, REWARD_MODELS, cfg.sample, cfg.ray, cfg.safety_threshold)
         print(f"[rejection] {stats}")
-        finetune(params, "rejection", cfg, POLICY, dialogs, OUT, run.info.run_id, extra_metrics=stats)
+        finetune("rejection", cfg, POLICY, dialogs, OUT, run.info.run_id, extra_metrics=stats)
 
 
 if __name__ == "__main__":

@@ -7,20 +7,20 @@ from dataclasses import asdict
 
 from components.data.datasets import messages_column, read_table
 from components.track.tracking import stage_run
-from flows._finetune import finetune, lm_section
-from flows._stage import load_params, path
+from components.train.lm import LMTrainConfig
+from flows._finetune import finetune
+from flows._stage import load_params, path, stage_config
 
 OUT = path("checkpoints/sft")
 
 
 def main() -> None:
     params = load_params()
-    cfg = lm_section(params, "sft")
+    cfg = stage_config(params, "sft", LMTrainConfig)
     base = path("checkpoints/base")
-    with stage_run("sft", {**asdict(cfg.train), "seq_len": cfg.seq_len}, params["profile"],
-                   [base, path("data/raw")], OUT) as run:
+    with stage_run("sft", asdict(cfg), params["profile"], [base, path("data/raw")], OUT) as run:
         dialogs = messages_column(read_table(path("data/raw/sft.parquet")))
-        finetune(params, "sft", cfg, base, dialogs, OUT, run.info.run_id)
+        finetune("sft", cfg, base, dialogs, OUT, run.info.run_id)
 
 
 if __name__ == "__main__":

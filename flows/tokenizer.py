@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import time
 
-from components.data.datasets import train_corpus_tokenizer
+from dataclasses import asdict
+
+from components.data.datasets import TokenizerConfig, train_corpus_tokenizer
 from components.track.tracking import stage_run
-from flows._stage import load_params, path, section, write_metrics
+from flows._stage import load_params, path, stage_config, write_metrics
 
 OUT = path("artifacts/tokenizer")
 
 
 def main() -> None:
     params = load_params()
-    cfg = section(params, "tokenizer")
-    with stage_run("tokenizer", cfg, params["profile"], [path("data/clean")], OUT) as run:
+    cfg = stage_config(params, "tokenizer", TokenizerConfig)
+    with stage_run("tokenizer", asdict(cfg), params["profile"], [path("data/clean")], OUT) as run:
         start = time.perf_counter()
-        tokenizer = train_corpus_tokenizer(path("data/clean"), cfg["vocab_size"])
+        tokenizer = train_corpus_tokenizer(path("data/clean"), cfg.vocab_size)
         OUT.mkdir(parents=True, exist_ok=True)
         tokenizer.save(OUT / ".tokenizer.model.tmp")
         (OUT / ".tokenizer.model.tmp").replace(OUT / "tokenizer.model")

@@ -95,3 +95,15 @@ def get_config(name: str, **overrides) -> ModelArgs:
     if name not in CONFIGS:
         raise ValueError(f"unknown model config {name!r}; choose one of {sorted(CONFIGS)}")
     return CONFIGS[name].replace(**overrides) if overrides else CONFIGS[name]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """params `model`: which network to build (a named configuration with overrides) or import."""
+
+    config: str = "llama2-6m"  # a CONFIGS name
+    overrides: dict = dataclasses.field(default_factory=dict)  # ModelArgs fields replaced
+    hf_weights: str | None = None  # a LlamaForCausalLM folder: its weights and tokenizer replace training from scratch
+
+    def args(self, vocab_size: int) -> ModelArgs:
+        return get_config(self.config, **{**self.overrides, "vocab_size": vocab_size})

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.generation import SamplingParams, generate
-from model.hf import export_hf, import_hf
+from model.hf import import_hf
 from model.llama import padding_attention_mask, positions_from_mask
 from tests.helpers import debug_model, small_tokenizer
 

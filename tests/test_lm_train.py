@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -54,11 +55,14 @@ def test_two_workers_match_one_on_the_same_global_batch(ray_local, tmp_path):
                         eval_every=100, log_every=1, checkpoint_every=3)
     results = {}
     for workers in (1, 2):
-        ray_cfg = RayConfig(num_workers=workers, cpus_per_worker=1, storage_path=str(tmp_path / "ray"))
+        worker_cfg = replace(cfg, ray=RayConfig(num_workers=workers, cpus_per_worker=1,
+                                                storage_path=str(tmp_path / "ray")))
         out = tmp_path / f"out{workers}"
-        results[workers] = train_lm(init, train, val, cfg, ray_cfg, f"test{workers}", out)
+        results[workers] = train_lm(init, train, val, worker_cfg, f"test{workers}", out)
         assert (out / "trainer_state" / "optimizer.pt").is_file()
         assert json.loads((out / "trainer_state" / "state.json").read_text())["step"] == 6
+        # The resolved config, defaults included, beside the checkpoint: what MLflow logged for the stage.
+        assert json.loads((out / "trainer_state" / "config.json").read_text()) == asdict(worker_cfg)
     assert results[1]["val_loss"] == pytest.approx(results[2]["val_loss"], rel=1e-3)
     m1, _ = load_checkpoint(tmp_path / "out1")
     m2, _ = load_checkpoint(tmp_path / "out2")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 import math
 import random
+from dataclasses import asdict
 
 import pytest
 import torch
 from torch import nn
 
+from components.common import config_from_dict
 from components.rlhf.ppo import PPOConfig, PPOTrainer, build_sequences
 from components.rlhf.reward import init_reward_model
 from model.config import get_config
@@ -36,7 +38,7 @@ def random_prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 def small_config(**overrides) -> PPOConfig:
     base = dict(rollout_batch_size=8, mini_batch_size=4, forward_batch_size=8, max_new_tokens=6, lr=1e-3,
-                kl_coef=0.05, seed=0)
+                kl_coef=0.05, seed=0, safety_threshold=0.15)
     return PPOConfig(**{**base, **overrides})
 
 
@@ -47,14 +49,16 @@ def test_build_sequences_layout():
     assert mask.tolist() == [[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]
 
 
-def test_config_from_dict_rejects_unknown_keys():
-    config = PPOConfig.from_dict({"kl_coef": 0.005, "adam_betas": [0.9, 0.95]})
-    assert config.kl_coef == 0.005 and config.adam_betas == (0.9, 0.95)
-    assert PPOConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(ValueError, match="unknown PPOConfig keys"):
-        PPOConfig.from_dict({"kl_ctl": 0.1})
+def test_config_parses_with_the_common_parser_and_checks_its_values():
+    config = config_from_dict(PPOConfig, {"kl_coef": 0.005, "safety_threshold": 0.15}, "ppo")
+    assert config.kl_coef == 0.005 and config.cliprange == 0.2  # defaults filled in
+    assert config_from_dict(PPOConfig, asdict(config)) == config
+    with pytest.raises(ValueError, match=r"unknown keys \['kl_ctl'\] in params section 'ppo'"):
+        config_from_dict(PPOConfig, {"kl_ctl": 0.1, "safety_threshold": 0.15}, "ppo")
+    with pytest.raises(ValueError, match="safety_threshold"):  # no default: the one rlhf.safety_threshold param
+        config_from_dict(PPOConfig, {"kl_coef": 0.005}, "ppo")
     with pytest.raises(ValueError, match="mini_batch_size"):
-        PPOConfig(rollout_batch_size=4, mini_batch_size=8)
+        PPOConfig(rollout_batch_size=4, mini_batch_size=8, safety_threshold=0.15)
 
 
 STAT_KEYS = {"reward", "reward_helpful", "reward_safety", "safety_selected", "score", "kl", "non_score_reward",

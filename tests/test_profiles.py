@@ -5,7 +5,6 @@ version and the Serve app of infra/serve.yaml. Static checks: no Ray cluster, no
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import shutil
 import subprocess
@@ -21,7 +20,7 @@ from components.cluster import RayConfig
 PROFILES_DIR = REPO_ROOT / "infra/profiles"
 PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
 SCALE = ["llama2-7b", "llama2-13b", "llama2-70b"]  # profile name = model config name
-LM_STAGES = {"pretrain": (), "sft": (), "rejection": (), "gatt": (), "distill": ("preprompt",)}
+LM_STAGES = ("pretrain", "sft", "rejection", "gatt", "distill")
 # Dicts whose keys are the user's (overrides, world sizes, filter thresholds, source entries): only the key leading to
 # them must exist. `<section>.ray` (a stage's Ray overrides) is optional in any section.
 FREE_FORM = {("model", "overrides"), ("data", "world"), ("data", "sources"), ("filter",)}
@@ -73,60 +72,104 @@ def test_profile_has_exactly_the_keys_of_params_yaml(name):
                             f"extra {sorted('.'.join(p) for p in ours - theirs)}")
 
 
-@pytest.mark.parametrize("name", PROFILES)
-def test_profile_converts_to_every_stage_config(name):
-    """Each section through the code path its flow uses (flows/*.py): unknown keys and bad values raise here."""
+def stage_configs(params: dict) -> dict:
+    """Every stage's config, through the very calls its flow makes (flows/*.py)."""
+    from components.data.datasets import TokenizerConfig
     from components.data.filter import FilterConfig
-    from components.rlhf.ppo import PPOConfig
+    from components.data.ingest import DataConfig
+    from components.rlhf.evaluate import EvalConfig
+    from components.rlhf.gate import PromotionConfig
+    from components.train.lm import LMTrainConfig, PretrainConfig
     from components.train.ppo import PPOStageConfig
     from components.train.rm import RMTrainConfig
-    from components.data.world import WorldConfig
-    from flows._finetune import lm_section
-    from flows._stage import model_args, ray_config
+    from flows._finetune import DistillConfig, RejectionConfig, SampledFinetuneConfig
+    from flows._stage import stage_config
 
+    return {
+        "data": DataConfig.from_dict(params["data"]), "filter": FilterConfig.from_dict(params["filter"]),
+        "tokenizer": stage_config(params, "tokenizer", TokenizerConfig),
+        "pretrain": stage_config(params, "pretrain", PretrainConfig, nested=("model",)),
+        "sft": stage_config(params, "sft", LMTrainConfig),
+        "rm": stage_config(params, "rm", RMTrainConfig),
+        "rejection": stage_config(params, "rejection", RejectionConfig, flat=("rlhf",)),
+        "ppo": stage_config(params, "ppo", PPOStageConfig, flat=("rlhf",)),
+        "gatt": stage_config(params, "gatt", SampledFinetuneConfig),
+        "distill": stage_config(params, "distill", DistillConfig),
+        "evaluate": stage_config(params, "evaluate", EvalConfig, nested=("register",)),
+        "register": stage_config(params, "register", PromotionConfig),
+    }
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_profile_converts_to_every_stage_config(name):
+    """Unknown keys and bad values in any section raise here; every stage's section is read by its flow."""
     params = load(name)
-    for stage in params:
-        if stage != "profile":
-            ray_config(params, stage)
-    args = model_args(params, params["tokenizer"]["vocab_size"])
-    WorldConfig.from_dict(params["data"]["world"])
-    assert isinstance(params["data"]["sources"], list)
-    FilterConfig.from_dict(params["filter"])
-    for stage, extra in LM_STAGES.items():
-        section = lm_section(params, stage, extra)
-        assert (section.sample is None) == (stage in ("pretrain", "sft")), stage
-        assert 0 < section.val_fraction < 1 and section.seq_len <= args.max_seq_len, stage
-    rm = {k: v for k, v in params["rm"].items() if k not in ("val_fraction", "ray")}
-    config_from_dict(RMTrainConfig, rm, "rm")
-    ppo = {k: v for k, v in params["ppo"].items() if k != "ray"}
-    stage_keys = {f.name for f in dataclasses.fields(PPOStageConfig)}
-    config_from_dict(PPOStageConfig, {k: v for k, v in ppo.items() if k in stage_keys}, "ppo")
-    PPOConfig.from_dict({k: v for k, v in ppo.items() if k not in stage_keys} | {"seed": 0})
-    assert params["evaluate"]["max_new_tokens"] >= 1 and params["evaluate"]["batch_size"] >= 1
-    assert set(params["register"]) >= {"model_name", "alias", "tolerance"}
+    configs = stage_configs(params)
+    assert set(configs) | {"profile", "ray", "model", "rlhf"} == set(params), "a params section no flow reads"
+    args = configs["pretrain"].model.args(configs["tokenizer"].vocab_size)
+    for stage in LM_STAGES:
+        cfg = configs[stage]
+        assert hasattr(cfg, "sample") == (stage not in ("pretrain", "sft")), stage
+        assert 0 < cfg.val_fraction < 1 and cfg.seq_len <= max(args.max_seq_len, cfg.seq_len), stage
+    # One safety threshold, read by both stages that apply the piecewise reward.
+    assert configs["rejection"].safety_threshold == configs["ppo"].safety_threshold == params["rlhf"]["safety_threshold"]
+    assert configs["evaluate"].register == configs["register"]
 
 
 @pytest.mark.parametrize("name", PROFILES)
 def test_batches_divide_over_the_workers(name):
-    from flows._finetune import lm_section
-    from flows._stage import ray_config
+    configs = stage_configs(load(name))
+    for stage in LM_STAGES:
+        cfg = configs[stage]
+        workers = cfg.ray.num_workers
+        assert cfg.batch_size % workers == 0 and (cfg.batch_size // workers) % cfg.micro_batch_size == 0, stage
+    assert configs["rm"].batch_size % configs["rm"].ray.num_workers == 0
+    assert configs["ppo"].mini_batch_size <= configs["ppo"].rollout_batch_size
 
-    params = load(name)
-    for stage, extra in LM_STAGES.items():
-        train, workers = lm_section(params, stage, extra).train, ray_config(params, stage).num_workers
-        assert train.batch_size % workers == 0 and (train.batch_size // workers) % train.micro_batch_size == 0, stage
-    assert params["rm"]["batch_size"] % ray_config(params, "rm").num_workers == 0
-    assert params["ppo"]["mini_batch_size"] <= params["ppo"]["rollout_batch_size"]
+
+def test_stage_config_merges_ray_and_shared_sections_and_names_every_mistake():
+    """The one parser: nested sections, per-stage ray overrides, shared sections that a stage may not override."""
+    from components.train.ppo import PPOStageConfig
+    from flows._stage import stage_config
+
+    params = load("tiny")
+    params["ppo"]["ray"] = {"num_workers": 2}
+    cfg = stage_config(params, "ppo", PPOStageConfig, flat=("rlhf",))
+    assert cfg.ray.num_workers == 2 and cfg.ray.cpus_per_worker == params["ray"]["cpus_per_worker"]
+    assert cfg.cliprange == 0.2 and cfg.safety_threshold == 0.15  # defaults and the shared value resolved
+    mistakes = {  # (section, key, value) -> the message
+        ("ppo", "safety_threshold", 0.2): r"params section 'ppo': \['safety_threshold'\] set in section 'rlhf'",
+        ("ppo", "kl_ctl", 0.1): r"unknown keys \['kl_ctl'\] in params section 'ppo'",
+        ("ppo", "lr", "fast"): r"params section 'ppo': lr must be float, got 'fast'",
+        ("rlhf", "threshold", 0.1): r"unknown keys \['threshold'\] in params section 'rlhf'",
+        ("ray", "num_worker", 1): r"unknown keys \['num_worker'\] in params section 'ray'",
+        ("ray", "use_gpu", "yes"): r"params section 'ray': use_gpu must be bool",
+    }
+    for (section, key, value), message in mistakes.items():
+        broken = load("tiny")
+        broken[section][key] = value
+        with pytest.raises(SystemExit, match=message):
+            stage_config(broken, "ppo", PPOStageConfig, flat=("rlhf",))
+    broken = load("tiny")
+    broken["gatt"]["sample"]["k"] = 1.5
+    with pytest.raises(SystemExit, match=r"params section 'gatt.sample': k must be int, got 1.5"):
+        stage_configs(broken)
+    broken = load("tiny")
+    broken["gatt"]["ray"] = {"cpus_per_worker": "two"}
+    with pytest.raises(SystemExit, match=r"params section 'gatt.ray': cpus_per_worker must be float"):
+        stage_configs(broken)
+    broken = load("tiny")
+    del broken["distill"]["sample"]
+    with pytest.raises(SystemExit, match=r"params section 'distill'.*sample"):
+        stage_configs(broken)
 
 
 @pytest.mark.parametrize("name", SCALE)
 def test_scale_profiles_are_llama2_on_gpus_with_the_papers_numbers(name):
-    from flows._stage import ray_config
-
     params = load(name)
     assert params["model"]["config"] == name and params["model"]["hf_weights"]
     assert params["pretrain"]["max_steps"] == 0  # import Meta's weights only
-    ray = ray_config(params, "sft")
+    ray = stage_configs(params)["sft"].ray
     assert ray.use_gpu and ray.num_workers >= 8 and "://" in ray.storage_path
     sft, rm, ppo = params["sft"], params["rm"], params["ppo"]
     assert (sft["lr"], sft["epochs"], sft["batch_size"], sft["seq_len"]) == (2e-5, 2, 64, 4096)

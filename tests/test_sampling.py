@@ -20,15 +20,16 @@ RAY = RayConfig(num_workers=1, cpus_per_worker=1)
 
 def test_choose_reward_is_the_piecewise_reward():
     result = {"rm_helpful": [0.9, 0.2, 0.7], "rm_safety": [0.5, 0.6, 0.1]}
-    assert choose_reward(result, is_safety=False) == pytest.approx([0.9, 0.2, 0.1])  # 0.1 < 0.15: safety score
-    assert choose_reward(result, is_safety=True) == pytest.approx([0.5, 0.6, 0.1])
+    assert choose_reward(result, False, 0.15) == pytest.approx([0.9, 0.2, 0.1])  # 0.1 < 0.15: safety score
+    assert choose_reward(result, True, 0.15) == pytest.approx([0.5, 0.6, 0.1])
+    assert choose_reward(result, False, 0.05) == pytest.approx([0.9, 0.2, 0.7])  # the threshold is the caller's
 
 
 def test_select_best_keeps_the_highest_reward_answer_per_prompt():
     records = [{"prompt": [USER("a")], "is_safety": False}, {"prompt": [USER("b")], "is_safety": True}]
     results = [{"answers": ["x", "y", "z"], "rm_helpful": [0.2, 0.9, 0.5], "rm_safety": [0.9, 0.9, 0.9]},
                {"answers": ["p", "q", "r"], "rm_helpful": [0.9, 0.9, 0.9], "rm_safety": [0.3, 0.1, 0.8]}]
-    dialogs, stats = select_best(records, results)
+    dialogs, stats = select_best(records, results, 0.15)
     assert [d[-1]["content"] for d in dialogs] == ["y", "r"]
     assert dialogs[0][:-1] == records[0]["prompt"] and dialogs[0][-1]["role"] == "assistant"
     assert stats["reward_best"] == pytest.approx((0.9 + 0.8) / 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -32,6 +33,13 @@ def read_table(path: str | Path):
 
 def corpus_texts(clean_dir: str | Path) -> list[str]:
     return read_table(clean_dir).column("text").to_pylist()
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """params `tokenizer`."""
+
+    vocab_size: int = 2048  # sentencepiece BPE pieces (Llama 2: 32000)
 
 
 def train_corpus_tokenizer(clean_dir: str | Path, vocab_size: int) -> Tokenizer:

@@ -5,13 +5,24 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from components.data import oracle
+from components.rlhf.gate import PromotionConfig
 from components.rlhf.reward import rm_scores
 from model.chat import encode_prompt
 from model.checkpoint import load_checkpoint
 from model.generation import SamplingParams, generate
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """params `evaluate`, with `register` (the gate that decides on the result)."""
+
+    max_new_tokens: int = 32  # greedy answers
+    batch_size: int = 64  # prompts per generate() call
+    register: PromotionConfig = PromotionConfig()
 
 
 def _generate_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[str]:

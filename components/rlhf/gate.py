@@ -10,6 +10,15 @@ from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)
+class PromotionConfig:
+    """params `register`: the registered model, the alias the gate moves, and the gate's tolerance."""
+
+    model_name: str = "llama2-chat"
+    alias: str = "champion"
+    tolerance: float = 0.02  # the candidate may be this much worse than the champion and still pass
+
+
+@dataclass(frozen=True)
 class GateDecision:
     candidate: str  # the model stage that was judged
     compared_with: str  # "champion" or "base"

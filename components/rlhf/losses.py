@@ -131,8 +131,9 @@ def logit(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def piecewise_reward(r_helpful: torch.Tensor, r_safety: torch.Tensor, is_safety_prompt: torch.Tensor,
-                     threshold: float = 0.15) -> torch.Tensor:
-    """Llama 2's R_c (§3.2.3): the safety score on safety prompts or when it is below threshold, else helpfulness.
+                     threshold: float) -> torch.Tensor:
+    """Llama 2's R_c (§3.2.3): the safety score on safety prompts or when it is below threshold (the paper: 0.15),
+    else helpfulness.
 
     r_helpful, r_safety: (B,) probabilities in (0, 1) (sigmoid of each RM's scalar); is_safety_prompt (B,) bool.
     """

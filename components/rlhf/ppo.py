@@ -19,7 +19,6 @@ so no rank ever waits on another outside backward. Frozen models (reference, rew
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,9 +34,10 @@ from model.generation import SamplingParams, generate
 from model.llama import padding_attention_mask, positions_from_mask
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class PPOConfig:
-    """PPO hyperparameters; defaults are the paper's (§3.2.3) where it gives them."""
+    """PPO hyperparameters; defaults are the paper's (§3.2.3) where it gives them. safety_threshold has none: it is
+    the one `rlhf.safety_threshold` param that rejection sampling reads too."""
 
     kl_coef: float = 0.01  # beta of the KL penalty: 0.01 for 7B/13B, 0.005 for 34B/70B
     cliprange: float = 0.2  # PPO ratio clip
@@ -51,20 +51,20 @@ class PPOConfig:
     forward_batch_size: int = 64  # rows per no-grad forward / generate call in phases 1-3 (memory only)
     lr: float = 1e-6  # constant policy learning rate (paper: 1e-6)
     value_lr: float | None = None  # value-model learning rate; None = lr
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    adam_eps: float = 1e-5
+    beta1: float = 0.9  # AdamW, as the other training loops
+    beta2: float = 0.95
+    eps: float = 1e-5
     weight_decay: float = 0.1  # on matrices only; norms and biases are not decayed
     max_grad_norm: float = 1.0
     max_new_tokens: int = 256
     temperature: float = 1.0  # rollout sampling temperature (the objective and KL stay on the T=1 policy)
     top_p: float = 1.0
-    safety_threshold: float = 0.15  # R_safety below this selects the safety score on any prompt
+    safety_threshold: float  # R_safety below this selects the safety score on any prompt (paper: 0.15)
     whiten_scores: bool = True  # WHITEN(LOGIT(R_c)) over the rollout batch, as the paper
     whiten_advantages: bool = True
     seed: int | None = 0  # sampling and minibatch-order seed; give each worker its own (e.g. seed + rank)
 
     def __post_init__(self) -> None:
-        self.adam_betas = tuple(self.adam_betas)  # YAML gives a list
         checks = [
             (self.kl_coef >= 0, "kl_coef must be >= 0"),
             (self.cliprange > 0 and self.cliprange_value > 0, "cliprange and cliprange_value must be > 0"),
@@ -74,7 +74,6 @@ class PPOConfig:
             (1 <= self.mini_batch_size <= self.rollout_batch_size,
              "mini_batch_size must be in [1, rollout_batch_size]"),
             (self.lr > 0 and (self.value_lr is None or self.value_lr > 0), "learning rates must be > 0"),
-            (len(self.adam_betas) == 2, "adam_betas must be two numbers"),
             (self.max_grad_norm > 0, "max_grad_norm must be > 0"),
             (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
             (self.temperature >= 0 and 0 < self.top_p <= 1, "temperature must be >= 0 and top_p in (0, 1]"),
@@ -83,17 +82,6 @@ class PPOConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"invalid PPOConfig: {message}")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "PPOConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown PPOConfig keys {unknown}; known keys are {sorted(known)}")
-        return cls(**data)
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "adam_betas": list(self.adam_betas)}
 
 
 @dataclass
@@ -185,10 +173,10 @@ class PPOTrainer:
         self.eos_id, self.pad_id, self.config = eos_id, pad_id, config
         for frozen in (ref_policy, rm_helpful, rm_safety):
             frozen.requires_grad_(False).eval()
-        self.policy_optimizer = make_optimizer(policy, config.lr, config.weight_decay, config.adam_betas,
-                                               config.adam_eps)
-        self.value_optimizer = make_optimizer(value_model, config.value_lr or config.lr, config.weight_decay,
-                                              config.adam_betas, config.adam_eps)
+        betas = (config.beta1, config.beta2)
+        self.policy_optimizer = make_optimizer(policy, config.lr, config.weight_decay, betas, config.eps)
+        self.value_optimizer = make_optimizer(value_model, config.value_lr or config.lr, config.weight_decay, betas,
+                                              config.eps)
         self.device = next(unwrap(policy).parameters()).device
         self.global_step = 0  # completed steps: part of the seeds, saved in state_dict for resume
 

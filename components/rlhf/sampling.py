@@ -37,9 +37,9 @@ class SampleConfig:
 class Sampler:
     """A Ray Data actor: one policy (and optionally the reward models) loaded once, many batches answered."""
 
-    def __init__(self, policy: str, reward_models: dict[str, str], cfg: dict, threads: int):
+    def __init__(self, policy: str, reward_models: dict[str, str], cfg: SampleConfig, threads: int):
         torch.set_num_threads(max(1, threads))
-        self.cfg = SampleConfig(**cfg)
+        self.cfg = cfg
         self.device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray Data gives the actor its GPU
         self.model, self.tokenizer = load_checkpoint(policy, device=self.device)
         self.model.eval()
@@ -86,7 +86,7 @@ def sample(rows: list[dict], policy, cfg: SampleConfig, ray_cfg, reward_models: 
     reward_models = {name: str(p) for name, p in (reward_models or {}).items()}
     ds = ray.data.from_items(items).map_batches(
         Sampler, batch_size=cfg.batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"policy": str(policy), "reward_models": reward_models, "cfg": cfg.__dict__,
+        fn_constructor_kwargs={"policy": str(policy), "reward_models": reward_models, "cfg": cfg,
                                "threads": int(ray_cfg.cpus_per_worker)},
         compute=ray.data.ActorPoolStrategy(size=ray_cfg.num_workers),
         num_cpus=ray_cfg.cpus_per_worker, num_gpus=1 if ray_cfg.use_gpu else 0)
@@ -96,7 +96,7 @@ def sample(rows: list[dict], policy, cfg: SampleConfig, ray_cfg, reward_models: 
     return [{k: json.loads(v) for k, v in by_id[i].items() if k != "id"} for i in range(len(rows))]
 
 
-def choose_reward(result: dict, is_safety: bool, threshold: float = 0.15) -> list[float]:
+def choose_reward(result: dict, is_safety: bool, threshold: float) -> list[float]:
     """Llama 2's R_c for each of a row's answers: safety RM on safety prompts or below threshold, else helpful."""
     return piecewise_reward(torch.tensor(result["rm_helpful"]), torch.tensor(result["rm_safety"]),
                             torch.full((len(result["rm_helpful"]),), is_safety), threshold).tolist()
@@ -105,7 +105,7 @@ def choose_reward(result: dict, is_safety: bool, threshold: float = 0.15) -> lis
 # ---------------------------------------------------------------------------------------------------------------
 # The three recipes that turn samples into fine-tuning dialogs.
 
-def select_best(records: list[dict], results: list[dict], threshold: float = 0.15) -> tuple[list[list[dict]], dict]:
+def select_best(records: list[dict], results: list[dict], threshold: float) -> tuple[list[list[dict]], dict]:
     """Rejection sampling's choice: per prompt, the answer with the highest R_c; with reward statistics (best-of-k
     against the mean and median sample: the gain the paper's Figure 7 shows)."""
     dialogs, best, mean, median = [], [], [], []
@@ -123,8 +123,9 @@ def select_best(records: list[dict], results: list[dict], threshold: float = 0.1
 
 
 def rejection_sampling(records: list[dict], policy, reward_models: dict, cfg: SampleConfig, ray_cfg,
-                       threshold: float = 0.15) -> tuple[list[list[dict]], dict]:
-    """§3.2.3: k answers per prompt ({"prompt": messages, "is_safety": bool}), the best by R_c kept."""
+                       threshold: float) -> tuple[list[list[dict]], dict]:
+    """§3.2.3: k answers per prompt ({"prompt": messages, "is_safety": bool}), the best by R_c kept (R_c with the
+    safety threshold that PPO uses: rlhf.safety_threshold)."""
     results = sample([{"prompt": r["prompt"]} for r in records], policy, cfg, ray_cfg, reward_models)
     return select_best(records, results, threshold)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -57,10 +58,13 @@ def load_init(init: dict) -> tuple[Transformer, Tokenizer]:
     return model.train(), Tokenizer.load(init["tokenizer"])
 
 
-def save_train_state(folder: Path, model, tokenizer, optimizer, state: dict, extra: dict | None = None) -> None:
-    """Our checkpoint folder plus trainer_state/ (optimizer tensors via torch.save, loaded with weights_only)."""
-    save_checkpoint(folder, unwrap(model), tokenizer, extra_files={"trainer_state/state.json": state, **(extra or {})})
-    torch.save(optimizer.state_dict(), folder / "trainer_state" / "optimizer.pt")
+def save_train_state(folder: Path, model, tokenizer, optimizer, state: dict, config, extra: dict | None = None) -> None:
+    """Our checkpoint folder plus trainer_state/: the step (state.json), the stage's fully resolved config
+    (config.json: defaults included, as logged to MLflow), optimizer tensors (torch.save, loaded with weights_only)."""
+    save_checkpoint(folder, unwrap(model), tokenizer, extra_files={
+        "trainer_state/state.json": state, "trainer_state/config.json": asdict(config), **(extra or {})})
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), folder / "trainer_state" / "optimizer.pt")
 
 
 def restore_train_state(model, optimizer) -> dict | None:
@@ -134,8 +138,18 @@ class RankZeroLogger:
         self.pending = []
 
 
-def set_threads(cpus_per_worker: float) -> None:
-    torch.set_num_threads(max(1, int(round(cpus_per_worker))))
+def worker_setup(config: dict):
+    """What every loop does first on its Ray Train worker: torch threads = the worker's CPUs, the seed, the data the
+    driver put in the object store. Returns (stage config, rank, world size, data)."""
+    import ray
+    import ray.train
+
+    cfg = config["train"]
+    torch.set_num_threads(max(1, int(round(cfg.ray.cpus_per_worker))))
+    if cfg.seed is not None:  # PPO may run unseeded
+        torch.manual_seed(cfg.seed)
+    ctx = ray.train.get_context()
+    return cfg, ctx.get_world_rank(), ctx.get_world_size(), ray.get(config["data"])
 
 
 def run_trainer(loop, loop_config: dict, cfg: RayConfig, name: str):
@@ -158,10 +172,16 @@ def run_trainer(loop, loop_config: dict, cfg: RayConfig, name: str):
     return trainer.fit()
 
 
-def train_to_folder(loop, loop_config: dict, cfg: RayConfig, stage: str, out_dir) -> dict:
-    """Run a Ray Train loop whose final report carries a checkpoint; materialise that checkpoint at out_dir
-    atomically (through Ray's storage, so it also works when the workers run on other nodes). Returns the final
-    metrics."""
+def train_to_folder(loop, loop_config: dict, data, cfg: RayConfig, stage: str, out_dir) -> dict:
+    """Run a Ray Train loop (loop_config + the data, put in the object store once, and the tracking URI) whose final
+    report carries a checkpoint; materialise that checkpoint at out_dir atomically (through Ray's storage, so it also
+    works when the workers run on other nodes). Returns the final metrics."""
+    import ray
+
+    from components.track.tracking import tracking_uri
+
+    init_ray(cfg)
+    loop_config = {**loop_config, "data": ray.put(data), "tracking_uri": tracking_uri()}
     result = run_trainer(loop, loop_config, cfg, name=f"{stage}-{int(time.time())}")
     if result.error:
         raise RuntimeError(f"{stage} training failed: {result.error}")

@@ -9,19 +9,26 @@ loops is in components.train.core.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from components.cluster import RayConfig
 from components.train.core import (RankZeroLogger, all_reduce_mean, cosine_lr, load_init, make_optimizer, report,
-                                   restore_train_state, save_train_state, set_threads, train_to_folder)
+                                   restore_train_state, save_train_state, train_to_folder, worker_setup)
+from model.config import ModelSpec
 from model.kernels import bf16_autocast, compile_enabled
 from model.loss import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
 class LMTrainConfig:
+    """A language-model stage's config (params `pretrain`, `sft`, ...): the loop's hyper-parameters, the data shaping,
+    and the Ray workers. The stages that also sample extend it (flows/_finetune.py)."""
+
+    seq_len: int = 256  # tokens per training row (packed for pretraining, one padded example for fine-tuning)
+    val_fraction: float = 0.05  # rows (or examples) held out for val_loss
     lr: float = 3e-4  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decay ends at 10% of peak (Llama 2)
     warmup_steps: int = 20
@@ -43,6 +50,12 @@ class LMTrainConfig:
     log_every: int = 10
     checkpoint_every: int = 200  # steps between Ray Train checkpoints (resume points)
     seed: int = 0
+    ray: RayConfig = RayConfig()
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig(LMTrainConfig):
+    model: ModelSpec = ModelSpec()  # params `model`: the network to train (or import)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -66,18 +79,11 @@ def evaluate_loss(model, data: dict, micro_batch: int, device, bf16: bool) -> fl
 
 
 def lm_train_loop(config: dict) -> None:
-    """Ray Train worker entry point. config: train (LMTrainConfig dict), init, data (ObjectRef of
-    {"train": {...}, "val": {...}}), stage, run_id, tracking_uri, cpus_per_worker."""
-    import ray
-    import ray.train
+    """Ray Train worker entry point. config: train (the stage's LMTrainConfig), init, data (ObjectRef of
+    {"train": {...}, "val": {...}}), stage, run_id, tracking_uri."""
     import ray.train.torch
 
-    cfg = LMTrainConfig(**config["train"])
-    set_threads(config.get("cpus_per_worker", 1))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.seed)
-    data = ray.get(config["data"])
+    cfg, rank, world, data = worker_setup(config)
     train, val = data["train"], data["val"]
     model, tokenizer = load_init(config["init"])
     if compile_enabled(cfg.compile):
@@ -95,8 +101,7 @@ def lm_train_loop(config: dict) -> None:
     logger = RankZeroLogger(config["stage"], config.get("run_id"), config.get("tracking_uri"), total)
 
     def save(folder: Path) -> None:
-        save_train_state(folder, model, tokenizer, optimizer, {"step": step + 1, "config": asdict(cfg)},
-                         logger.history_file())
+        save_train_state(folder, model, tokenizer, optimizer, {"step": step + 1}, cfg, logger.history_file())
 
     tokens_seen, t0 = 0, time.perf_counter()
     for step in range(state["step"], total):
@@ -138,16 +143,9 @@ def lm_train_loop(config: dict) -> None:
     report(final, save)
 
 
-def train_lm(init: dict, train: dict, val: dict, cfg: LMTrainConfig, ray_cfg, stage: str, out_dir: str | Path,
+def train_lm(init: dict, train: dict, val: dict, cfg: LMTrainConfig, stage: str, out_dir: str | Path,
              run_id: str | None = None) -> dict:
-    """Run the LM loop on Ray Train and materialise the final checkpoint folder at out_dir. Returns final metrics."""
-    import ray
-
-    from components.cluster import init_ray
-    from components.track.tracking import tracking_uri
-
-    init_ray(ray_cfg)
-    return train_to_folder(lm_train_loop, {
-        "train": asdict(cfg), "init": init, "data": ray.put({"train": train, "val": val}), "stage": stage,
-        "run_id": run_id, "tracking_uri": tracking_uri(), "cpus_per_worker": ray_cfg.cpus_per_worker,
-    }, ray_cfg, stage, out_dir)
+    """Run the LM loop on cfg.ray's Ray Train workers and materialise the final checkpoint folder at out_dir.
+    Returns the final metrics."""
+    return train_to_folder(lm_train_loop, {"train": cfg, "init": init, "stage": stage, "run_id": run_id},
+                           {"train": train, "val": val}, cfg.ray, stage, out_dir)

@@ -4,21 +4,25 @@ one epoch (Llama 2 §3.2.2), held-out accuracy overall and per rating level."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from components.cluster import RayConfig
 from components.train.core import (RankZeroLogger, cosine_lr, make_optimizer, report, restore_train_state,
-                                   save_train_state, set_threads, train_to_folder, unwrap)
+                                   save_train_state, train_to_folder, unwrap, worker_setup)
 from components.rlhf.losses import rating_margins
 from components.rlhf.reward import PreferencePair, collate_pairs, evaluate_rm, init_reward_model, rm_loss_and_metrics
-from model.kernels import bf16_autocast
 from model.checkpoint import load_checkpoint
+from model.kernels import bf16_autocast
 
 
 @dataclass(frozen=True)
 class RMTrainConfig:
+    """params `rm` (both reward-model stages): the loop's hyper-parameters, the held-out share, the Ray workers."""
+
+    val_fraction: float = 0.1  # pairs held out for accuracy
     lr: float = 1e-4  # paper: 5e-6 (70B) / 1e-5 (others); tiny models from scratch need more
     min_lr_ratio: float = 0.1
     warmup_steps: int = 5
@@ -34,19 +38,13 @@ class RMTrainConfig:
     log_every: int = 10
     checkpoint_every: int = 200
     seed: int = 0
+    ray: RayConfig = RayConfig()
 
 
 def rm_train_loop(config: dict) -> None:
-    import ray
-    import ray.train
     import ray.train.torch
 
-    cfg = RMTrainConfig(**config["train"])
-    set_threads(config.get("cpus_per_worker", 1))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.seed)
-    data = ray.get(config["data"])
+    cfg, rank, world, data = worker_setup(config)
     train_pairs, val_pairs = data["train"], data["val"]
     sft, tokenizer = load_checkpoint(config["init"])
     model = ray.train.torch.prepare_model(init_reward_model(sft).train())
@@ -61,8 +59,7 @@ def rm_train_loop(config: dict) -> None:
     step = state["step"]
 
     def save(folder: Path) -> None:
-        save_train_state(folder, model, tokenizer, optimizer, {"step": step + 1, "config": asdict(cfg)},
-                         logger.history_file())
+        save_train_state(folder, model, tokenizer, optimizer, {"step": step + 1}, cfg, logger.history_file())
 
     t0 = time.perf_counter()
     for step in range(state["step"], total):
@@ -95,14 +92,7 @@ def rm_train_loop(config: dict) -> None:
 
 
 def train_rm(sft_checkpoint: str | Path, train_pairs: list[PreferencePair], val_pairs: list[PreferencePair],
-             cfg: RMTrainConfig, ray_cfg, stage: str, out_dir: str | Path, run_id: str | None = None) -> dict:
-    import ray
-
-    from components.cluster import init_ray
-    from components.track.tracking import tracking_uri
-
-    init_ray(ray_cfg)
-    return train_to_folder(rm_train_loop, {
-        "train": asdict(cfg), "init": str(sft_checkpoint), "data": ray.put({"train": train_pairs, "val": val_pairs}),
-        "stage": stage, "run_id": run_id, "tracking_uri": tracking_uri(), "cpus_per_worker": ray_cfg.cpus_per_worker,
-    }, ray_cfg, stage, out_dir)
+             cfg: RMTrainConfig, stage: str, out_dir: str | Path, run_id: str | None = None) -> dict:
+    return train_to_folder(rm_train_loop, {"train": cfg, "init": str(sft_checkpoint), "stage": stage,
+                                           "run_id": run_id},
+                           {"train": train_pairs, "val": val_pairs}, cfg.ray, stage, out_dir)
