@@ -22,6 +22,23 @@ class RayConfig:
     max_failures: int = 1  # FailureConfig: restarts from the latest checkpoint
     local_num_cpus: int = 4  # logical CPUs of the local cluster (ignored with RAY_ADDRESS)
     storage_path: str = "ray_results"  # Ray Train checkpoints (relative = under the repo); s3://... on clusters
+    num_to_keep: int | None = 2  # Ray Train checkpoints kept per run (resume points; None = all)
+    # How the training stages spread the model (components/train/parallel.py): "ddp" (a full replica per worker) or
+    # "fsdp" (FSDP2: parameters, gradients and optimizer state sharded over the workers).
+    strategy: str = "ddp"
+    activation_checkpointing: bool = False  # fsdp: recompute each block's activations in backward
+    cpu_offload: bool = False  # fsdp on GPUs: parameters, gradients and optimizer state kept in host memory
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"params section 'ray': strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
+        if (self.activation_checkpointing or self.cpu_offload) and self.strategy != "fsdp":
+            raise ValueError("params section 'ray': activation_checkpointing and cpu_offload need strategy 'fsdp'")
+        if self.cpu_offload and not self.use_gpu:
+            raise ValueError("params section 'ray': cpu_offload keeps GPU training state in host memory; it needs "
+                             "use_gpu")
+        if self.num_to_keep is not None and self.num_to_keep < 1:
+            raise ValueError(f"params section 'ray': num_to_keep must be >= 1 or null, got {self.num_to_keep}")
 
 
 def init_ray(cfg: RayConfig) -> None:

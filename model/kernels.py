@@ -55,6 +55,10 @@ class Kernels:
     def __init__(self):
         self._lock = threading.Lock()  # around cache fills and window counts
         self._windows = 0  # open fresh windows
+        # Weight caches (fused QKV/W13, oneDNN packings) tell a changed weight by its storage and version counter.
+        # FSDP2 refills its gathered weights in place with the version counter preserved: a sharded model turns
+        # them off (components.train.parallel).
+        self.cache_weights = True
 
     def __reduce__(self):  # deepcopy / pickle of a model: a new, empty state (locks do not copy)
         return (Kernels, ())
@@ -82,6 +86,8 @@ class Kernels:
         holds each weight's storage and version counter, so optimizer steps and reloads invalidate it.
         """
         cached = owner.__dict__.get(name)
+        if not self.cache_weights:
+            return torch.cat([lin.weight for lin in linears])
         if torch.compiler.is_compiling():
             # A compiled graph cannot check version counters: it may take the cached weight only inside a
             # fresh_fused_weights() window; anywhere else it concatenates (correct, a copy per call).
@@ -109,7 +115,7 @@ class Kernels:
         """
         if not onednn_applies(x, weight):
             return F.linear(x, weight)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or not self.cache_weights:
             return onednn_linear(x, weight)
         if torch.compiler.is_compiling():
             if x.shape[:-1].numel() <= DECODE_MATVEC_ROWS:

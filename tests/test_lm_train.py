@@ -1,4 +1,4 @@
-"""The shared LM loop on real Ray Train: packing, 1 vs 2 DDP workers on the same global batch, resume files."""
+"""The shared LM loop on real Ray Train: packing, 1 vs 2 DDP workers on the same global batch, what the out holds."""
 
 from __future__ import annotations
 
@@ -59,7 +59,6 @@ def test_two_workers_match_one_on_the_same_global_batch(ray_local, tmp_path):
                                                 storage_path=str(tmp_path / "ray")))
         out = tmp_path / f"out{workers}"
         results[workers] = train_lm(init, train, val, worker_cfg, f"test{workers}", out)
-        assert (out / "trainer_state" / "optimizer.pt").is_file()
         assert json.loads((out / "trainer_state" / "state.json").read_text())["step"] == 6
         # The resolved config, defaults included, beside the checkpoint: what MLflow logged for the stage.
         assert json.loads((out / "trainer_state" / "config.json").read_text()) == asdict(worker_cfg)

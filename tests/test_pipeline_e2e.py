@@ -108,6 +108,13 @@ def test_mlflow_has_one_run_per_stage_with_lineage_and_the_registry(pipeline):
     assert by_stage["sft"].data.tags["upstream.pretrain"] == by_stage["pretrain"].info.run_id
     assert any(k.startswith("dvc.out.") for k in by_stage["pretrain"].data.tags)  # backfilled from dvc.lock
     assert "train_loss" in client.get_metric_history(by_stage["pretrain"].info.run_id, "train_loss")[0].key
+    # The resolved config is logged, defaults included (cliprange, lam are not in params.yaml), and is the one the
+    # checkpoint carries; the shared safety threshold reached both stages that read it.
+    ppo = by_stage["ppo"].data.params
+    assert {"cliprange", "lam", "vf_coef", "ray.num_workers", "safety_threshold"} <= set(ppo)
+    assert ppo["safety_threshold"] == by_stage["rejection"].data.params["safety_threshold"] == "0.15"
+    saved = json.loads((repo / "checkpoints/ppo/trainer_state/config.json").read_text())
+    assert str(saved["cliprange"]) == ppo["cliprange"] and str(saved["ray"]["num_workers"]) == ppo["ray.num_workers"]
     [version] = client.search_model_versions("name='llama2-chat'")
     assert version.run_id == by_stage["register"].info.run_id
     assert version.tags["training_run"] == by_stage["distill"].info.run_id

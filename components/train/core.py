@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from components.cluster import REPO_ROOT, RayConfig, init_ray
-from model.checkpoint import atomic_dir, load_checkpoint, load_into, save_checkpoint
+from components.train import parallel
+from model.checkpoint import TOKENIZER_FILE, atomic_dir, load_args, load_checkpoint, load_state_dict, save_checkpoint
 from model.config import ModelArgs
 from model.llama import Transformer
 from model.tokenizer import Tokenizer
@@ -43,72 +44,107 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def all_reduce_mean(value: float) -> float:
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"  # nccl: GPU tensors
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return (t / dist.get_world_size()).item()
 
 
-def load_init(init: dict) -> tuple[Transformer, Tokenizer]:
-    """init = {"checkpoint": path} or {"args": ModelArgs dict, "tokenizer": path, "seed": int} (fresh weights)."""
+def load_init(init: dict, meta: bool = False) -> tuple[Transformer, Tokenizer]:
+    """init = {"checkpoint": path} or {"args": ModelArgs dict, "tokenizer": path, "seed": int} (fresh weights).
+    meta: build the network on the meta device without weights (fsdp ranks other than 0; parallel.prepare)."""
     if "checkpoint" in init:
-        model, tokenizer = load_checkpoint(init["checkpoint"])
-        return model.train(), tokenizer
-    model = Transformer(ModelArgs.from_dict(init["args"]))
+        if not meta:
+            model, tokenizer = load_checkpoint(init["checkpoint"])
+            return model.train(), tokenizer
+        args, tokenizer = load_args(init["checkpoint"]), Tokenizer.load(Path(init["checkpoint"]) / TOKENIZER_FILE)
+    else:
+        args, tokenizer = ModelArgs.from_dict(init["args"]), Tokenizer.load(init["tokenizer"])
+    if meta:
+        return meta_model(args), tokenizer
+    model = Transformer(args)
     model.init_weights(generator=torch.Generator().manual_seed(init.get("seed", 0)))
-    return model.train(), Tokenizer.load(init["tokenizer"])
+    return model.train(), tokenizer
 
 
-def save_train_state(folder: Path, model, tokenizer, optimizer, state: dict, config, extra: dict | None = None) -> None:
-    """Our checkpoint folder plus trainer_state/: the step (state.json), the stage's fully resolved config
-    (config.json: defaults included, as logged to MLflow), optimizer tensors (torch.save, loaded with weights_only)."""
-    save_checkpoint(folder, unwrap(model), tokenizer, extra_files={
-        "trainer_state/state.json": state, "trainer_state/config.json": asdict(config), **(extra or {})})
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), folder / "trainer_state" / "optimizer.pt")
+def meta_model(args: ModelArgs) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(args).train()
 
 
-def restore_train_state(model, optimizer) -> dict | None:
-    """Resume from Ray Train's latest checkpoint after a failure restart; returns its state or None."""
-    import ray.train
-
-    from model.checkpoint import load_state_dict
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
+def save_train_state(folder: Path, model, tokenizer, optimizer, state: dict, config, extra: dict | None = None,
+                     final: bool = False) -> None:
+    """Every rank calls this (under fsdp both kinds gather or write shards). A resume point: model and optimizer
+    state as they are sharded (parallel.save_resume_point). The final checkpoint: the full weights gathered to rank 0
+    as our self-describing checkpoint folder (the stage's out). Both carry trainer_state/: the step (state.json), the
+    stage's fully resolved config (config.json: defaults included, as logged to MLflow) and `extra` (the history)."""
     import json
 
+    files = {"trainer_state/state.json": state, "trainer_state/config.json": asdict(config), **(extra or {})}
+    if final:
+        weights = parallel.full_state_dict(model)
+        if dist.get_rank() == 0:
+            plain = meta_model(unwrap(model).args)
+            plain.load_state_dict(weights, assign=True)
+            save_checkpoint(folder, plain, tokenizer, extra_files=files)
+        return
+    parallel.save_resume_point(folder, model, optimizer)
+    if dist.get_rank() == 0:
+        for name, content in files.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(content if isinstance(content, str) else json.dumps(content))
+
+
+def restore_train_state(model, optimizer, resume_from: str | None = None) -> dict | None:
+    """Resume from Ray Train's latest checkpoint of this run (a failure restart), else from the resume point
+    `resume_from` (a checkpoint folder of an earlier run): model and optimizer resharded to this run's workers, and
+    the state (step) with the metric history so far; None on a fresh start."""
+    import json
+
+    import ray.train
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and resume_from:
+        checkpoint = ray.train.Checkpoint.from_directory(resume_from)
+    if checkpoint is None:
+        return None
     with checkpoint.as_directory() as folder:
         folder = Path(folder)
-        load_into(unwrap(model), load_state_dict(folder), str(folder))
-        optimizer.load_state_dict(torch.load(folder / "trainer_state" / "optimizer.pt", weights_only=True))
-        return json.loads((folder / "trainer_state" / "state.json").read_text())
+        if not parallel.load_resume_point(folder, model, optimizer):  # the final checkpoint: training had ended
+            set_model_state_dict(model, load_state_dict(folder), options=StateDictOptions(full_state_dict=True))
+        state = json.loads((folder / "trainer_state" / "state.json").read_text())
+        history = folder / "trainer_state" / "history.json"
+        return {**state, "history": json.loads(history.read_text()) if history.is_file() else []}
 
 
 def report(metrics: dict, save=None) -> None:
-    """ray.train.report from every rank; rank 0 attaches a checkpoint written by save(folder)."""
+    """ray.train.report from every rank, with the checkpoint that save(folder) writes there (every rank calls it:
+    resume points hold each rank's shards, which Ray Train merges into one checkpoint)."""
     import ray.train
 
-    if save is not None and ray.train.get_context().get_world_rank() == 0:
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp) / "checkpoint"
-            save(folder)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-    else:
+    if save is None:
         ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "checkpoint"
+        save(folder)
+        written = folder.is_dir() and any(p.is_file() for p in folder.rglob("*"))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if written else None)
 
 
 class RankZeroLogger:
     """Rank 0 alone prints progress and sends metric curves to MLflow (batched); it keeps the whole history, which
     checkpoints carry as trainer_state/history.json (the stage's `dvc plots` curves)."""
 
-    def __init__(self, stage: str, run_id: str | None, tracking_uri: str | None, total_steps: int):
+    def __init__(self, stage: str, run_id: str | None, tracking_uri: str | None, total_steps: int,
+                 history: list[dict] | None = None):
         import ray.train
 
         self.is_main = ray.train.get_context().get_world_rank() == 0
         self.stage, self.run_id, self.total = stage, run_id, total_steps
         self.pending: list[dict] = []
-        self.history: list[dict] = []
+        self.history: list[dict] = list(history or [])  # a resumed run continues the curves it had
         if self.is_main and run_id and tracking_uri:
             import mlflow
 
@@ -167,12 +203,13 @@ def run_trainer(loop, loop_config: dict, cfg: RayConfig, name: str):
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=name, storage_path=storage,
-                                       failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
+                                       failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep)),
     )
     return trainer.fit()
 
 
-def train_to_folder(loop, loop_config: dict, data, cfg: RayConfig, stage: str, out_dir) -> dict:
+def train_to_folder(loop, loop_config: dict, data, cfg: RayConfig, stage: str, out_dir, resume_from=None) -> dict:
     """Run a Ray Train loop (loop_config + the data, put in the object store once, and the tracking URI) whose final
     report carries a checkpoint; materialise that checkpoint at out_dir atomically (through Ray's storage, so it also
     works when the workers run on other nodes). Returns the final metrics."""
@@ -181,7 +218,10 @@ def train_to_folder(loop, loop_config: dict, data, cfg: RayConfig, stage: str, o
     from components.track.tracking import tracking_uri
 
     init_ray(cfg)
-    loop_config = {**loop_config, "data": ray.put(data), "tracking_uri": tracking_uri()}
+    # resume_from: a resume-point folder of an earlier run (its sharded state reloads on any worker count); Ray
+    # Train v2 has no resume_from_checkpoint, so the loop reads it (restore_train_state).
+    loop_config = {**loop_config, "data": ray.put(data), "tracking_uri": tracking_uri(),
+                   "resume_from": str(resume_from) if resume_from else None}
     result = run_trainer(loop, loop_config, cfg, name=f"{stage}-{int(time.time())}")
     if result.error:
         raise RuntimeError(f"{stage} training failed: {result.error}")

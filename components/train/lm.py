@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from components.cluster import RayConfig
+from components.train import parallel
 from components.train.core import (RankZeroLogger, all_reduce_mean, cosine_lr, load_init, make_optimizer, report,
                                    restore_train_state, save_train_state, train_to_folder, worker_setup)
 from model.config import ModelSpec
@@ -45,12 +46,16 @@ class LMTrainConfig:
     # torch.compile the model's forward and backward: llama2-6m on 2 cores trains ~20-30% faster in bf16 (~7% in
     # fp32) but the first step costs 20-36 s, and again for evaluation's no-grad forward: a win from some
     # hundreds of steps on, not for the short stages of the CI and tiny profiles. $LLAMA2_COMPILE=0 turns it off.
-    compile: bool = False
+    compile: bool = False  # (with ray.strategy ddp)
     eval_every: int = 50
     log_every: int = 10
     checkpoint_every: int = 200  # steps between Ray Train checkpoints (resume points)
     seed: int = 0
     ray: RayConfig = RayConfig()
+
+    def __post_init__(self) -> None:
+        if self.compile and self.ray.strategy == "fsdp":
+            raise ValueError("compile: true runs with ray.strategy 'ddp' only (compiling FSDP2 blocks is still to do)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,11 +90,11 @@ def lm_train_loop(config: dict) -> None:
 
     cfg, rank, world, data = worker_setup(config)
     train, val = data["train"], data["val"]
-    model, tokenizer = load_init(config["init"])
+    model, tokenizer = load_init(config["init"], meta=not parallel.materialises(cfg.ray.strategy, rank))
     if compile_enabled(cfg.compile):
         model.compile()  # in place: state-dict keys, checkpoints and DDP wrapping stay as they are
     device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(model)
+    model = parallel.prepare(model, cfg.ray, device, rank)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
 
     if cfg.batch_size % world:
@@ -97,11 +102,12 @@ def lm_train_loop(config: dict) -> None:
     n_rows, local_batch = train["inputs"].shape[0], cfg.batch_size // world
     steps_per_epoch = max(1, n_rows // cfg.batch_size)
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
-    state = restore_train_state(model, optimizer) or {"step": 0}
-    logger = RankZeroLogger(config["stage"], config.get("run_id"), config.get("tracking_uri"), total)
+    state = restore_train_state(model, optimizer, config.get("resume_from")) or {"step": 0}
+    logger = RankZeroLogger(config["stage"], config.get("run_id"), config.get("tracking_uri"), total,
+                            state.get("history"))
 
-    def save(folder: Path) -> None:
-        save_train_state(folder, model, tokenizer, optimizer, {"step": step + 1}, cfg, logger.history_file())
+    def save(folder: Path, final: bool = False) -> None:
+        save_train_state(folder, model, tokenizer, optimizer, {"step": step + 1}, cfg, logger.history_file(), final)
 
     tokens_seen, t0 = 0, time.perf_counter()
     for step in range(state["step"], total):
@@ -118,14 +124,12 @@ def lm_train_loop(config: dict) -> None:
         loss_sum = 0.0
         for i, idx in enumerate(micro):
             inputs, targets = train["inputs"][idx].to(device), train["targets"][idx].to(device)
-            sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
-            ctx_sync = model.no_sync() if not sync else torch.enable_grad()
-            with ctx_sync, bf16_autocast(device.type, cfg.bf16):
+            with parallel.grad_sync(model, i == len(micro) - 1), bf16_autocast(device.type, cfg.bf16):
                 loss = model(inputs, targets=targets) / len(micro)
             loss.backward()
             loss_sum += loss.item()
             tokens_seen += inputs.numel() * world
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        grad_norm = parallel.clip_grad_norm(model, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step % cfg.log_every == 0 or step == total - 1:
@@ -134,18 +138,18 @@ def lm_train_loop(config: dict) -> None:
                               "tokens_per_s": tokens_seen / elapsed})
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
             report({"step": step + 1}, save)
-    final = {"step": total}
+    final = {"step": total, "state_bytes_per_worker": parallel.local_state_bytes(model, optimizer)}
     if val["inputs"].shape[0]:
         final["val_loss"] = evaluate_loss(model, val, cfg.micro_batch_size, device, cfg.bf16)
         logger.log(total, {"val_loss": final["val_loss"]})
     logger.flush()
     step = total - 1
-    report(final, save)
+    report(final, lambda folder: save(folder, final=True))
 
 
 def train_lm(init: dict, train: dict, val: dict, cfg: LMTrainConfig, stage: str, out_dir: str | Path,
-             run_id: str | None = None) -> dict:
-    """Run the LM loop on cfg.ray's Ray Train workers and materialise the final checkpoint folder at out_dir.
-    Returns the final metrics."""
+             run_id: str | None = None, resume_from: str | Path | None = None) -> dict:
+    """Run the LM loop on cfg.ray's Ray Train workers (continuing a resume point when given) and materialise the
+    final checkpoint folder at out_dir. Returns the final metrics."""
     return train_to_folder(lm_train_loop, {"train": cfg, "init": init, "stage": stage, "run_id": run_id},
-                           {"train": train, "val": val}, cfg.ray, stage, out_dir)
+                           {"train": train, "val": val}, cfg.ray, stage, out_dir, resume_from)

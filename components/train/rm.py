@@ -10,12 +10,14 @@ from pathlib import Path
 import torch
 
 from components.cluster import RayConfig
-from components.train.core import (RankZeroLogger, cosine_lr, make_optimizer, report, restore_train_state,
-                                   save_train_state, train_to_folder, unwrap, worker_setup)
+from components.train import parallel
+from components.train.core import (RankZeroLogger, all_reduce_mean, cosine_lr, make_optimizer, meta_model, report,
+                                   restore_train_state, save_train_state, train_to_folder, unwrap, worker_setup)
 from components.rlhf.losses import rating_margins
 from components.rlhf.reward import PreferencePair, collate_pairs, evaluate_rm, init_reward_model, rm_loss_and_metrics
-from model.checkpoint import load_checkpoint
+from model.checkpoint import TOKENIZER_FILE, load_args, load_checkpoint
 from model.kernels import bf16_autocast
+from model.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -46,20 +48,26 @@ def rm_train_loop(config: dict) -> None:
 
     cfg, rank, world, data = worker_setup(config)
     train_pairs, val_pairs = data["train"], data["val"]
-    sft, tokenizer = load_checkpoint(config["init"])
-    model = ray.train.torch.prepare_model(init_reward_model(sft).train())
+    if parallel.materialises(cfg.ray.strategy, rank):
+        sft, tokenizer = load_checkpoint(config["init"])
+        model = init_reward_model(sft).train()
+    else:  # fsdp: the weights arrive from rank 0 (parallel.prepare)
+        model = meta_model(load_args(config["init"]).replace(head="scalar"))
+        tokenizer = Tokenizer.load(Path(config["init"]) / TOKENIZER_FILE)
     device = ray.train.torch.get_device()
+    model = parallel.prepare(model, cfg.ray, device, rank)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
     margins = None if cfg.margin == "none" else rating_margins(cfg.margin)
     local = cfg.batch_size // world
     steps_per_epoch = max(1, len(train_pairs) // cfg.batch_size)
     total = max(1, int(cfg.epochs * steps_per_epoch))
-    state = restore_train_state(model, optimizer) or {"step": 0}
-    logger = RankZeroLogger(config["stage"], config.get("run_id"), config.get("tracking_uri"), total)
+    state = restore_train_state(model, optimizer, config.get("resume_from")) or {"step": 0}
+    logger = RankZeroLogger(config["stage"], config.get("run_id"), config.get("tracking_uri"), total,
+                            state.get("history"))
     step = state["step"]
 
-    def save(folder: Path) -> None:
-        save_train_state(folder, model, tokenizer, optimizer, {"step": step + 1}, cfg, logger.history_file())
+    def save(folder: Path, final: bool = False) -> None:
+        save_train_state(folder, model, tokenizer, optimizer, {"step": step + 1}, cfg, logger.history_file(), final)
 
     t0 = time.perf_counter()
     for step in range(state["step"], total):
@@ -73,22 +81,24 @@ def rm_train_loop(config: dict) -> None:
         with bf16_autocast(device.type, cfg.bf16):
             loss, metrics = rm_loss_and_metrics(model, batch, margins)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        grad_norm = parallel.clip_grad_norm(model, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step % cfg.log_every == 0 or step == total - 1:
-            logger.log(step, {"train_loss": metrics["loss"].item(), "train_accuracy": metrics["accuracy"].item(),
+            logger.log(step, {"train_loss": all_reduce_mean(metrics["loss"].item()),
+                              "train_accuracy": all_reduce_mean(metrics["accuracy"].item()),
                               "lr": lr, "grad_norm": grad_norm, "pairs_per_s": (step + 1 - state["step"]) *
                               cfg.batch_size / (time.perf_counter() - t0)})
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
             report({"step": step + 1}, save)
-    final = {"step": total}
-    if rank == 0:  # held-out accuracy, overall and per rating level
-        final.update({f"val_{k}": v for k, v in evaluate_rm(unwrap(model), val_pairs, tokenizer.pad_id).items()})
-        logger.log(total, final)
+    # Held-out accuracy, overall and per rating level: every rank scores every pair (under fsdp each forward
+    # gathers weights from all ranks, so all take part).
+    accuracy = evaluate_rm(unwrap(model), val_pairs, tokenizer.pad_id)
+    final = {"step": total, **{f"val_{k}": v for k, v in accuracy.items()}}
+    logger.log(total, final)
     logger.flush()
     step = total - 1
-    report(final, save)
+    report(final, lambda folder: save(folder, final=True))
 
 
 def train_rm(sft_checkpoint: str | Path, train_pairs: list[PreferencePair], val_pairs: list[PreferencePair],

@@ -1,0 +1,127 @@
+"""ray.strategy on real Ray Train with gloo on CPU: FSDP2 with 2 workers trains like 1 worker on the same global
+batch (LM and reward-model loops), its meta-device start equals a plain load bit for bit, and a sharded resume point
+written by 2 workers continues on 1 worker along the same curve."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from components.cluster import RayConfig
+from components.rlhf.reward import PreferencePair
+from components.train.lm import LMTrainConfig, train_lm
+from components.train.rm import RMTrainConfig, train_rm
+from model.checkpoint import load_checkpoint, load_state_dict, save_checkpoint
+from model.config import get_config
+from tests.helpers import debug_model, small_tokenizer
+from tests.test_lm_train import _data
+
+
+def ray_cfg(tmp_path: Path, workers: int, strategy: str = "fsdp", **kw) -> RayConfig:
+    return RayConfig(num_workers=workers, cpus_per_worker=1, strategy=strategy, storage_path=str(tmp_path / "ray"),
+                     num_to_keep=None, **kw)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_state_dict(folder)
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 2e-4) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-3, msg=name)
+
+
+@pytest.fixture(scope="module")
+def lm_setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lm")
+    tok = small_tokenizer()
+    tok.save(tmp / "tokenizer.model")
+    args = get_config("llama2-debug", vocab_size=tok.vocab_size, max_seq_len=64)
+    init = {"args": args.to_dict(), "tokenizer": str(tmp / "tokenizer.model"), "seed": 0}
+    train, val = _data()
+    cfg = LMTrainConfig(lr=3e-3, warmup_steps=2, max_steps=6, batch_size=8, micro_batch_size=2, bf16=False,
+                        eval_every=100, log_every=1, checkpoint_every=3)
+    return init, train, val, cfg
+
+
+def test_fsdp_two_workers_train_the_lm_like_one_and_a_resume_point_continues_on_one_worker(ray_local, tmp_path,
+                                                                                        lm_setup):
+    init, train, val, cfg = lm_setup
+    runs = {}
+    for workers, strategy in ((1, "ddp"), (2, "fsdp")):
+        out = tmp_path / f"{strategy}{workers}"
+        runs[workers] = train_lm(init, train, val, replace(cfg, ray=ray_cfg(tmp_path, workers, strategy)),
+                                 f"lm-{strategy}{workers}", out)
+        assert not (out / "trainer_state" / "dcp").exists()  # the out is consolidated: one safetensors file
+        model, _ = load_checkpoint(out)  # ... and self-describing
+        assert model.args.n_layers == 2
+    assert runs[1]["val_loss"] == pytest.approx(runs[2]["val_loss"], rel=1e-3)
+    assert_same_weights(weights(tmp_path / "ddp1"), weights(tmp_path / "fsdp2"))
+    # Activation checkpointing recomputes the blocks' activations in backward: the same training, less memory.
+    ac = replace(cfg, ray=ray_cfg(tmp_path, 2, activation_checkpointing=True))
+    train_lm(init, train, val, ac, "lm-ac", tmp_path / "ac")
+    assert_same_weights(weights(tmp_path / "ac"), weights(tmp_path / "fsdp2"), atol=1e-5)
+
+    # The fsdp run's resume point at step 3 (each rank's shards, merged by Ray Train) continues on ONE worker.
+    [resume] = [p for p in (tmp_path / "ray").glob("lm-fsdp2-*/checkpoint_*") if p.is_dir()
+                if json.loads((p / "trainer_state/state.json").read_text())["step"] == 3]
+    assert len(list((resume / "trainer_state/dcp").glob("*.distcp"))) == 2  # one shard file per rank
+    out = tmp_path / "resumed"
+    other_init = {**init, "seed": 99}  # what the run would start from if it did not resume: other weights
+    resumed = train_lm(other_init, train, val, replace(cfg, ray=ray_cfg(tmp_path, 1)), "lm-resumed", out,
+                       resume_from=resume)
+    assert resumed["val_loss"] == pytest.approx(runs[2]["val_loss"], rel=1e-3)
+    assert_same_weights(weights(out), weights(tmp_path / "fsdp2"))
+    # The curve continues: steps 0-2 come from the resume point, 3-5 from the resumed run, each exactly once.
+    history = json.loads((out / "trainer_state/history.json").read_text())
+    steps = [r["step"] for r in history if "train_loss" in r]
+    assert steps == list(range(6)), steps
+
+
+def test_fsdp_meta_device_start_equals_a_plain_load_bit_for_bit(ray_local, tmp_path, lm_setup):
+    """0 steps: the out is the broadcast-loaded, sharded, then gathered model; it must equal its source exactly."""
+    _, train, val, cfg = lm_setup
+    tok = small_tokenizer()
+    source = save_checkpoint(tmp_path / "source", debug_model(vocab_size=tok.vocab_size, seed=3), tok)
+    lr_zero = replace(cfg, lr=1e-30, warmup_steps=1, max_steps=1, weight_decay=0.0, ray=ray_cfg(tmp_path, 2))
+    train_lm({"checkpoint": str(source)}, train, val, lr_zero, "lm-meta", tmp_path / "out")
+    a, b = weights(source), weights(tmp_path / "out")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fsdp_two_workers_train_the_reward_model_like_one(ray_local, tmp_path):
+    tok = small_tokenizer()
+    sft = save_checkpoint(tmp_path / "sft", debug_model(vocab_size=tok.vocab_size, seed=1), tok)
+    rng = random.Random(0)
+
+    def pairs(n):
+        out = []
+        for _ in range(n):
+            prompt = [1] + [rng.randrange(8, 500) for _ in range(rng.randint(2, 6))]
+            out.append(PreferencePair(prompt + [rng.randrange(8, 500), 7, 2], prompt + [rng.randrange(8, 500), 6, 2],
+                                      "better"))
+        return out
+
+    train, val = pairs(64), pairs(16)
+    cfg = RMTrainConfig(lr=1e-3, warmup_steps=1, batch_size=8, bf16=False, log_every=1, checkpoint_every=100)
+    results = {workers: train_rm(sft, train, val, replace(cfg, ray=ray_cfg(tmp_path, workers, strategy)),
+                                 f"rm-{strategy}{workers}", tmp_path / f"rm{workers}")
+               for workers, strategy in ((1, "ddp"), (2, "fsdp"))}
+    assert results[1]["val_accuracy"] == results[2]["val_accuracy"]
+    assert_same_weights(weights(tmp_path / "rm1"), weights(tmp_path / "rm2"))
+    assert load_checkpoint(tmp_path / "rm2")[0].args.head == "scalar"
+
+
+def test_strategy_settings_are_checked_before_any_worker_starts():
+    with pytest.raises(ValueError, match="strategy must be 'ddp' or 'fsdp'"):
+        RayConfig(strategy="zero3")
+    with pytest.raises(ValueError, match="need strategy 'fsdp'"):
+        RayConfig(activation_checkpointing=True)
+    with pytest.raises(ValueError, match="needs use_gpu"):
+        RayConfig(strategy="fsdp", cpu_offload=True)
