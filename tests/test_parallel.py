@@ -125,3 +125,56 @@ def test_strategy_settings_are_checked_before_any_worker_starts():
         RayConfig(activation_checkpointing=True)
     with pytest.raises(ValueError, match="needs use_gpu"):
         RayConfig(strategy="fsdp", cpu_offload=True)
+
+
+def test_a_worker_killed_mid_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_run(ray_local, tmp_path,
+                                                                                                lm_setup):
+    """SIGKILL one of two FSDP workers after the first resume point: FailureConfig restarts the group, which reloads
+    the sharded state and the data position; every step is logged once and the weights end where they would have."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    init, train, val, cfg = lm_setup
+    long = replace(cfg, max_steps=150, checkpoint_every=25, ray=ray_cfg(tmp_path, 2, max_failures=1))
+    killed = {}
+
+    def kill_a_worker_after_the_first_checkpoint():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            if registered_steps():  # Ray Train has registered a resume point (all ranks' shards are in)
+                workers = [p for p in psutil.Process().children(recursive=True)  # this test's Ray cluster only
+                           if "RayTrainWorker" in command(p)]
+                if workers:
+                    os.kill(workers[0].pid, signal.SIGKILL)
+                    killed["pid"] = workers[0].pid
+            time.sleep(0.02)
+
+    def registered_steps() -> list[int]:
+        snapshots = list((tmp_path / "ray").glob("lm-killed-*/checkpoint_manager_snapshot.json"))
+        try:
+            return [r["metrics"]["step"] for r in json.loads(snapshots[0].read_text())["checkpoint_results"]]
+        except (IndexError, ValueError):  # not written yet, or being written
+            return []
+
+    def command(process) -> str:
+        try:
+            return " ".join(process.cmdline())
+        except psutil.Error:  # gone meanwhile
+            return ""
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    train_lm(init, train, val, long, "lm-killed", tmp_path / "killed")
+    killer.join(timeout=1)
+    assert killed, "no worker was killed: the run ended before its first checkpoint was seen"
+    train_lm(init, train, val, replace(long, ray=ray_cfg(tmp_path, 2)), "lm-whole", tmp_path / "whole")
+    assert_same_weights(weights(tmp_path / "killed"), weights(tmp_path / "whole"))
+    history = json.loads((tmp_path / "killed/trainer_state/history.json").read_text())
+    assert [r["step"] for r in history if "train_loss" in r] == list(range(150))
+    # It resumed rather than started over: no step's checkpoint was registered twice.
+    steps = registered_steps()
+    assert len(steps) == len(set(steps)) and max(steps) == 150, steps

@@ -107,3 +107,11 @@ def test_encode_pair_uses_the_chat_template():
     assert pair.chosen == encode_dialog(tokenizer, prompt + [{"role": "assistant", "content": "five"}]).tokens
     assert pair.chosen[-1] == pair.rejected[-1] == tokenizer.eos_id
     assert pair.rating == "better"
+
+
+def test_pairs_over_the_context_are_dropped_and_counted_before_training():
+    from components.rlhf.reward import fitting_pairs
+
+    pairs = [PreferencePair([1, 5, 2], [1, 6, 7, 2]), PreferencePair([1] * 9, [1, 2]), PreferencePair([1, 2], [1] * 8)]
+    kept, dropped = fitting_pairs(pairs, max_len=8)
+    assert kept == [pairs[0], pairs[2]] and dropped == 1  # a side of exactly max_len fits
