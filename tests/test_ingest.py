@@ -120,10 +120,16 @@ def test_preference_pairs(tmp_path):
         {"chosen": convo + [{"role": "assistant", "content": "Paris."}],  # TRL implicit prompt
          "rejected": convo + [{"role": "assistant", "content": "Lyon."}]},
         {"prompt": convo, "chosen": [{"role": "assistant", "content": "Paris!"}],  # TRL explicit prompt
-         "rejected": [{"role": "assistant", "content": "No idea."}]}])
+         "rejected": [{"role": "assistant", "content": "No idea."}]},
+        {"conversations": [{"from": "human", "value": "Capital of France?"}],  # LLaMA-Factory ShareGPT prefs
+         "chosen": {"from": "gpt", "value": "Paris, France."}, "rejected": {"from": "gpt", "value": "Berlin."}},
+        {"conversations": [{"from": "human", "value": "Capital of France?"}], "system": "Be brief.",
+         "chosen": {"from": "gpt", "value": "Paris"}, "rejected": {"from": "gpt", "value": "Bern."}}])
     prefs = _only(tmp_path, {"path": str(tmp_path / "prefs.jsonl"), "format": "prefs", "table": "prefs_helpful"})
     rows = sorted(prefs["prefs_helpful"].to_pylist(), key=lambda r: r["rejected"])
+    system = [{"role": "system", "content": "Be brief."}]
     assert [(json.loads(r["prompt"]), r["chosen"], r["rejected"], r["rating"]) for r in rows] == [
+        (convo, "Paris, France.", "Berlin.", None), (system + convo, "Paris", "Bern.", None),
         (convo, "Paris.", "Lyon.", None), (convo, "Paris!", "No idea.", None), (convo, "Paris.", "Rome.", "better")]
     assert {(r["task"], r["reference"]) for r in rows} == {(REAL_TASK, "{}")}
 

@@ -23,7 +23,9 @@ FORMATS (how a record becomes rows) and the tables each may feed (the first is t
                                           rl_prompts a final assistant turn is dropped
   prefs     prefs_helpful | prefs_safety  (no default) prompt, chosen, rejected; each a string or a message list
                                           (TRL style: chosen/rejected may be whole conversations whose shared
-                                          prefix is the prompt); optional `rating` (null or one of RATINGS)
+                                          prefix is the prompt); optional `rating` (null or one of RATINGS);
+                                          or LLaMA-Factory's ShareGPT layout: `conversations` (+ `system`) the
+                                          prompt, chosen/rejected each one {from, value} message
   hh_rlhf   prefs_helpful | prefs_safety  (no default) Anthropic HH-RLHF: chosen/rejected transcripts
                                           "\\n\\nHuman: ... \\n\\nAssistant: ..." sharing everything but the last answer
   harmful   rl_prompts                    the `column` field (default prompt) -> a user prompt with is_safety true
@@ -396,9 +398,12 @@ def _dialog(messages, ends_with: str | None) -> list[dict]:
 
 
 def _answer(value, side: str) -> tuple[str, list[dict] | None]:
-    """A preference side: a plain answer, or a conversation ending with the answer -> (answer, its prefix)."""
+    """A preference side: a plain answer, one message (LLaMA-Factory's ShareGPT layout: {"from": "gpt", "value"}),
+    or a conversation ending with the answer -> (answer, its prefix)."""
     if isinstance(value, str):
         return _nonempty(value, side), None
+    if isinstance(value, dict):
+        value = [value]
     alone = len(value) == 1  # TRL's explicit-prompt style: [{assistant message}], the prompt given apart
     dialog = _dialog([{"role": "user", "content": ""}] + value if alone else value, "assistant")
     return _nonempty(dialog[-1]["content"], side), None if alone else dialog[:-1]
@@ -457,9 +462,13 @@ def _rows(src: Source, record) -> list[dict]:
         for side, answer in zip(("chosen", "rejected"), answers):
             _nonempty(answer, f"{side} answer")
     else:
-        (chosen, c_prefix), (rejected, r_prefix) = (_answer(_field(record, k, (str, list)), k)
+        (chosen, c_prefix), (rejected, r_prefix) = (_answer(_field(record, k, (str, list, dict)), k)
                                                     for k in ("chosen", "rejected"))
         given = record.get("prompt")
+        if given is None and "conversations" in record:  # LLaMA-Factory's ShareGPT preference layout
+            given = _field(record, "conversations", (list, str))
+            if record.get("system"):
+                given = [{"role": "system", "content": _field(record, "system")}] + _dialog(given, "user")
         if isinstance(given, str):
             given = [{"role": "user", "content": _nonempty(given, "prompt")}]
         elif given is not None:
