@@ -166,8 +166,9 @@ class Transformer(nn.Module):
         """(max_seq_len, D/2) complex, or (max_seq_len, D/2, 2) real (cos, sin)."""
         table = self._rotary.get(real)
         if table is None or table.device != torch.device(device):
-            table = precompute_freqs_cis(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device)
-            self._rotary = {False: table, True: torch.view_as_real(table).clone()}
+            with torch.inference_mode(False):  # a normal tensor even when made in generate(): training reuses it
+                table = precompute_freqs_cis(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device)
+                self._rotary = {False: table, True: torch.view_as_real(table).clone()}
         return self._rotary[real]
 
     @contextlib.contextmanager

@@ -178,3 +178,32 @@ def test_a_worker_killed_mid_run_resumes_from_its_checkpoint_and_ends_like_an_un
     # It resumed rather than started over: no step's checkpoint was registered twice.
     steps = registered_steps()
     assert len(steps) == len(set(steps)) and max(steps) == 150, steps
+
+
+def test_ppo_resumes_by_iteration_from_its_resume_point(ray_local, tmp_path):
+    """PPO checkpoints policy, value and both optimizers every checkpoint_every iterations; a run resumed from
+    iteration 2 of 4 ends at the weights of the uninterrupted run, with the first two iterations' records restored
+    (their timings too, which a rerun could never reproduce)."""
+    from components.rlhf.reward import init_reward_model
+    from components.train.ppo import PPOStageConfig, train_ppo
+
+    tok = small_tokenizer()
+    policy = save_checkpoint(tmp_path / "policy", debug_model(vocab_size=tok.vocab_size, seed=1), tok)
+    rm = init_reward_model(debug_model(vocab_size=tok.vocab_size, seed=2), head_std=0.02,
+                           generator=torch.Generator().manual_seed(0))
+    rm_path = save_checkpoint(tmp_path / "rm", rm, tok)
+    rng = random.Random(0)
+    prompts = [[tok.bos_id] + [rng.randrange(8, tok.vocab_size) for _ in range(rng.randint(2, 6))] for _ in range(16)]
+    safety = [i % 4 == 0 for i in range(16)]
+    cfg = PPOStageConfig(iterations=4, checkpoint_every=2, rollout_batch_size=4, mini_batch_size=2,
+                         forward_batch_size=4, max_new_tokens=4, lr=1e-3, safety_threshold=0.15, bf16=False,
+                         ray=ray_cfg(tmp_path, 1, "ddp"))
+    train_ppo(policy, rm_path, rm_path, prompts, safety, cfg, "ppo-whole", tmp_path / "whole")
+    [resume] = [p for p in (tmp_path / "ray").glob("ppo-whole-*/checkpoint_*") if p.is_dir()
+                and json.loads((p / "trainer_state/state.json").read_text())["step"] == 2]
+    train_ppo(policy, rm_path, rm_path, prompts, safety, cfg, "ppo-resumed", tmp_path / "resumed", resume_from=resume)
+    assert_same_weights(weights(tmp_path / "resumed"), weights(tmp_path / "whole"), atol=1e-5)
+    whole, resumed = (json.loads((tmp_path / run / "trainer_state/history.json").read_text())
+                      for run in ("whole", "resumed"))
+    assert len(resumed) == 4 and resumed[:2] == whole[:2]
+    assert [h["reward"] for h in resumed[2:]] == pytest.approx([h["reward"] for h in whole[2:]], rel=1e-4)

@@ -72,15 +72,17 @@ def meta_model(args: ModelArgs) -> Transformer:
         return Transformer(args).train()
 
 
-def save_train_state(folder: Path, model, tokenizer, optimizer, state: dict, config, extra: dict | None = None,
+def save_train_state(folder: Path, trained: dict, tokenizer, state: dict, config, extra: dict | None = None,
                      final: bool = False) -> None:
-    """Every rank calls this (under fsdp both kinds gather or write shards). A resume point: model and optimizer
-    state as they are sharded (parallel.save_resume_point). The final checkpoint: the full weights gathered to rank 0
-    as our self-describing checkpoint folder (the stage's out). Both carry trainer_state/: the step (state.json), the
+    """Every rank calls this (under fsdp both kinds gather or write shards). trained: {name: (model, optimizer)},
+    what the loop trains, the stage's own model first. A resume point: every model and optimizer state as it is
+    sharded (parallel.save_resume_point). The final checkpoint: the first model's full weights gathered to rank 0 as
+    our self-describing checkpoint folder (the stage's out). Both carry trainer_state/: the step (state.json), the
     stage's fully resolved config (config.json: defaults included, as logged to MLflow) and `extra` (the history)."""
     import json
 
     files = {"trainer_state/state.json": state, "trainer_state/config.json": asdict(config), **(extra or {})}
+    model = next(iter(trained.values()))[0]
     if final:
         weights = parallel.full_state_dict(model)
         if dist.get_rank() == 0:
@@ -88,17 +90,17 @@ def save_train_state(folder: Path, model, tokenizer, optimizer, state: dict, con
             plain.load_state_dict(weights, assign=True)
             save_checkpoint(folder, plain, tokenizer, extra_files=files)
         return
-    parallel.save_resume_point(folder, model, optimizer)
+    parallel.save_resume_point(folder, trained)
     if dist.get_rank() == 0:
         for name, content in files.items():
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).write_text(content if isinstance(content, str) else json.dumps(content))
 
 
-def restore_train_state(model, optimizer, resume_from: str | None = None) -> dict | None:
+def restore_train_state(trained: dict, resume_from: str | None = None) -> dict | None:
     """Resume from Ray Train's latest checkpoint of this run (a failure restart), else from the resume point
-    `resume_from` (a checkpoint folder of an earlier run): model and optimizer resharded to this run's workers, and
-    the state (step) with the metric history so far; None on a fresh start."""
+    `resume_from` (a checkpoint folder of an earlier run): every {name: (model, optimizer)} of `trained` resharded
+    to this run's workers, and the state (step) with the metric history so far; None on a fresh start."""
     import json
 
     import ray.train
@@ -111,7 +113,8 @@ def restore_train_state(model, optimizer, resume_from: str | None = None) -> dic
         return None
     with checkpoint.as_directory() as folder:
         folder = Path(folder)
-        if not parallel.load_resume_point(folder, model, optimizer):  # the final checkpoint: training had ended
+        if not parallel.load_resume_point(folder, trained):  # the final checkpoint: training had ended
+            model = next(iter(trained.values()))[0]
             set_model_state_dict(model, load_state_dict(folder), options=StateDictOptions(full_state_dict=True))
         state = json.loads((folder / "trainer_state" / "state.json").read_text())
         history = folder / "trainer_state" / "history.json"

@@ -102,12 +102,13 @@ def lm_train_loop(config: dict) -> None:
     n_rows, local_batch = train["inputs"].shape[0], cfg.batch_size // world
     steps_per_epoch = max(1, n_rows // cfg.batch_size)
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
-    state = restore_train_state(model, optimizer, config.get("resume_from")) or {"step": 0}
+    state = restore_train_state({"model": (model, optimizer)}, config.get("resume_from")) or {"step": 0}
     logger = RankZeroLogger(config["stage"], config.get("run_id"), config.get("tracking_uri"), total,
                             state.get("history"))
 
     def save(folder: Path, final: bool = False) -> None:
-        save_train_state(folder, model, tokenizer, optimizer, {"step": step + 1}, cfg, logger.history_file(), final)
+        save_train_state(folder, {"model": (model, optimizer)}, tokenizer, {"step": step + 1}, cfg,
+                         logger.history_file(), final)
 
     tokens_seen, t0 = 0, time.perf_counter()
     for step in range(state["step"], total):

@@ -115,25 +115,34 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_resume_point(folder: Path, model: nn.Module, optimizer) -> None:
-    """Model and optimizer state, sharded as they are, into folder/trainer_state/dcp (every rank calls this)."""
+def save_resume_point(folder: Path, trained: dict) -> None:
+    """Each trained model and its optimizer ({name: (model, optimizer)}), sharded as they are, into
+    folder/trainer_state/dcp (every rank calls this)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder / RESUME_DIR))
+    (folder / RESUME_DIR).mkdir(parents=True, exist_ok=True)
+    dcp.save(_sharded_state(trained), checkpoint_id=str(folder / RESUME_DIR))
 
 
-def load_resume_point(folder: Path, model: nn.Module, optimizer) -> bool:
+def load_resume_point(folder: Path, trained: dict) -> bool:
     """Load what save_resume_point wrote, resharded to this run's workers; False if the folder has none (a final,
     consolidated checkpoint)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
     if not (folder / RESUME_DIR).is_dir():
         return False
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
+    state = _sharded_state(trained)
     dcp.load(state, checkpoint_id=str(folder / RESUME_DIR))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for name, (model, optimizer) in trained.items():
+        set_state_dict(model, optimizer, model_state_dict=state[name], optim_state_dict=state[f"{name}.optim"])
     return True
+
+
+def _sharded_state(trained: dict) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    state = {}
+    for name, (model, optimizer) in trained.items():
+        state[name], state[f"{name}.optim"] = get_state_dict(model, optimizer)
+    return state

@@ -11,8 +11,8 @@ import torch
 
 from components.cluster import RayConfig
 from components.rlhf.ppo import PPOConfig, PPOTrainer
-from components.train.core import (RankZeroLogger, all_reduce_mean, report, save_train_state, train_to_folder,
-                                   worker_setup)
+from components.train.core import (RankZeroLogger, all_reduce_mean, report, restore_train_state, save_train_state,
+                                   train_to_folder, worker_setup)
 from model.checkpoint import load_checkpoint
 from model.kernels import bf16_autocast
 
@@ -23,6 +23,7 @@ class PPOStageConfig(PPOConfig):
 
     iterations: int = 20  # PPO steps (each: rollout of rollout_batch_size prompts per worker, then the update)
     log_every: int = 1
+    checkpoint_every: int = 10  # iterations between resume points (policy, value, both optimizers; 0 = none)
     bf16: bool = True
     ray: RayConfig = RayConfig()
 
@@ -49,11 +50,20 @@ def ppo_train_loop(config: dict) -> None:
     value = ray.train.torch.prepare_model(value.train())
     trainer = PPOTrainer(policy, ref.to(device), value, rm_helpful.to(device), rm_safety.to(device),
                          tokenizer.eos_id, tokenizer.pad_id, ppo_cfg)
+    trained = {"policy": (policy, trainer.policy_optimizer), "value": (value, trainer.value_optimizer)}
+    state = restore_train_state(trained, config.get("resume_from")) or {"step": 0, "history": []}
+    trainer.global_step, history = state["step"], state["history"]  # global_step seeds the sampling
     logger = RankZeroLogger(config["stage"], config.get("run_id"), config.get("tracking_uri"), cfg.iterations)
+
+    def save(folder: Path, done: int, final: bool = False) -> None:
+        save_train_state(folder, {"policy": (policy, None)} if final else trained, tokenizer, {"step": done}, cfg,
+                         {"trainer_state/history.json": json.dumps(history)}, final)
+
     gen = torch.Generator().manual_seed(ppo_cfg.seed or 0)
-    history = []
     for it in range(cfg.iterations):
         idx = torch.randint(len(prompts), (ppo_cfg.rollout_batch_size,), generator=gen).tolist()
+        if it < state["step"]:
+            continue  # done before the restart: its prompts are drawn all the same, so the sequence continues
         with bf16_autocast(device.type, cfg.bf16):
             stats = trainer.step([prompts[i] for i in idx], [is_safety[i] for i in idx])
         stats = {k: all_reduce_mean(v) for k, v in stats.items()}
@@ -62,21 +72,20 @@ def ppo_train_loop(config: dict) -> None:
             logger.log(it, {k: stats[k] for k in ("reward", "kl", "entropy", "clip_fraction", "value_loss",
                                                    "policy_loss", "response_length", "time_rollout_s",
                                                    "time_update_s") if k in stats})
+        if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
+            logger.flush()
+            report({"iteration": it + 1}, lambda folder: save(folder, it + 1))
     logger.flush()
-
-    def save(folder: Path) -> None:
-        save_train_state(folder, policy, tokenizer, None, {"step": cfg.iterations}, cfg,
-                         {"trainer_state/history.json": json.dumps(history)}, final=True)
-
     first, last = history[0], history[-1]
     report({"iterations": cfg.iterations, "reward_first": first["reward"], "reward_last": last["reward"],
             "kl_last": last["kl"], "mean_rollout_s": sum(h["time_rollout_s"] for h in history) / len(history),
-            "mean_update_s": sum(h["time_update_s"] for h in history) / len(history)}, save)
+            "mean_update_s": sum(h["time_update_s"] for h in history) / len(history)},
+           lambda folder: save(folder, cfg.iterations, final=True))
 
 
 def train_ppo(policy_ckpt, rm_helpful_ckpt, rm_safety_ckpt, prompts: list[list[int]], is_safety: list[bool],
-              cfg: PPOStageConfig, stage: str, out_dir, run_id=None) -> dict:
+              cfg: PPOStageConfig, stage: str, out_dir, run_id=None, resume_from=None) -> dict:
     return train_to_folder(ppo_train_loop, {
         "train": cfg, "policy": str(policy_ckpt), "rm_helpful": str(rm_helpful_ckpt),
         "rm_safety": str(rm_safety_ckpt), "stage": stage, "run_id": run_id}, (prompts, is_safety), cfg.ray, stage,
-        out_dir)
+        out_dir, resume_from)

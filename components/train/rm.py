@@ -61,13 +61,14 @@ def rm_train_loop(config: dict) -> None:
     local = cfg.batch_size // world
     steps_per_epoch = max(1, len(train_pairs) // cfg.batch_size)
     total = max(1, int(cfg.epochs * steps_per_epoch))
-    state = restore_train_state(model, optimizer, config.get("resume_from")) or {"step": 0}
+    state = restore_train_state({"model": (model, optimizer)}, config.get("resume_from")) or {"step": 0}
     logger = RankZeroLogger(config["stage"], config.get("run_id"), config.get("tracking_uri"), total,
                             state.get("history"))
     step = state["step"]
 
     def save(folder: Path, final: bool = False) -> None:
-        save_train_state(folder, model, tokenizer, optimizer, {"step": step + 1}, cfg, logger.history_file(), final)
+        save_train_state(folder, {"model": (model, optimizer)}, tokenizer, {"step": step + 1}, cfg,
+                         logger.history_file(), final)
 
     t0 = time.perf_counter()
     for step in range(state["step"], total):
