@@ -13,7 +13,7 @@ from components.data.packing import pack_documents, pack_examples
 from components.train.core import cosine_lr
 from components.train.lm import LMTrainConfig, train_lm
 from model.checkpoint import load_checkpoint
-from model.config import get_config
+from model.config import ModelArgs, get_config
 from model.llama import Transformer
 from model.loss import IGNORE_INDEX
 from tests.helpers import corpus, small_tokenizer
@@ -45,14 +45,20 @@ def _data(seq_len=32):
     return {k: v[: n - 8] for k, v in packed.items()}, {k: v[n - 8:] for k, v in packed.items()}
 
 
-def test_two_workers_match_one_on_the_same_global_batch(ray_local, tmp_path):
+def lm_inputs(folder, micro_batch_size: int = 4):
+    """A fresh debug network's init, packed train/val rows, and a 6-step config with a resume point at step 3."""
     tok = small_tokenizer()
-    tok.save(tmp_path / "tokenizer.model")
+    tok.save(folder / "tokenizer.model")
     args = get_config("llama2-debug", vocab_size=tok.vocab_size, max_seq_len=64)
-    init = {"args": args.to_dict(), "tokenizer": str(tmp_path / "tokenizer.model"), "seed": 0}
+    init = {"args": args.to_dict(), "tokenizer": str(folder / "tokenizer.model"), "seed": 0}
     train, val = _data()
-    cfg = LMTrainConfig(lr=3e-3, warmup_steps=2, max_steps=6, batch_size=8, micro_batch_size=4, bf16=False,
-                        eval_every=100, log_every=1, checkpoint_every=3)
+    cfg = LMTrainConfig(lr=3e-3, warmup_steps=2, max_steps=6, batch_size=8, micro_batch_size=micro_batch_size,
+                        bf16=False, eval_every=100, log_every=1, checkpoint_every=3)
+    return init, train, val, cfg
+
+
+def test_two_workers_match_one_on_the_same_global_batch(ray_local, tmp_path):
+    init, train, val, cfg = lm_inputs(tmp_path)
     results = {}
     for workers in (1, 2):
         worker_cfg = replace(cfg, ray=RayConfig(num_workers=workers, cpus_per_worker=1,
@@ -68,7 +74,7 @@ def test_two_workers_match_one_on_the_same_global_batch(ray_local, tmp_path):
     for (name, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-3, msg=name)
     # Training moved every weight away from its initialisation and lowered the loss below uniform (ln 512 = 6.2).
-    fresh = Transformer(args).init_weights(generator=torch.Generator().manual_seed(0))
+    fresh = Transformer(ModelArgs.from_dict(init["args"])).init_weights(generator=torch.Generator().manual_seed(0))
     for name, p in fresh.state_dict().items():
         if p.dim() > 1:
             assert not torch.equal(p, m1.state_dict()[name]), name

@@ -14,12 +14,11 @@ import torch
 
 from components.cluster import RayConfig
 from components.rlhf.reward import PreferencePair
-from components.train.lm import LMTrainConfig, train_lm
+from components.train.lm import train_lm
 from components.train.rm import RMTrainConfig, train_rm
 from model.checkpoint import load_checkpoint, load_state_dict, save_checkpoint
-from model.config import get_config
 from tests.helpers import debug_model, small_tokenizer
-from tests.test_lm_train import _data
+from tests.test_lm_train import lm_inputs
 
 
 def ray_cfg(tmp_path: Path, workers: int, strategy: str = "fsdp", **kw) -> RayConfig:
@@ -39,15 +38,7 @@ def assert_same_weights(a: dict, b: dict, atol: float = 2e-4) -> None:
 
 @pytest.fixture(scope="module")
 def lm_setup(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("lm")
-    tok = small_tokenizer()
-    tok.save(tmp / "tokenizer.model")
-    args = get_config("llama2-debug", vocab_size=tok.vocab_size, max_seq_len=64)
-    init = {"args": args.to_dict(), "tokenizer": str(tmp / "tokenizer.model"), "seed": 0}
-    train, val = _data()
-    cfg = LMTrainConfig(lr=3e-3, warmup_steps=2, max_steps=6, batch_size=8, micro_batch_size=2, bf16=False,
-                        eval_every=100, log_every=1, checkpoint_every=3)
-    return init, train, val, cfg
+    return lm_inputs(tmp_path_factory.mktemp("lm"), micro_batch_size=2)  # 2 micro-batches a step on 2 workers
 
 
 def test_fsdp_two_workers_train_the_lm_like_one_and_a_resume_point_continues_on_one_worker(ray_local, tmp_path,
