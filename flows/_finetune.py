@@ -29,6 +29,20 @@ class DistillConfig(SampledFinetuneConfig):
     preprompt: str  # the safety preprompt answers are generated with (and trained without)
 
 
+def fitting_prompts(stage: str, records: list[dict], policy: Path, cfg: SampledFinetuneConfig,
+                    prompt_of=lambda record: record["prompt"]) -> tuple[list[dict], int]:
+    """The records whose prompt (as the sampler will give it: prompt_of) leaves room for the sampled answer in the
+    policy's context, and how many were dropped (before any Ray worker starts)."""
+    from components.data.datasets import fit_context
+    from model.chat import encode_prompt
+    from model.checkpoint import load_args
+    from model.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(policy / "tokenizer.model")
+    lengths = [len(encode_prompt(tokenizer, prompt_of(r))) for r in records]
+    return fit_context(records, lengths, load_args(policy).max_seq_len - cfg.sample.max_new_tokens, "prompts", stage)
+
+
 def sft_replay(n: int, seed: int) -> list[list[dict]]:
     """n SFT demonstrations drawn without replacement (seeded)."""
     import random

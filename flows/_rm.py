@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from components.data.datasets import messages_column, read_table
-from components.rlhf.reward import encode_pair, fitting_pairs
+from components.data.datasets import fit_context, messages_column, read_table
+from components.rlhf.reward import encode_pair
 from components.train.rm import RMTrainConfig, train_rm
 from components.track.tracking import stage_run
 from flows._stage import finish_stage, load_params, path, stage_config
@@ -24,13 +24,9 @@ def run(stage: str, table: str) -> None:
         pairs = [encode_pair(tokenizer, p, c, r, rating) for p, c, r, rating in zip(
             prompts, rows.column("chosen").to_pylist(), rows.column("rejected").to_pylist(),
             rows.column("rating").to_pylist())]
-        max_len = load_args(sft).max_seq_len
-        pairs, dropped = fitting_pairs(pairs, max_len)
-        if len(pairs) < 2:
-            raise SystemExit(f"error: {stage}: {dropped} of {dropped + len(pairs)} preference pairs are longer than "
-                             f"the model's context ({max_len} tokens); nothing left to train on")
+        pairs, dropped = fit_context(pairs, [max(len(p.chosen), len(p.rejected)) for p in pairs],
+                                     load_args(sft).max_seq_len, "preference pairs", stage)
         n_val = max(1, int(len(pairs) * cfg.val_fraction))
-        print(f"[{stage}] {len(pairs) - n_val} training pairs, {n_val} held out, {dropped} dropped: longer than the "
-              f"context ({max_len} tokens)")
+        print(f"[{stage}] {len(pairs) - n_val} training pairs, {n_val} held out")
         metrics = train_rm(sft, pairs[n_val:], pairs[:n_val], cfg, stage, out, run_.info.run_id)
-        finish_stage(stage, {**metrics, "pairs_dropped_overlong": dropped}, out)
+        finish_stage(stage, {**metrics, "dropped_too_long": dropped}, out)

@@ -9,9 +9,9 @@ from dataclasses import asdict
 
 from components.common import write_json
 from components.data.datasets import read_table
-from components.rlhf.sampling import context_distillation
+from components.rlhf.sampling import context_distillation, with_preprompt
 from components.track.tracking import stage_run
-from flows._finetune import DistillConfig, finetune
+from flows._finetune import DistillConfig, finetune, fitting_prompts
 from flows._stage import finish_stage, load_params, path, stage_config
 from model.checkpoint import copy_checkpoint
 
@@ -26,7 +26,10 @@ def main() -> None:
                    OUT) as run:
         rows = [r for r in read_table(path("data/raw/rl_prompts.parquet")).to_pylist() if r["is_safety"]]
         records = [{"prompt": json.loads(r["prompt"])} for r in rows[:cfg.sample.prompts or None]]
+        records, dropped = fitting_prompts("distill", records, POLICY, cfg,
+                                           lambda r: with_preprompt(cfg.preprompt, r["prompt"]))  # the longer one
         dialogs, stats = context_distillation(records, POLICY, REWARD_MODELS, cfg.preprompt, cfg.sample, cfg.ray)
+        stats["dropped_too_long"] = dropped
         print(f"[distill] {stats}")
         if len(dialogs) < cfg.batch_size and not cfg.replay:
             # Fewer kept answers than one batch: the policy is already about as safe as its preprompted self, and a

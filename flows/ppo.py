@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-from components.data.datasets import read_table
+from components.data.datasets import fit_context, read_table
 from components.train.ppo import PPOStageConfig, train_ppo
 from components.track.tracking import stage_run
 from flows._stage import finish_stage, load_params, path, stage_config
 from model.chat import encode_prompt
+from model.checkpoint import load_args
 from model.tokenizer import Tokenizer
 
 OUT = path("checkpoints/ppo")
@@ -23,10 +24,12 @@ def main() -> None:
     with stage_run("ppo", asdict(cfg), params["profile"], [policy, rm_h, rm_s, path("data/raw")], OUT) as run:
         tokenizer = Tokenizer.load(policy / "tokenizer.model")
         rows = read_table(path("data/raw/rl_prompts.parquet")).to_pylist()
-        prompts = [encode_prompt(tokenizer, json.loads(r["prompt"])) for r in rows]
-        metrics = train_ppo(policy, rm_h, rm_s, prompts, [bool(r["is_safety"]) for r in rows], cfg, "ppo", OUT,
+        encoded = [(encode_prompt(tokenizer, json.loads(r["prompt"])), bool(r["is_safety"])) for r in rows]
+        encoded, dropped = fit_context(encoded, [len(p) for p, _ in encoded],
+                                       load_args(policy).max_seq_len - cfg.max_new_tokens, "prompts", "ppo")
+        metrics = train_ppo(policy, rm_h, rm_s, [p for p, _ in encoded], [s for _, s in encoded], cfg, "ppo", OUT,
                             run.info.run_id)
-        finish_stage("ppo", metrics, OUT)
+        finish_stage("ppo", {**metrics, "dropped_too_long": dropped}, OUT)
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from components.data.datasets import read_table
 from components.rlhf.sampling import rejection_sampling
 from components.track.tracking import stage_run
-from flows._finetune import RejectionConfig, finetune
+from flows._finetune import RejectionConfig, finetune, fitting_prompts
 from flows._stage import load_params, path, stage_config
 
 POLICY, OUT = path("checkpoints/sft"), path("checkpoints/rs")
@@ -24,7 +24,9 @@ def main() -> None:
                    OUT) as run:
         rows = read_table(path("data/raw/rl_prompts.parquet")).to_pylist()[:cfg.sample.prompts or None]
         records = [{"prompt": json.loads(r["prompt"]), "is_safety": r["is_safety"]} for r in rows]
+        records, dropped = fitting_prompts("rejection", records, POLICY, cfg)
         dialogs, stats = rejection_sampling(records, POLICY, REWARD_MODELS, cfg.sample, cfg.ray, cfg.safety_threshold)
+        stats["dropped_too_long"] = dropped
         print(f"[rejection] {stats}")
         finetune("rejection", cfg, POLICY, dialogs, OUT, run.info.run_id, extra_metrics=stats)
 

@@ -109,9 +109,11 @@ def test_encode_pair_uses_the_chat_template():
     assert pair.rating == "better"
 
 
-def test_pairs_over_the_context_are_dropped_and_counted_before_training():
-    from components.rlhf.reward import fitting_pairs
+def test_items_over_the_context_are_dropped_and_counted_before_training():
+    from components.data.datasets import fit_context
 
     pairs = [PreferencePair([1, 5, 2], [1, 6, 7, 2]), PreferencePair([1] * 9, [1, 2]), PreferencePair([1, 2], [1] * 8)]
-    kept, dropped = fitting_pairs(pairs, max_len=8)
-    assert kept == [pairs[0], pairs[2]] and dropped == 1  # a side of exactly max_len fits
+    kept, dropped = fit_context(pairs, [max(len(p.chosen), len(p.rejected)) for p in pairs], 8, "pairs", "rm")
+    assert kept == [pairs[0], pairs[2]] and dropped == 1  # a side of exactly the limit fits
+    with pytest.raises(SystemExit, match=r"rm: all 3 pairs are longer than the model's context allows \(2 tokens\)"):
+        fit_context(pairs, [3, 9, 8], 2, "pairs", "rm")

@@ -115,3 +115,16 @@ def test_ghost_attention_answers_every_turn(ray_local, checkpoints):
     assert stats == {"dialogs": 2, "examples": 4, "turns_mean": 2.0}
     assert [len(d) for d in training] == [3, 5, 7, 3]
     assert all(m["content"] in ("a", "b", "c") for m in training[2] if m["role"] == "user")  # no instruction
+
+
+def test_prompts_without_room_for_the_answer_are_dropped_before_sampling(tmp_path):
+    from flows._finetune import SampledFinetuneConfig, fitting_prompts
+
+    tok = small_tokenizer()
+    policy = save_checkpoint(tmp_path / "policy", debug_model(vocab_size=tok.vocab_size), tok)  # context 128
+    cfg = SampledFinetuneConfig(sample=SampleConfig(max_new_tokens=32))
+    short, long = {"prompt": [USER("hello there")]}, {"prompt": [USER("word " * 120)]}
+    assert fitting_prompts("rejection", [short, long, short], policy, cfg) == ([short, short], 1)
+    with pytest.raises(SystemExit, match="distill: all 1 prompts are longer"):  # measured as the sampler builds it
+        fitting_prompts("distill", [short], policy, cfg,
+                        lambda r: [{"role": "system", "content": "be safe " * 60}] + r["prompt"])

@@ -89,5 +89,18 @@ def examples_data(examples: list, pad_id: int, seq_len: int, val_fraction: float
     return train, val, stats
 
 
+def fit_context(items: list, lengths: list[int], limit: int, what: str, stage: str) -> tuple[list, int]:
+    """The items whose token length is within `limit`, and how many were dropped: decided in the driver, before
+    any Ray worker starts (an item over the context fails inside a worker, and Ray retries a deterministic error).
+    Every stage drops and counts the same way (as packing does for fine-tuning examples); none left is an error."""
+    kept = [item for item, n in zip(items, lengths, strict=True) if n <= limit]
+    if not kept:
+        raise SystemExit(f"error: {stage}: all {len(items)} {what} are longer than the model's context allows "
+                         f"({limit} tokens)")
+    if len(kept) < len(items):
+        print(f"[{stage}] {len(items) - len(kept)} of {len(items)} {what} dropped: longer than {limit} tokens")
+    return kept, len(items) - len(kept)
+
+
 def messages_column(table, column: str = "messages") -> list[list[dict]]:
     return [json.loads(m) for m in table.column(column).to_pylist()]

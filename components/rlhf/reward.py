@@ -45,13 +45,6 @@ def encode_pair(tokenizer: Tokenizer, prompt: list[dict], chosen: str, rejected:
     return PreferencePair(encode(chosen), encode(rejected), rating)
 
 
-def fitting_pairs(pairs: Sequence[PreferencePair], max_len: int) -> tuple[list[PreferencePair], int]:
-    """The pairs whose chosen and rejected sequences both fit the context, and how many were dropped: decided before
-    any Ray worker starts (a pair over the context fails inside the worker, and Ray retries a deterministic error)."""
-    kept = [p for p in pairs if max(len(p.chosen), len(p.rejected)) <= max_len]
-    return kept, len(pairs) - len(kept)
-
-
 @dataclass
 class PairBatch:
     tokens: torch.Tensor  # (2B, T) long: B chosen rows then B rejected rows, right-padded, one forward for both
