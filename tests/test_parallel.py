@@ -119,9 +119,11 @@ def test_strategy_settings_are_checked_before_any_worker_starts():
 
 
 def test_a_worker_killed_mid_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_run(ray_local, tmp_path,
-                                                                                                lm_setup):
+                                                                                                lm_setup, monkeypatch):
     """SIGKILL one of two FSDP workers after the first resume point: FailureConfig restarts the group, which reloads
-    the sharded state and the data position; every step is logged once and the weights end where they would have."""
+    the sharded state and the data position; every step is logged once (in the checkpoint's history and in MLflow)
+    and the weights end where they would have."""
+    from mlflow import MlflowClient
     import os
     import signal
     import threading
@@ -157,15 +159,20 @@ def test_a_worker_killed_mid_run_resumes_from_its_checkpoint_and_ends_like_an_un
         except psutil.Error:  # gone meanwhile
             return ""
 
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    run = MlflowClient(uri).create_run(MlflowClient(uri).create_experiment("killed"))
     killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
     killer.start()
-    train_lm(init, train, val, long, "lm-killed", tmp_path / "killed")
+    train_lm(init, train, val, long, "lm-killed", tmp_path / "killed", run.info.run_id)
     killer.join(timeout=1)
     assert killed, "no worker was killed: the run ended before its first checkpoint was seen"
     train_lm(init, train, val, replace(long, ray=ray_cfg(tmp_path, 2)), "lm-whole", tmp_path / "whole")
     assert_same_weights(weights(tmp_path / "killed"), weights(tmp_path / "whole"))
     history = json.loads((tmp_path / "killed/trainer_state/history.json").read_text())
     assert [r["step"] for r in history if "train_loss" in r] == list(range(150))
+    logged = sorted(m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "train_loss"))
+    assert logged == list(range(150)), logged  # none lost with the killed worker, none sent twice
     # It resumed rather than started over: no step's checkpoint was registered twice.
     steps = registered_steps()
     assert len(steps) == len(set(steps)) and max(steps) == 150, steps

@@ -155,8 +155,10 @@ def stage_run(stage: str, params: dict, profile: str, upstream_dirs=(), out_dir:
                                                   "experiment_id": run.info.experiment_id})
 
 
-def log_metric_series(run_id: str, series: list[dict]) -> None:
-    """Log [{"step": s, "name": value, ...}, ...] as metric curves."""
+def log_metric_series(run_id: str, series: list[dict], uri: str | None = None,
+                      skip: set[tuple[str, int]] = frozenset()) -> set[tuple[str, int]]:
+    """Log [{"step": s, "name": value, ...}, ...] as metric curves, but no (name, step) in `skip`; returns the
+    (name, step) pairs it logged."""
     import time
 
     from mlflow import MlflowClient
@@ -164,10 +166,19 @@ def log_metric_series(run_id: str, series: list[dict]) -> None:
 
     now = int(time.time() * 1000)
     metrics = [Metric(key, float(value), now, int(row["step"])) for row in series
-               for key, value in row.items() if key != "step"]
-    client = MlflowClient(tracking_uri())
+               for key, value in row.items() if key != "step" and (key, int(row["step"])) not in skip]
+    client = MlflowClient(uri or tracking_uri())
     for start in range(0, len(metrics), 900):
         client.log_batch(run_id, metrics=metrics[start:start + 900])
+    return {(m.key, m.step) for m in metrics}
+
+
+def logged_steps(run_id: str, keys: set[str], uri: str | None = None) -> set[tuple[str, int]]:
+    """The (name, step) pairs a run already has for these metrics."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri or tracking_uri())
+    return {(key, m.step) for key in keys for m in client.get_metric_history(run_id, key)}
 
 
 def summary() -> str:

@@ -138,20 +138,25 @@ def report(metrics: dict, save=None) -> None:
 
 class RankZeroLogger:
     """Rank 0 alone prints progress and sends metric curves to MLflow (batched); it keeps the whole history, which
-    checkpoints carry as trainer_state/history.json (the stage's `dvc plots` curves)."""
+    checkpoints carry as trainer_state/history.json (the stage's `dvc plots` curves).
+
+    A resumed run (history restored from a resume point) sends MLflow what it lacks of that history (the crashed
+    attempt may have died with entries unsent) and never a (metric, step) MLflow already has (the attempt may have
+    sent steps past its last resume point): each step is in MLflow once."""
 
     def __init__(self, stage: str, run_id: str | None, tracking_uri: str | None, total_steps: int,
                  history: list[dict] | None = None):
         import ray.train
 
         self.is_main = ray.train.get_context().get_world_rank() == 0
-        self.stage, self.run_id, self.total = stage, run_id, total_steps
-        self.pending: list[dict] = []
+        self.stage, self.run_id, self.uri, self.total = stage, run_id, tracking_uri, total_steps
         self.history: list[dict] = list(history or [])  # a resumed run continues the curves it had
-        if self.is_main and run_id and tracking_uri:
-            import mlflow
+        self.pending: list[dict] = list(self.history)
+        self.sent: set[tuple[str, int]] = set()
+        if self.is_main and run_id and tracking_uri and self.history:
+            from components.track.tracking import logged_steps
 
-            mlflow.set_tracking_uri(tracking_uri)
+            self.sent = logged_steps(run_id, {k for row in self.history for k in row if k != "step"}, tracking_uri)
 
     def log(self, step: int, metrics: dict, flush: bool = False) -> None:
         if not self.is_main:
@@ -170,10 +175,10 @@ class RankZeroLogger:
         return {"trainer_state/history.json": json.dumps(self.history)}
 
     def flush(self) -> None:
-        if self.is_main and self.run_id and self.pending:
+        if self.is_main and self.run_id and self.uri and self.pending:
             from components.track.tracking import log_metric_series
 
-            log_metric_series(self.run_id, self.pending)
+            self.sent |= log_metric_series(self.run_id, self.pending, self.uri, skip=self.sent)
         self.pending = []
 
 

@@ -33,6 +33,14 @@ class PPOStageConfig(PPOConfig):
             raise ValueError("params section 'ppo': PPO runs with ray.strategy 'ddp' only (set ppo.ray.strategy)")
 
 
+SHOWN = ("reward", "kl", "entropy", "clip_fraction", "value_loss", "policy_loss", "response_length", "time_rollout_s",
+         "time_update_s")  # what each iteration prints and sends to MLflow (history.json keeps every statistic)
+
+
+def shown(stats: dict) -> dict:
+    return {k: stats[k] for k in SHOWN if k in stats}
+
+
 def ppo_train_loop(config: dict) -> None:
     import json
 
@@ -53,7 +61,8 @@ def ppo_train_loop(config: dict) -> None:
     trained = {"policy": (policy, trainer.policy_optimizer), "value": (value, trainer.value_optimizer)}
     state = restore_train_state(trained, config.get("resume_from")) or {"step": 0, "history": []}
     trainer.global_step, history = state["step"], state["history"]  # global_step seeds the sampling
-    logger = RankZeroLogger(config["stage"], config.get("run_id"), config.get("tracking_uri"), cfg.iterations)
+    logged = [{"step": i, **shown(h)} for i, h in enumerate(history) if i % cfg.log_every == 0]
+    logger = RankZeroLogger(config["stage"], config.get("run_id"), config.get("tracking_uri"), cfg.iterations, logged)
 
     def save(folder: Path, done: int, final: bool = False) -> None:
         save_train_state(folder, {"policy": (policy, None)} if final else trained, tokenizer, {"step": done}, cfg,
@@ -69,9 +78,7 @@ def ppo_train_loop(config: dict) -> None:
         stats = {k: all_reduce_mean(v) for k, v in stats.items()}
         history.append(stats)
         if it % cfg.log_every == 0 or it == cfg.iterations - 1:
-            logger.log(it, {k: stats[k] for k in ("reward", "kl", "entropy", "clip_fraction", "value_loss",
-                                                   "policy_loss", "response_length", "time_rollout_s",
-                                                   "time_update_s") if k in stats})
+            logger.log(it, shown(stats))
         if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
             logger.flush()
             report({"iteration": it + 1}, lambda folder: save(folder, it + 1))
