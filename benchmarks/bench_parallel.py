@@ -22,8 +22,6 @@ from components.train.lm import LMTrainConfig, train_lm
 from model.config import get_config
 from tests.helpers import corpus, small_tokenizer
 
-STATE_FILE = "bench_state_bytes.json"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

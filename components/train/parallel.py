@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-STRATEGIES = ("ddp", "fsdp")
 RESUME_DIR = "trainer_state/dcp"  # the sharded model + optimizer state inside a resume-point checkpoint
 
 
