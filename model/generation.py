@@ -102,13 +102,16 @@ def _compiled_decode_step():
     return torch.compile(_static_decode_step, fullgraph=True, options={"cpp_wrapper": True})
 
 
-@torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams, eos_id: int, pad_id: int = 0,
-             *, compile: bool | None = None, on_step: StepHook | None = None) -> GenerationOutput:
+             *, compile: bool | None = None, on_step: StepHook | None = None,
+             sync: Callable[[bool], bool] | None = None) -> GenerationOutput:
     """Continue each prompt (a list of token ids) until eos, a stop sequence, or max_new_tokens.
 
     on_step(tokens, rows): called after every step with the ids it produced for `rows`, the rows that had not
     finished before it (a server streams them as they come).
+
+    sync(all my rows finished) -> stop: for a model sharded over processes, whose every forward is a collective: all
+    of them decode the same number of steps and stop together (None: stop when this batch is done).
 
     compile: run the decode steps through torch.compile; same tokens, up to float rounding. None (the default)
     means eager. Compiling costs seconds to tens of seconds in a fresh process, and again for a new batch size (less
@@ -168,7 +171,8 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
             done_now &= ~finished
             lengths = torch.where(done_now, t + 1, lengths)
             finished |= done_now
-            if t == new - 1 or bool(finished.all()):
+            done = bool(finished.all())
+            if t == new - 1 or (sync(done) if sync is not None else done):
                 break
             pos = prompt_len + t
             if compiled_step is not None:

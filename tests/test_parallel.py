@@ -123,85 +123,164 @@ def test_a_worker_killed_mid_run_resumes_from_its_checkpoint_and_ends_like_an_un
     """SIGKILL one of two FSDP workers after the first resume point: FailureConfig restarts the group, which reloads
     the sharded state and the data position; every step is logged once (in the checkpoint's history and in MLflow)
     and the weights end where they would have."""
-    from mlflow import MlflowClient
-    import os
-    import signal
-    import threading
-    import time
-
-    import psutil
-
     init, train, val, cfg = lm_setup
     long = replace(cfg, max_steps=150, checkpoint_every=25, ray=ray_cfg(tmp_path, 2, max_failures=1))
-    killed = {}
+    run_id = mlflow_run(tmp_path, monkeypatch)
+    with WorkerKiller(tmp_path / "ray", "lm-killed", "step") as killer:
+        train_lm(init, train, val, long, "lm-killed", tmp_path / "killed", run_id)
+    train_lm(init, train, val, replace(long, ray=ray_cfg(tmp_path, 2)), "lm-whole", tmp_path / "whole")
+    assert_same_weights(weights(tmp_path / "killed"), weights(tmp_path / "whole"))
+    killer.assert_resumed(tmp_path / "killed", run_id, "train_loss", 150)
 
-    def kill_a_worker_after_the_first_checkpoint():
-        deadline = time.time() + 300
-        while time.time() < deadline and not killed:
-            if registered_steps():  # Ray Train has registered a resume point (all ranks' shards are in)
-                workers = [p for p in psutil.Process().children(recursive=True)  # this test's Ray cluster only
-                           if "RayTrainWorker" in command(p)]
-                if workers:
-                    os.kill(workers[0].pid, signal.SIGKILL)
-                    killed["pid"] = workers[0].pid
-            time.sleep(0.02)
 
-    def registered_steps() -> list[int]:
-        snapshots = list((tmp_path / "ray").glob("lm-killed-*/checkpoint_manager_snapshot.json"))
-        try:
-            return [r["metrics"]["step"] for r in json.loads(snapshots[0].read_text())["checkpoint_results"]]
-        except (IndexError, ValueError):  # not written yet, or being written
-            return []
-
-    def command(process) -> str:
-        try:
-            return " ".join(process.cmdline())
-        except psutil.Error:  # gone meanwhile
-            return ""
+def mlflow_run(tmp_path: Path, monkeypatch) -> str:
+    """A run in a fresh SQLite store that the stage's rank-0 logger sends its curves to."""
+    from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    run = MlflowClient(uri).create_run(MlflowClient(uri).create_experiment("killed"))
-    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
-    killer.start()
-    train_lm(init, train, val, long, "lm-killed", tmp_path / "killed", run.info.run_id)
-    killer.join(timeout=1)
-    assert killed, "no worker was killed: the run ended before its first checkpoint was seen"
-    train_lm(init, train, val, replace(long, ray=ray_cfg(tmp_path, 2)), "lm-whole", tmp_path / "whole")
-    assert_same_weights(weights(tmp_path / "killed"), weights(tmp_path / "whole"))
-    history = json.loads((tmp_path / "killed/trainer_state/history.json").read_text())
-    assert [r["step"] for r in history if "train_loss" in r] == list(range(150))
-    logged = sorted(m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "train_loss"))
-    assert logged == list(range(150)), logged  # none lost with the killed worker, none sent twice
-    # It resumed rather than started over: no step's checkpoint was registered twice.
-    steps = registered_steps()
-    assert len(steps) == len(set(steps)) and max(steps) == 150, steps
+    return MlflowClient(uri).create_run(MlflowClient(uri).create_experiment("killed")).info.run_id
 
 
-def test_ppo_resumes_by_iteration_from_its_resume_point(ray_local, tmp_path):
+class WorkerKiller:
+    """SIGKILLs one Ray Train worker of this test's cluster as soon as Ray Train has registered the run's first
+    resume point (all ranks' shards are in), then checks that the run resumed rather than started over."""
+
+    def __init__(self, storage: Path, run: str, step_key: str):
+        self.storage, self.run, self.step_key, self.killed = storage, run, step_key, {}
+
+    def __enter__(self):
+        import threading
+
+        self.thread = threading.Thread(target=self._kill, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.thread.join(timeout=1)
+        return False
+
+    def _kill(self):
+        import os
+        import signal
+        import time
+
+        import psutil
+
+        deadline = time.time() + 300
+        while time.time() < deadline and not self.killed:
+            if self.registered_steps():
+                workers = [p for p in psutil.Process().children(recursive=True)  # this test's Ray cluster only
+                           if "RayTrainWorker" in _command(p)]
+                if workers:
+                    os.kill(workers[0].pid, signal.SIGKILL)
+                    self.killed["pid"] = workers[0].pid
+            time.sleep(0.02)
+
+    def registered_steps(self) -> list[int]:
+        snapshots = list(self.storage.glob(f"{self.run}-*/checkpoint_manager_snapshot.json"))
+        try:
+            results = json.loads(snapshots[0].read_text())["checkpoint_results"]
+        except (IndexError, ValueError):  # not written yet, or being written
+            return []
+        return [r["metrics"][self.step_key] for r in results if self.step_key in r["metrics"]]  # not the final one
+
+    def assert_resumed(self, out: Path, run_id: str, metric: str, steps: int) -> None:
+        from mlflow import MlflowClient
+
+        assert self.killed, "no worker was killed: the run ended before its first checkpoint was seen"
+        history = json.loads((out / "trainer_state/history.json").read_text())
+        assert [r.get("step", i) for i, r in enumerate(history) if metric in r] == list(range(steps))  # PPO: by index
+        logged = sorted(m.step for m in MlflowClient().get_metric_history(run_id, metric))
+        assert logged == list(range(steps)), logged  # none lost with the killed worker, none sent twice
+        # It resumed rather than started over: no step's checkpoint was registered twice.
+        registered = self.registered_steps()
+        assert len(registered) == len(set(registered)), registered
+
+
+def _command(process) -> str:
+    import psutil
+
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # gone meanwhile
+        return ""
+
+
+@pytest.fixture(scope="module")
+def ppo_setup(tmp_path_factory):
+    """A policy and a reward model (used as both RMs) saved as checkpoints, and 16 prompts, 1 in 4 a safety prompt."""
+    from components.rlhf.reward import init_reward_model
+
+    folder, tok = tmp_path_factory.mktemp("ppo"), small_tokenizer()
+    policy = save_checkpoint(folder / "policy", debug_model(vocab_size=tok.vocab_size, seed=1), tok)
+    rm = init_reward_model(debug_model(vocab_size=tok.vocab_size, seed=2), head_std=0.02,
+                           generator=torch.Generator().manual_seed(0))
+    rm_path = save_checkpoint(folder / "rm", rm, tok)
+    rng = random.Random(0)
+    prompts = [[tok.bos_id] + [rng.randrange(8, tok.vocab_size) for _ in range(rng.randint(2, 6))] for _ in range(16)]
+    return policy, rm_path, prompts, [i % 4 == 0 for i in range(16)]
+
+
+def ppo_config(ray: RayConfig, **overrides):
+    from components.train.ppo import PPOStageConfig
+
+    base = dict(iterations=4, checkpoint_every=2, rollout_batch_size=4, mini_batch_size=2, forward_batch_size=4,
+                max_new_tokens=4, lr=1e-3, safety_threshold=0.15, bf16=False, ray=ray)
+    return PPOStageConfig(**{**base, **overrides})
+
+
+def run_ppo(ppo_setup, cfg, name: str, out: Path, **kw) -> None:
+    from components.train.ppo import train_ppo
+
+    policy, rm_path, prompts, safety = ppo_setup
+    train_ppo(policy, rm_path, rm_path, prompts, safety, cfg, name, out, **kw)
+
+
+def test_ppo_resumes_by_iteration_from_its_resume_point(ray_local, tmp_path, ppo_setup):
     """PPO checkpoints policy, value and both optimizers every checkpoint_every iterations; a run resumed from
     iteration 2 of 4 ends at the weights of the uninterrupted run, with the first two iterations' records restored
     (their timings too, which a rerun could never reproduce)."""
-    from components.rlhf.reward import init_reward_model
-    from components.train.ppo import PPOStageConfig, train_ppo
-
-    tok = small_tokenizer()
-    policy = save_checkpoint(tmp_path / "policy", debug_model(vocab_size=tok.vocab_size, seed=1), tok)
-    rm = init_reward_model(debug_model(vocab_size=tok.vocab_size, seed=2), head_std=0.02,
-                           generator=torch.Generator().manual_seed(0))
-    rm_path = save_checkpoint(tmp_path / "rm", rm, tok)
-    rng = random.Random(0)
-    prompts = [[tok.bos_id] + [rng.randrange(8, tok.vocab_size) for _ in range(rng.randint(2, 6))] for _ in range(16)]
-    safety = [i % 4 == 0 for i in range(16)]
-    cfg = PPOStageConfig(iterations=4, checkpoint_every=2, rollout_batch_size=4, mini_batch_size=2,
-                         forward_batch_size=4, max_new_tokens=4, lr=1e-3, safety_threshold=0.15, bf16=False,
-                         ray=ray_cfg(tmp_path, 1, "ddp"))
-    train_ppo(policy, rm_path, rm_path, prompts, safety, cfg, "ppo-whole", tmp_path / "whole")
+    cfg = ppo_config(ray_cfg(tmp_path, 1, "ddp"))
+    run_ppo(ppo_setup, cfg, "ppo-whole", tmp_path / "whole")
     [resume] = [p for p in (tmp_path / "ray").glob("ppo-whole-*/checkpoint_*") if p.is_dir()
                 and json.loads((p / "trainer_state/state.json").read_text())["step"] == 2]
-    train_ppo(policy, rm_path, rm_path, prompts, safety, cfg, "ppo-resumed", tmp_path / "resumed", resume_from=resume)
+    run_ppo(ppo_setup, cfg, "ppo-resumed", tmp_path / "resumed", resume_from=resume)
     assert_same_weights(weights(tmp_path / "resumed"), weights(tmp_path / "whole"), atol=1e-5)
     whole, resumed = (json.loads((tmp_path / run / "trainer_state/history.json").read_text())
                       for run in ("whole", "resumed"))
     assert len(resumed) == 4 and resumed[:2] == whole[:2]
     assert [h["reward"] for h in resumed[2:]] == pytest.approx([h["reward"] for h in whole[2:]], rel=1e-4)
+
+
+@pytest.mark.parametrize("rollout_weights", ["gathered", "sharded"])
+def test_fsdp_ppo_on_two_workers_trains_like_one(ray_local, tmp_path, ppo_setup, rollout_weights):
+    """PPO's five models under FSDP2 on 2 workers (policy and value trained sharded, the reference and both RMs
+    frozen and sharded, rollouts from a gathered copy or in lock step through the shards) end where 1 DDP worker
+    ends on the same global batch: greedy rollouts, one minibatch per epoch, whitening and loss normalisation over
+    both ranks' rows."""
+    common = dict(iterations=3, checkpoint_every=0, temperature=0.0, rollout_batch_size=4, mini_batch_size=4,
+                  forward_batch_size=2, ppo_epochs=2)
+    run_ppo(ppo_setup, ppo_config(ray_cfg(tmp_path, 1, "ddp"), **common), "ppo-one", tmp_path / "one")
+    run_ppo(ppo_setup, ppo_config(ray_cfg(tmp_path, 2), rollout_weights=rollout_weights, **common), "ppo-two",
+            tmp_path / "two")
+    one, two, start = weights(tmp_path / "one"), weights(tmp_path / "two"), weights(ppo_setup[0])
+    assert max(float((one[k] - start[k]).abs().max()) for k in one) > 1e-3  # it trained: equality means something
+    assert_same_weights(two, one, atol=2e-5)
+    histories = [json.loads((tmp_path / run / "trainer_state/history.json").read_text()) for run in ("one", "two")]
+    for key in ("reward", "kl", "response_length", "policy_loss", "value_loss"):
+        assert [h[key] for h in histories[1]] == pytest.approx([h[key] for h in histories[0]], rel=1e-3, abs=1e-5)
+
+
+def test_a_ppo_worker_killed_mid_run_resumes_by_iteration(ray_local, tmp_path, ppo_setup, monkeypatch):
+    """SIGKILL one of two FSDP PPO workers after its first resume point: the restart reloads policy, value and both
+    optimizers (sharded) and the iteration; sampled rollouts (seeded per iteration and row) continue as they would
+    have: the weights end at the uninterrupted run's, every iteration logged once."""
+    cfg = ppo_config(ray_cfg(tmp_path, 2, max_failures=1), iterations=8, checkpoint_every=2, rollout_batch_size=8,
+                     mini_batch_size=4, forward_batch_size=4, temperature=1.0)
+    run_id = mlflow_run(tmp_path, monkeypatch)
+    with WorkerKiller(tmp_path / "ray", "ppo-killed", "iteration") as killer:
+        run_ppo(ppo_setup, cfg, "ppo-killed", tmp_path / "killed", run_id=run_id)
+    run_ppo(ppo_setup, replace(cfg, ray=ray_cfg(tmp_path, 2)), "ppo-whole", tmp_path / "whole")
+    assert_same_weights(weights(tmp_path / "killed"), weights(tmp_path / "whole"), atol=1e-5)
+    killer.assert_resumed(tmp_path / "killed", run_id, "reward", 8)

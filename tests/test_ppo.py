@@ -149,7 +149,7 @@ def test_ppo_learns_to_emit_the_rewarded_token():
 
 
 def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
-    """One rank: DDP-wrapped policy and value, its own prompts and sampling seed, one PPO step."""
+    """One rank: DDP-wrapped policy and value, its share (8) of the global batch (16) of prompts, one PPO step."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -158,7 +158,7 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
     try:
         policy, ref, value, rm_helpful, rm_safety = make_models()  # same seed: identical replicas
         trainer = PPOTrainer(DDP(policy), ref, DDP(value), rm_helpful, rm_safety, EOS, PAD,
-                             small_config(seed=rank))
+                             small_config(rollout_batch_size=16, mini_batch_size=8))
         stats = trainer.step(random_prompts(8, seed=10 + rank), [False] * 8)
         torch.save({"policy": policy.state_dict(), "value": value.state_dict(), "stats": stats},
                    f"{out_dir}/rank{rank}.pt")

@@ -1,13 +1,14 @@
 """The RLHF math of Llama 2 (Touvron et al. 2023, §3.2.2–3.2.3) as small, pure tensor functions.
 
 Shapes: B sequences, R response tokens (right-padded), V vocabulary. A `mask` (B, R) is 1.0 on response tokens (the
-eos included when the response ended with one) and 0.0 on padding. No module state, no distributed calls: under DDP
-every statistic here is local to the rank that computes it.
+eos included when the response ended with one) and 0.0 on padding. No module state, no distributed calls: a
+statistic that must span data-parallel ranks takes `reduce` (a tensor -> its sum over ranks) or `num_tokens` from the
+caller; without them everything is local to the batch given.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ RATING_MARGINS: dict[str, dict[str, float]] = {
     "none": dict.fromkeys(RATINGS, 0.0),  # the plain binary ranking loss (InstructGPT)
 }
 DEFAULT_MARGIN_SCALE = "small"
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over data-parallel ranks (all_reduce)
 
 
 def rating_margins(scale: str = DEFAULT_MARGIN_SCALE) -> dict[str, float]:
@@ -35,33 +37,42 @@ def reward_margin_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: tor
     return -F.logsigmoid(chosen - rejected - margin).mean()
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, dim: int | None = None) -> torch.Tensor:
-    """Mean of x over the positions where mask is 1 (all of x, or along dim). An empty mask gives 0, not NaN."""
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, dim: int | None = None,
+                reduce: Reduce | None = None) -> torch.Tensor:
+    """Mean of x over the positions where mask is 1 (all of x, or along dim). An empty mask gives 0, not NaN.
+    reduce (with dim None): sums a tensor over data-parallel ranks, so the mean is over every rank's positions."""
     if mask is None:
-        return x.mean() if dim is None else x.mean(dim)
+        mask = torch.ones_like(x)
     mask = mask.to(x.dtype)
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+    if dim is not None:
+        return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+    reduce = reduce or _local
+    return reduce((x * mask).sum()) / reduce(mask.sum()).clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Unbiased variance of x over the masked positions (0 when fewer than two)."""
+def masked_var(x: torch.Tensor, mask: torch.Tensor | None = None, reduce: Reduce | None = None) -> torch.Tensor:
+    """Unbiased variance of x over the masked positions (0 when fewer than two); reduce as in masked_mean."""
     mask = torch.ones_like(x) if mask is None else mask.to(x.dtype)
-    count = mask.sum()
-    centered = (x - masked_mean(x, mask)) * mask
-    return (centered ** 2).sum() / (count - 1).clamp(min=1)
+    reduce = reduce or _local
+    count = reduce(mask.sum())
+    centered = (x - masked_mean(x, mask, reduce=reduce)) * mask
+    return reduce((centered ** 2).sum()) / (count - 1).clamp(min=1)
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8,
-           ) -> torch.Tensor:
-    """(x - mean) / std over the masked positions; shift_mean=False keeps the mean (TRL's masked_whiten).
+           reduce: Reduce | None = None) -> torch.Tensor:
+    """(x - mean) / std over the masked positions; shift_mean=False keeps the mean (TRL's masked_whiten). reduce:
+    the statistics span every data-parallel rank's rows (N workers whiten as one worker would the whole batch).
 
     Masked-out positions come back as whatever the formula gives; multiply by the mask where that matters.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = masked_mean(x, mask, reduce=reduce), masked_var(x, mask, reduce=reduce)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     return whitened if shift_mean else whitened + mean
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -100,29 +111,39 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, cliprange: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+                    mask: torch.Tensor, cliprange: float = 0.2, num_tokens: torch.Tensor | float | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate, averaged over response tokens; all inputs (B, R).
 
+    num_tokens: what the sum over tokens is divided by (default: this batch's count). Data-parallel ranks pass the
+    global count / ranks: the gradients they average are then exactly those of the mean over every rank's tokens.
     Returns the loss and the clip fraction (share of tokens where the clipped term was the active one).
     """
     ratio = torch.exp(logprobs - old_logprobs)
     loss_unclipped = -advantages * ratio
     loss_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
-    clip_fraction = masked_mean((loss_clipped > loss_unclipped).float(), mask)
+    loss = _token_mean(torch.maximum(loss_unclipped, loss_clipped), mask, num_tokens)
+    clip_fraction = _token_mean((loss_clipped > loss_unclipped).float(), mask, num_tokens)
     return loss, clip_fraction.detach()
 
 
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                   cliprange_value: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+                   cliprange_value: float = 0.2, num_tokens: torch.Tensor | float | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss 0.5 * max((V - G)^2, (V_clip - G)^2), V_clip within ±cliprange_value of the old value;
-    all inputs (B, R). Returns the loss and the value clip fraction."""
+    all inputs (B, R); num_tokens as in ppo_policy_loss. Returns the loss and the value clip fraction."""
     values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     loss_unclipped = (values - returns) ** 2
     loss_clipped = (values_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
-    clip_fraction = masked_mean((loss_clipped > loss_unclipped).float(), mask)
+    loss = 0.5 * _token_mean(torch.maximum(loss_unclipped, loss_clipped), mask, num_tokens)
+    clip_fraction = _token_mean((loss_clipped > loss_unclipped).float(), mask, num_tokens)
     return loss, clip_fraction.detach()
+
+
+def _token_mean(x: torch.Tensor, mask: torch.Tensor, num_tokens: torch.Tensor | float | None) -> torch.Tensor:
+    if num_tokens is None:
+        return masked_mean(x, mask)
+    return (x * mask.to(x.dtype)).sum() / num_tokens
 
 
 def logit(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -147,17 +168,18 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
 
 
 def ppo_rewards(r_c: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
-                beta: float, whiten_scores: bool = True) -> torch.Tensor:
+                beta: float, whiten_scores: bool = True, reduce: Reduce | None = None) -> torch.Tensor:
     """Per-token rewards R = WHITEN(LOGIT(R_c)) - beta * KL (§3.2.3): (B,), (B, R) x3 -> (B, R).
 
     The KL term is the per-token sample estimate log pi(y_t) - log pi_0(y_t) (its sum over tokens is the sequence
-    KL estimate); the score is added at each row's last response token only. Whitening is over the batch of rows.
+    KL estimate); the score is added at each row's last response token only. Whitening is over the batch of rows
+    (every rank's, with reduce).
     """
     mask = mask.to(logprobs.dtype)
     rewards = -beta * (logprobs - ref_logprobs) * mask
     score = logit(r_c.to(logprobs.dtype))
     if whiten_scores:
-        score = whiten(score)
+        score = whiten(score, reduce=reduce)
     return rewards.scatter_add(1, last_token_index(mask)[:, None], score[:, None])
 
 

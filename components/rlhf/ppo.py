@@ -12,24 +12,32 @@ longest response, tokens are (B, P + R) and every per-token tensor is (B, R) ove
 position P - 1 + t predicts response token t, so logits and values are read from positions [P - 1, P + R - 1).
 A response that ended with eos keeps its eos (it is a real action, and the token the reward model reads).
 
-Distributed use: no global state, no collectives. The policy and value model may be DDP-wrapped: training forwards
-go through the wrapper (so gradients all-reduce); generation and no-grad forwards use the inner module (`unwrap`),
-so no rank ever waits on another outside backward. Frozen models (reference, reward models) are never wrapped.
+Distributed use (Ray Train workers, components/train/ppo.py): the batch sizes are global, as the LM loop's; each
+rank rolls out and trains on its share of the rows, and the statistics that span the batch (score and advantage
+whitening, the token count that losses are averaged by) are summed over ranks, so N workers compute what one worker
+would on all the rows (up to the minibatch split: each minibatch takes its rows from every rank's share). Every
+model may be DDP-wrapped or FSDP2-sharded; under FSDP every forward is a collective, so every rank runs the same
+forwards: the same number of rows, forward batches and minibatches, decoding in lock step or from a gathered copy
+(`rollout_model`). Under DDP, no-grad forwards use the inner module (`unwrap`) and need no other rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from components.rlhf.losses import (entropy_from_logits, gae, last_token_index, logit, logprobs_from_logits, masked_mean,
                                piecewise_reward, ppo_policy_loss, ppo_rewards, ppo_value_loss, whiten)
 from components.rlhf.reward import score
 from components.train.core import make_optimizer, unwrap
+from components.train.parallel import clip_grad_norm
 from model.generation import SamplingParams, generate
 from model.llama import padding_attention_mask, positions_from_mask
 
@@ -46,9 +54,9 @@ class PPOConfig:
     gamma: float = 1.0  # discount: none within a response
     lam: float = 0.95  # GAE lambda
     ppo_epochs: int = 1  # passes over each rollout (not given in the paper)
-    rollout_batch_size: int = 512  # prompts per `step` call; per worker under DDP (paper: 512 in all)
-    mini_batch_size: int = 64  # sequences per optimizer step, one step per minibatch (paper: 64)
-    forward_batch_size: int = 64  # rows per no-grad forward / generate call in phases 1-3 (memory only)
+    rollout_batch_size: int = 512  # prompts per iteration across all workers (paper: 512)
+    mini_batch_size: int = 64  # sequences per optimizer step across all workers, one step per minibatch (paper: 64)
+    forward_batch_size: int = 64  # rows per no-grad forward / generate call on one worker in phases 1-3 (memory only)
     lr: float = 1e-6  # constant policy learning rate (paper: 1e-6)
     value_lr: float | None = None  # value-model learning rate; None = lr
     beta1: float = 0.9  # AdamW, as the other training loops
@@ -62,7 +70,7 @@ class PPOConfig:
     safety_threshold: float  # R_safety below this selects the safety score on any prompt (paper: 0.15)
     whiten_scores: bool = True  # WHITEN(LOGIT(R_c)) over the rollout batch, as the paper
     whiten_advantages: bool = True
-    seed: int | None = 0  # sampling and minibatch-order seed; give each worker its own (e.g. seed + rank)
+    seed: int | None = 0  # sampling (per global row) and minibatch-order seed
 
     def __post_init__(self) -> None:
         checks = [
@@ -146,6 +154,12 @@ def _window(key_valid: torch.Tensor, mask: torch.Tensor, prompt_len: int) -> tup
     return start, prompt_len - start, R
 
 
+def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t
+
+
 def _now(device: torch.device) -> float:
     if device.type == "cuda":  # kernels are asynchronous: wait for them so phase timings are real
         torch.cuda.synchronize(device)
@@ -160,10 +174,14 @@ class PPOTrainer:
     choice) or `init_reward_model(sft_model)`;
     rm_helpful, rm_safety: scalar-head reward models whose raw score is a logit (sigmoid -> probability).
     The reference and reward models are frozen here (requires_grad False, eval mode).
+    rollout_model: a context manager factory giving the module to decode with (default: the policy's inner module;
+    for a sharded policy, parallel.gathered). lockstep: generate()'s `sync`, for decoding through a sharded model.
     """
 
     def __init__(self, policy: nn.Module, ref_policy: nn.Module, value_model: nn.Module, rm_helpful: nn.Module,
-                 rm_safety: nn.Module, eos_id: int, pad_id: int, config: PPOConfig):
+                 rm_safety: nn.Module, eos_id: int, pad_id: int, config: PPOConfig,
+                 rollout_model: Callable[[], AbstractContextManager[nn.Module]] | None = None,
+                 lockstep: Callable[[bool], bool] | None = None):
         if getattr(unwrap(policy), "args", None) is not None and unwrap(policy).args.head != "lm":
             raise ValueError("the policy needs an lm head")
         if getattr(unwrap(value_model), "args", None) is not None and unwrap(value_model).args.head != "scalar":
@@ -179,15 +197,25 @@ class PPOTrainer:
                                               config.eps)
         self.device = next(unwrap(policy).parameters()).device
         self.global_step = 0  # completed steps: part of the seeds, saved in state_dict for resume
+        self.rollout_model = rollout_model or (lambda: contextlib.nullcontext(unwrap(self.policy)))
+        self.lockstep = lockstep
+        distributed = dist.is_available() and dist.is_initialized()
+        self.world, self.rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        if config.rollout_batch_size % self.world or config.mini_batch_size % self.world:
+            raise ValueError(f"rollout_batch_size {config.rollout_batch_size} and mini_batch_size "
+                             f"{config.mini_batch_size} must divide evenly over {self.world} workers")
+        self.local_rollout = config.rollout_batch_size // self.world  # this rank's rows of each iteration
+        self.local_minibatch = config.mini_batch_size // self.world
+        self.reduce = _sum_over_ranks if self.world > 1 else None
 
     # ---- the step ----------------------------------------------------------------------------------------------
 
     def step(self, prompts: list[list[int]], is_safety: list[bool]) -> dict[str, float]:
         """One PPO iteration on a batch of prompts (token ids); returns flat float statistics."""
-        if len(prompts) != self.config.rollout_batch_size:
-            # Under DDP every rank must take the same number of optimizer steps, or backward waits forever.
-            raise ValueError(f"step got {len(prompts)} prompts; config.rollout_batch_size is "
-                             f"{self.config.rollout_batch_size}")
+        if len(prompts) != self.local_rollout:
+            # Every rank must take the same number of optimizer steps, or a collective waits forever.
+            raise ValueError(f"step got {len(prompts)} prompts; this worker's share of rollout_batch_size "
+                             f"{self.config.rollout_batch_size} is {self.local_rollout}")
         start = _now(self.device)
         experience, stats = self.make_experience(prompts, is_safety)
         stats.update(self.update(experience))
@@ -208,16 +236,19 @@ class PPOTrainer:
         value_model.eval()
         t0 = _now(device)
 
-        # 1. Rollout through the shared decoding path, a forward batch at a time.
+        # 1. Rollout through the shared decoding path, a forward batch at a time, each seeded by its first global row.
         responses, rollout_logprobs, finish_reasons = [], [], []
-        for i in range(0, len(prompts), cfg.forward_batch_size):
-            seed = None if cfg.seed is None else cfg.seed + 1_000_003 * self.global_step + i
-            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                    seed=seed)
-            out = generate(policy, prompts[i:i + cfg.forward_batch_size], params, self.eos_id, self.pad_id)
-            responses += out.tokens
-            rollout_logprobs += out.logprobs
-            finish_reasons += out.finish_reasons
+        first_row = self.rank * self.local_rollout
+        with self.rollout_model() as decoder:
+            for i in range(0, len(prompts), cfg.forward_batch_size):
+                seed = None if cfg.seed is None else cfg.seed + 1_000_003 * self.global_step + first_row + i
+                params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                        top_p=cfg.top_p, seed=seed)
+                out = generate(decoder, prompts[i:i + cfg.forward_batch_size], params, self.eos_id, self.pad_id,
+                               sync=self.lockstep)
+                responses += out.tokens
+                rollout_logprobs += out.logprobs
+                finish_reasons += out.finish_reasons
         t1 = _now(device)
 
         tokens, key_valid, mask = build_sequences(prompts, responses, self.pad_id, device)
@@ -251,12 +282,12 @@ class PPOTrainer:
         is_safety_t = torch.tensor(is_safety, dtype=torch.bool, device=device)
         r_c = piecewise_reward(r_helpful, r_safety, is_safety_t, cfg.safety_threshold)
         use_safety = is_safety_t | (r_safety < cfg.safety_threshold)  # (B,) for the stats only
-        rewards = ppo_rewards(r_c, logprobs, ref_logprobs, mask, cfg.kl_coef, cfg.whiten_scores)
+        rewards = ppo_rewards(r_c, logprobs, ref_logprobs, mask, cfg.kl_coef, cfg.whiten_scores, self.reduce)
 
         # 5. Advantages (B, R); returns are the value targets, taken before whitening the advantages.
         advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            advantages = whiten(advantages, mask) * mask
+            advantages = whiten(advantages, mask, reduce=self.reduce) * mask
         t2 = _now(device)
 
         rollout_lp = torch.zeros(B, R, device=device)
@@ -297,30 +328,32 @@ class PPOTrainer:
         n_minibatches = 0
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(B, generator=generator).to(exp.tokens.device)
-            for i in range(0, B, cfg.mini_batch_size):
-                rows = order[i:i + cfg.mini_batch_size]
+            for i in range(0, B, self.local_minibatch):
+                rows = order[i:i + self.local_minibatch]
                 start, p, r = _window(exp.key_valid[rows], exp.mask[rows], P)
                 tok, valid = exp.tokens[rows, start:P + r], exp.key_valid[rows, start:P + r]
                 mask = exp.mask[rows, :r]
+                num_tokens = self._tokens_per_rank(mask)
 
                 # Policy: clipped surrogate on the ratio pi_theta / pi_old over response tokens.
                 logits = response_outputs(self.policy, tok, valid, p)  # (b, r, V)
                 new_logprobs = logprobs_from_logits(logits, tok[:, p:])
                 old_logprobs = exp.logprobs[rows, :r]
                 policy_loss, clip_fraction = ppo_policy_loss(new_logprobs, old_logprobs, exp.advantages[rows, :r],
-                                                             mask, cfg.cliprange)
+                                                             mask, cfg.cliprange, num_tokens)
                 self.policy_optimizer.zero_grad(set_to_none=True)
                 policy_loss.backward()
-                policy_grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                policy_grad_norm = clip_grad_norm(self.policy, cfg.max_grad_norm)
                 self.policy_optimizer.step()
 
                 # Value: clipped regression onto the GAE returns.
                 new_values = response_outputs(self.value_model, tok, valid, p)[..., 0]  # (b, r)
                 value_loss, value_clip_fraction = ppo_value_loss(new_values, exp.values[rows, :r],
-                                                                 exp.returns[rows, :r], mask, cfg.cliprange_value)
+                                                                 exp.returns[rows, :r], mask, cfg.cliprange_value,
+                                                                 num_tokens)
                 self.value_optimizer.zero_grad(set_to_none=True)
                 (cfg.vf_coef * value_loss).backward()
-                value_grad_norm = torch.nn.utils.clip_grad_norm_(self.value_model.parameters(), cfg.max_grad_norm)
+                value_grad_norm = clip_grad_norm(self.value_model, cfg.max_grad_norm)
                 self.value_optimizer.step()
 
                 with torch.no_grad():
@@ -338,6 +371,13 @@ class PPOTrainer:
         stats = {key: total / n_minibatches for key, total in totals.items()}
         stats["time_update_s"] = _now(self.device) - t0
         return stats
+
+    def _tokens_per_rank(self, mask: torch.Tensor) -> torch.Tensor | None:
+        """The minibatch's response tokens over all ranks / ranks: dividing each rank's loss sum by it makes the
+        averaged gradients those of the mean over every rank's tokens (ranks' token counts differ)."""
+        if self.reduce is None:
+            return None
+        return (self.reduce(mask.sum()) / self.world).clamp(min=1)
 
     # ---- resume ------------------------------------------------------------------------------------------------
 

@@ -7,6 +7,9 @@ fsdp  FSDP2 (`torch.distributed.fsdp.fully_shard`) on every transformer block, t
       and backward. Every rank but 0 builds the model on the meta device; rank 0's full weights are broadcast into
       the shards (`set_model_state_dict(..., broadcast_from_rank0=True)`), so no rank but one ever holds a full copy.
       On GPU, a MixedPrecisionPolicy computes in bf16 with fp32 master weights and fp32 gradient reductions.
+      Frozen models (PPO's reference and reward models: `prepare_frozen`) are sharded the same way, in bf16 on GPU.
+      Decoding gathers a trained model's full weights once into a plain copy (`gathered`), or runs through the
+      shards in lock step (`all_finished`), where a full copy does not fit.
 
 Resume points go through torch.distributed.checkpoint: every rank writes its own shards into its own folder, Ray
 Train merges the ranks' folders into one checkpoint, and loading reshards to the worker count of the run that loads
@@ -44,22 +47,41 @@ def prepare(model: nn.Module, ray_cfg, device: torch.device, rank: int) -> nn.Mo
         import ray.train.torch
 
         return ray.train.torch.prepare_model(model)
+    return _shard(model, ray_cfg, device, rank, train=True)
+
+
+def prepare_frozen(model: nn.Module, ray_cfg, device: torch.device, rank: int) -> nn.Module:
+    """A model that is only evaluated (PPO's reference policy and reward models): no gradients, no optimizer state,
+    bf16 weights on GPU. Under fsdp it is sharded over the same workers as the trained models (2 bytes per parameter
+    / workers on GPU, one block gathered at a time in its forward); under ddp each worker holds a plain copy."""
+    model.requires_grad_(False).eval()
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    if ray_cfg.strategy == "ddp":
+        return model.to(device=device, dtype=dtype)
+    return _shard(model, ray_cfg, device, rank, train=False, dtype=dtype)
+
+
+def _shard(model: nn.Module, ray_cfg, device: torch.device, rank: int, train: bool,
+           dtype: torch.dtype | None = None) -> nn.Module:
+    """FSDP2 on every block, then the root; rank 0's full weights (cast to dtype) broadcast into the shards."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     model.kernels.cache_weights = False  # see Kernels.cache_weights
-    full = model.state_dict() if rank == 0 else {}
+    full = {k: v.to(dtype or v.dtype) for k, v in model.state_dict().items()} if rank == 0 else {}
     if rank == 0:
         model = model.to_empty(device="meta")  # `full` keeps the weights; the shards are filled from it below
-    if ray_cfg.activation_checkpointing:
+    if dtype is not None:
+        model = model.to(dtype)  # on the meta device: the shards are allocated in dtype
+    if train and ray_cfg.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
         for i, block in enumerate(model.layers):
             model.layers[i] = checkpoint_wrapper(block)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     kwargs = {"mesh": mesh, "offload_policy": CPUOffloadPolicy() if ray_cfg.cpu_offload else OffloadPolicy()}
-    if device.type == "cuda":
+    if train and device.type == "cuda":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in model.layers:
         fully_shard(block, **kwargs)
@@ -68,6 +90,41 @@ def prepare(model: nn.Module, ray_cfg, device: torch.device, rank: int) -> nn.Mo
     # Keys as the unwrapped model names them: the distributed state-dict API drops the checkpoint wrapper's prefix.
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module, device: torch.device):
+    """The model to decode with: under fsdp its full weights gathered ONCE into a plain copy on this rank (bf16 on
+    GPU), freed on exit; every rank enters together. Decoding through the sharded model would all-gather every block
+    for every token (the Llama 2 paper saw ~20x slower generation under FSDP until it consolidated the weights
+    first). Under ddp: the replica itself."""
+    if not is_fsdp(model):
+        yield getattr(model, "module", model)
+        return
+    from model.llama import Transformer
+
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    with torch.device("meta"):
+        plain = Transformer(model.args)
+    full = {}
+    for name, param in model.named_parameters():  # one parameter's fp32 all-gather alive at a time
+        whole = param.detach().to(device).full_tensor()
+        full[name.replace("_checkpoint_wrapped_module.", "")] = whole.to(dtype or whole.dtype)
+    plain.load_state_dict(full, assign=True)
+    del full
+    try:
+        yield plain.eval()
+    finally:
+        del plain
+
+
+def all_finished(done: bool) -> bool:
+    """Lock-step decoding through a sharded model (generate's `sync`): every rank runs the same decode steps (each
+    step's forward all-gathers weights on all ranks), stopping once every rank's rows are done."""
+    flag = torch.tensor([0 if done else 1], dtype=torch.int32,
+                        device=f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag)
+    return int(flag.item()) == 0
 
 
 def grad_sync(model: nn.Module, sync: bool):

@@ -1,19 +1,32 @@
 """The PPO stage on Ray Train: the policy (from the previous stage) and a value model (a copy of the helpful reward
-model) trained by components.ppo.PPOTrainer against a frozen reference policy and both frozen reward models."""
+model) trained by components.rlhf.ppo.PPOTrainer against a frozen reference policy and both frozen reward models.
+
+Placement of the five models (components/train/parallel.py), per worker with P parameters per model and N workers:
+- ddp: every model whole on every worker: policy and value with fp32 weights, gradients and AdamW moments
+  (16 bytes/param each), the three frozen models in bf16 on GPU. Fits small models only (7B: ~240 GB).
+- fsdp: policy and value sharded as every training stage (16P/N bytes each); the reference policy and both reward
+  models frozen, in bf16 on GPU, sharded over the same workers (2P/N bytes each). Sharding them the same way, rather
+  than on their own Ray actors, keeps every GPU busy in every phase: their forwards are batched full sequences (phase
+  3), where gathering one block at a time costs little next to the compute, and no GPU sits idle holding a frozen
+  model while the policy trains. Rollouts decode from the policy's full weights gathered once per iteration into a
+  bf16 copy (2P bytes, freed after; `rollout_weights: gathered`) or, where that copy does not fit (70B on 80 GB),
+  through the sharded policy in lock step (`sharded`: one block gathered per token step, slow). `make plan` gives the
+  bytes per stage and profile.
+"""
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from components.cluster import RayConfig
 from components.rlhf.ppo import PPOConfig, PPOTrainer
-from components.train.core import (RankZeroLogger, all_reduce_mean, report, restore_train_state, save_train_state,
-                                   train_to_folder, worker_setup)
-from model.checkpoint import load_checkpoint
+from components.train import parallel
+from components.train.core import (RankZeroLogger, all_reduce_mean, load_init, report, restore_train_state,
+                                   save_train_state, train_to_folder, worker_setup)
 from model.kernels import bf16_autocast
 
 
@@ -21,16 +34,25 @@ from model.kernels import bf16_autocast
 class PPOStageConfig(PPOConfig):
     """params `ppo` (with rlhf.safety_threshold): the algorithm's hyper-parameters, the stage's, the Ray workers."""
 
-    iterations: int = 20  # PPO steps (each: rollout of rollout_batch_size prompts per worker, then the update)
+    iterations: int = 20  # PPO steps (each: rollout of rollout_batch_size prompts, then the update)
     log_every: int = 1
     checkpoint_every: int = 10  # iterations between resume points (policy, value, both optimizers; 0 = none)
     bf16: bool = True
+    # fsdp: decode rollouts from the policy's weights gathered once per iteration ("gathered": 2 bytes/param on
+    # every GPU, fast) or through the sharded policy, one block at a time ("sharded": fits when a full copy does not)
+    rollout_weights: str = "gathered"
     ray: RayConfig = RayConfig()
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.ray.strategy != "ddp":  # its five models' placement under FSDP2 is still to do
-            raise ValueError("params section 'ppo': PPO runs with ray.strategy 'ddp' only (set ppo.ray.strategy)")
+        if self.rollout_weights not in ("gathered", "sharded"):
+            raise ValueError(f"params section 'ppo': rollout_weights must be 'gathered' or 'sharded', got "
+                             f"{self.rollout_weights!r}")
+        workers = self.ray.num_workers
+        if self.rollout_batch_size % workers or self.mini_batch_size % workers:
+            raise ValueError(f"params section 'ppo': rollout_batch_size {self.rollout_batch_size} and mini_batch_size "
+                             f"{self.mini_batch_size} are global: they must divide evenly over ray.num_workers "
+                             f"{workers}")
 
 
 SHOWN = ("reward", "kl", "entropy", "clip_fraction", "value_loss", "policy_loss", "response_length", "time_rollout_s",
@@ -46,18 +68,21 @@ def ppo_train_loop(config: dict) -> None:
 
     import ray.train.torch
 
-    cfg, rank, _, (prompts, is_safety) = worker_setup(config)
-    ppo_cfg = replace(cfg, seed=None if cfg.seed is None else cfg.seed + rank)  # each rank samples its own rollouts
-    policy, tokenizer = load_checkpoint(config["policy"])
-    ref = copy.deepcopy(policy)
-    rm_helpful, _ = load_checkpoint(config["rm_helpful"])
-    rm_safety, _ = load_checkpoint(config["rm_safety"])
-    value = copy.deepcopy(rm_helpful)  # InstructGPT's value initialisation
+    cfg, rank, world, (prompts, is_safety) = worker_setup(config)
+    meta = not parallel.materialises(cfg.ray.strategy, rank)  # fsdp: rank 0 loads, the others build on meta
+    policy, tokenizer = load_init({"checkpoint": config["policy"]}, meta)
+    rm_helpful, _ = load_init({"checkpoint": config["rm_helpful"]}, meta)
+    rm_safety, _ = load_init({"checkpoint": config["rm_safety"]}, meta)
+    ref, value = copy.deepcopy(policy), copy.deepcopy(rm_helpful)  # value: InstructGPT's initialisation
     device = ray.train.torch.get_device()
-    policy = ray.train.torch.prepare_model(policy.train())
-    value = ray.train.torch.prepare_model(value.train())
-    trainer = PPOTrainer(policy, ref.to(device), value, rm_helpful.to(device), rm_safety.to(device),
-                         tokenizer.eos_id, tokenizer.pad_id, ppo_cfg)
+    policy = parallel.prepare(policy.train(), cfg.ray, device, rank)
+    value = parallel.prepare(value.train(), cfg.ray, device, rank)
+    ref, rm_helpful, rm_safety = (parallel.prepare_frozen(m, cfg.ray, device, rank)
+                                  for m in (ref, rm_helpful, rm_safety))
+    sharded_decode = parallel.is_fsdp(policy) and cfg.rollout_weights == "sharded"
+    trainer = PPOTrainer(policy, ref, value, rm_helpful, rm_safety, tokenizer.eos_id, tokenizer.pad_id, cfg,
+                         rollout_model=None if sharded_decode else lambda: parallel.gathered(policy, device),
+                         lockstep=parallel.all_finished if sharded_decode else None)
     trained = {"policy": (policy, trainer.policy_optimizer), "value": (value, trainer.value_optimizer)}
     state = restore_train_state(trained, config.get("resume_from")) or {"step": 0, "history": []}
     trainer.global_step, history = state["step"], state["history"]  # global_step seeds the sampling
@@ -68,9 +93,11 @@ def ppo_train_loop(config: dict) -> None:
         save_train_state(folder, {"policy": (policy, None)} if final else trained, tokenizer, {"step": done}, cfg,
                          {"trainer_state/history.json": json.dumps(history)}, final)
 
-    gen = torch.Generator().manual_seed(ppo_cfg.seed or 0)
+    # The same global draw on every rank, each taking its share: the iteration's prompts do not depend on the workers.
+    gen, share = torch.Generator().manual_seed(cfg.seed or 0), cfg.rollout_batch_size // world
     for it in range(cfg.iterations):
-        idx = torch.randint(len(prompts), (ppo_cfg.rollout_batch_size,), generator=gen).tolist()
+        idx = torch.randint(len(prompts), (cfg.rollout_batch_size,), generator=gen)[rank * share:(rank + 1) * share]
+        idx = idx.tolist()
         if it < state["step"]:
             continue  # done before the restart: its prompts are drawn all the same, so the sequence continues
         with bf16_autocast(device.type, cfg.bf16):
