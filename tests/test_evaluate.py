@@ -22,8 +22,9 @@ from model.generation import SamplingParams, generate
 from tests.helpers import debug_model, small_tokenizer
 
 WORLD = {"n_pretrain_docs": 20, "n_sft": 10, "n_pref_pairs": 10, "n_rl_prompts": 10, "n_gatt_dialogs": 4,
-         "n_eval_prompts": 10, "n_eval_gatt": 6}
-# Batches of 3: 10 prompts in 4 generate() calls, and GAtt dialogs of 2 and 3 turns whose later turns regroup.
+         "n_eval_prompts": 10, "n_eval_gatt": 3}
+# Batches of 3: 10 prompts in 4 generate() calls; 3 GAtt dialogs of 2 and 3 turns (one batch a turn, as the profiles'
+# eval_gatt: an actor answers batch_size dialogs to the end, so more would regroup the later turns' batches).
 CFG = EvalConfig(max_new_tokens=8, batch_size=3, ray=RayConfig(num_workers=2, cpus_per_worker=1))
 
 
@@ -100,7 +101,7 @@ def test_evaluation_on_the_actor_pool_equals_the_driver_side_evaluation(ray_loca
     folder, records, gatt = setup
     rm_paths = {name: folder / name for name in ("rm_helpful", "rm_safety")}
     turns = [sum(m["role"] == "user" for m in json.loads(d["messages"])) for d in gatt]
-    assert len(set(turns)) > 1 and len(records) % CFG.batch_size  # later turns regroup; a short last batch
+    assert len(set(turns)) > 1 and len(gatt) == CFG.batch_size and len(records) % CFG.batch_size  # a short batch
 
     metrics, samples = evaluate_checkpoint(folder / "policy", records, gatt, rm_paths, CFG)
 

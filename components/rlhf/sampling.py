@@ -48,52 +48,66 @@ class Sampler:
         self.rms = {name: load_checkpoint(p, device=self.device)[0].eval() for name, p in reward_models.items()}
 
     def __call__(self, batch: dict) -> dict:
-        """Each dataset row is one generate() batch, cut by sample(): its first row's index and its rows (JSON)."""
+        """Each dataset row is one job cut by sample(): the index of its first row, and its rows (JSON)."""
         return {"start": batch["start"], "results": [json.dumps(self.answer(int(start), json.loads(rows)))
                                                      for start, rows in zip(batch["start"], batch["rows"])]}
 
     def answer(self, start: int, rows: list[dict]) -> list[dict]:
-        """rows ({"prompt", "score_prompt"}) answered cfg.k times in one generate() call, each answer scored by every
-        reward model appended to its row's score_prompt: [{"answers": [k str], <rm name>: [k float]}]."""
-        begin, cfg, tok = time.perf_counter(), self.cfg, self.tokenizer
-        encoded = [encode_prompt(tok, r["prompt"]) for r in rows for _ in range(cfg.k)]
-        # Seeded per batch from its first row's index, so a rerun on the same data draws the same samples.
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                seed=cfg.seed * 1_000_003 + start)
-        with bf16_autocast(self.device, cfg.bf16):
-            out = generate(self.model, encoded, params, tok.eos_id, tok.pad_id)
-        answers = [tok.decode(t).strip() for t in out.tokens]
-        results = [{"answers": answers[i * cfg.k:(i + 1) * cfg.k]} for i in range(len(rows))]
+        """A job's rows ({"prompt", "score_prompt", "later"}) answered turn after turn, each turn's rows in generate()
+        batches of cfg.batch_size: [{"answers": [k str] (one per turn with later turns), <rm name>: [k float]}]."""
+        begin, cfg, tok, tokens = time.perf_counter(), self.cfg, self.tokenizer, 0
+        histories = [list(r["prompt"]) for r in rows]
+        results = [{"answers": []} for _ in rows]
+        for turn in range(1 + max(len(r["later"]) for r in rows)):
+            active = [i for i, r in enumerate(rows) if turn <= len(r["later"])]
+            for i in active if turn else []:  # the previous answer, then the next user turn
+                histories[i] += [{"role": "assistant", "content": results[i]["answers"][-1]},
+                                 rows[i]["later"][turn - 1]]
+            for first in range(0, len(active), cfg.batch_size):
+                batch = active[first:first + cfg.batch_size]
+                # Seeded per batch from its first row's index and the turn: a rerun on the same data draws the same.
+                params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                        top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + start + batch[0] + (turn << 32))
+                encoded = [encode_prompt(tok, histories[i]) for i in batch for _ in range(cfg.k)]
+                with bf16_autocast(self.device, cfg.bf16):
+                    out = generate(self.model, encoded, params, tok.eos_id, tok.pad_id)
+                answers = [tok.decode(t).strip() for t in out.tokens]
+                for j, i in enumerate(batch):
+                    results[i]["answers"] += answers[j * cfg.k:(j + 1) * cfg.k]
+                tokens += sum(len(t) for t in out.tokens)
         dialogs = [r["score_prompt"] + [{"role": "assistant", "content": a}]
                    for r, result in zip(rows, results) for a in result["answers"]]
         for name, rm in self.rms.items():
             scores = rm_scores(rm, tok, dialogs, cfg.batch_size)
             for i, result in enumerate(results):
                 result[name] = scores[i * cfg.k:(i + 1) * cfg.k]
-        tokens = sum(len(t) for t in out.tokens)
         print(f"[sample] {len(rows)} prompts x {cfg.k}: {tokens} tokens in {time.perf_counter() - begin:.1f} s",
               flush=True)
         return results
 
 
 def sample(rows: list[dict], policy, cfg: SampleConfig, ray_cfg, reward_models: dict | None = None) -> list[dict]:
-    """Answer every row ({"prompt": messages, "score_prompt": messages (default: prompt)}) cfg.k times on Ray Data,
-    a pool of ray_cfg.num_workers Sampler actors (a GPU each with use_gpu, cpus_per_worker threads). Returns, in row
-    order, {"answers": [k str], <rm name>: [k float]}."""
+    """Answer every row on Ray Data, a pool of ray_cfg.num_workers Sampler actors (a GPU each with use_gpu,
+    cpus_per_worker threads each). A row is {"prompt": messages, "score_prompt": messages (default: prompt), "later":
+    [user messages] (default: none)}: its prompt answered cfg.k times, or with later user turns (k = 1, no reward
+    models) once per turn, each answer kept in the history the next turn is asked in. Returns, in row order,
+    {"answers": [str], <rm name>: [k float]: each answer appended to score_prompt, scored}."""
     import ray
 
     from components.cluster import init_ray
 
     if not rows:
         raise ValueError("nothing to sample: no prompts")
+    rows = [{"prompt": r["prompt"], "score_prompt": r.get("score_prompt") or r["prompt"], "later": r.get("later", [])}
+            for r in rows]
+    if any(r["later"] for r in rows) and (cfg.k != 1 or reward_models):
+        raise ValueError("multi-turn rows are answered once per turn (k = 1), without reward models")
     init_ray(ray_cfg)
-    rows = [{"prompt": r["prompt"], "score_prompt": r.get("score_prompt") or r["prompt"]} for r in rows]
-    # One dataset row per generate() batch, cut here in row order: which prompts are padded together (and each
-    # batch's seed) then depends on the rows alone, not on how Ray Data bundles blocks into batches.
-    batches = [{"start": s, "rows": json.dumps(rows[s:s + cfg.batch_size])}
-               for s in range(0, len(rows), cfg.batch_size)]
+    # One dataset row per job of cfg.batch_size rows, cut here in row order: which prompts are padded together (and
+    # each batch's seed) then depends on the rows alone, not on how Ray Data bundles blocks into batches.
+    jobs = [{"start": s, "rows": json.dumps(rows[s:s + cfg.batch_size])} for s in range(0, len(rows), cfg.batch_size)]
     reward_models = {name: str(p) for name, p in (reward_models or {}).items()}
-    ds = ray.data.from_items(batches, override_num_blocks=len(batches)).map_batches(
+    ds = ray.data.from_items(jobs, override_num_blocks=len(jobs)).map_batches(
         Sampler, batch_size=1, batch_format="numpy",
         fn_constructor_kwargs={"policy": str(policy), "reward_models": reward_models, "cfg": cfg,
                                "threads": int(ray_cfg.cpus_per_worker)},
@@ -108,19 +122,13 @@ def sample(rows: list[dict], policy, cfg: SampleConfig, ray_cfg, reward_models: 
 
 def answer_turns(dialogs: list[dict], policy, cfg: SampleConfig, ray_cfg, user_message=None) -> list[list[str]]:
     """Answer multi-turn dialogs ({"system": str, "users": [str]}) turn after turn, the policy's own answers kept in
-    the history: one Ray Data pass per turn (each turn's prompts hold the previous answers). user_message(system,
-    user, turn) is the user turn as asked (default: the user's text). Returns each dialog's answers."""
+    the history (one Ray Data pass: each actor holds its dialogs' histories). user_message(system, user, turn) is the
+    user turn as asked (default: the user's text). Returns each dialog's answers, one per turn."""
     user_message = user_message or (lambda system, user, turn: {"role": "user", "content": user})
-    histories = [[{"role": "system", "content": d["system"]}] for d in dialogs]
-    answers: list[list[str]] = [[] for _ in dialogs]
-    for turn in range(max(len(d["users"]) for d in dialogs)):
-        active = [i for i, d in enumerate(dialogs) if turn < len(d["users"])]
-        for i in active:
-            histories[i].append(user_message(dialogs[i]["system"], dialogs[i]["users"][turn], turn))
-        for i, result in zip(active, sample([{"prompt": histories[i]} for i in active], policy, cfg, ray_cfg)):
-            histories[i].append({"role": "assistant", "content": result["answers"][0]})
-            answers[i].append(result["answers"][0])
-    return answers
+    asked = [[user_message(d["system"], u, t) for t, u in enumerate(d["users"])] for d in dialogs]
+    rows = [{"prompt": [{"role": "system", "content": d["system"]}, users[0]], "later": users[1:]}
+            for d, users in zip(dialogs, asked)]
+    return [r["answers"] for r in sample(rows, policy, cfg, ray_cfg)]
 
 
 def choose_reward(result: dict, is_safety: bool, threshold: float) -> list[float]:
