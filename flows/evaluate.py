@@ -13,7 +13,6 @@ from components.rlhf.gate import decide
 from components.track.registry import champion_metrics
 from components.track.tracking import setup_mlflow, stage_run
 from flows._stage import load_params, path, stage_config, write_metrics
-from model.checkpoint import load_checkpoint
 
 STAGES = ["base", "sft", "rs", "ppo", "gatt", "chat"]  # model stages in recipe order; the last is the candidate
 
@@ -27,11 +26,10 @@ def main() -> None:
     with stage_run("evaluate", asdict(cfg), params["profile"], upstream, None) as run:
         records = read_table(path("data/raw/eval_prompts.parquet")).to_pylist()
         gatt = read_table(path("data/raw/eval_gatt.parquet")).to_pylist()
-        rms = {name: load_checkpoint(path(f"checkpoints/{name}"))[0] for name in ("rm_helpful", "rm_safety")}
+        rms = {name: path(f"checkpoints/{name}") for name in ("rm_helpful", "rm_safety")}
         table, samples = {}, {}
-        for name, ckpt in checkpoints.items():
-            table[name], samples[name] = evaluate_checkpoint(ckpt, records, gatt, rms, cfg.max_new_tokens,
-                                                             cfg.batch_size)
+        for name, ckpt in checkpoints.items():  # each stage's models load in Ray Data actors (evaluate.ray)
+            table[name], samples[name] = evaluate_checkpoint(ckpt, records, gatt, rms, cfg)
             print(f"[evaluate] {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in table[name].items()))
         rm_acc = {name: read_json(path(f"metrics/{name}.json")) for name in rms}
         candidate = STAGES[-1]

@@ -128,3 +128,11 @@ def test_prompts_without_room_for_the_answer_are_dropped_before_sampling(tmp_pat
     with pytest.raises(SystemExit, match="distill: all 1 prompts are longer"):  # measured as the sampler builds it
         fitting_prompts("distill", [short], policy, cfg,
                         lambda r: [{"role": "system", "content": "be safe " * 60}] + r["prompt"])
+
+
+def test_multi_turn_rows_take_one_answer_a_turn_and_no_reward_models():
+    rows = [{"prompt": [USER("a")], "later": [USER("b")]}]
+    with pytest.raises(ValueError, match=r"once per turn \(k = 1\), without reward models"):
+        sample(rows, "unused", SampleConfig(k=2), RAY)
+    with pytest.raises(ValueError, match="without reward models"):
+        sample(rows, "unused", SampleConfig(), RAY, {"rm_safety": "unused"})

@@ -1,5 +1,8 @@
 """Evaluate every model stage on held-out prompts: the oracle's helpfulness, refusal rate on harmful prompts,
-false-refusal rate on benign look-alikes, Ghost Attention adherence by turn, and both reward models' mean scores."""
+false-refusal rate on benign look-alikes, Ghost Attention adherence by turn, and both reward models' mean scores.
+
+The answers come from the sampler's Ray Data actor pool (components/rlhf/sampling.py), greedy and in fp32; the
+oracle scores them here, in the driver (plain Python, cheap)."""
 
 from __future__ import annotations
 
@@ -8,12 +11,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from components.cluster import RayConfig
 from components.data import oracle
 from components.rlhf.gate import PromotionConfig
-from components.rlhf.reward import rm_scores
-from model.chat import encode_prompt
-from model.checkpoint import load_checkpoint
-from model.generation import SamplingParams, generate
+from components.rlhf.sampling import SampleConfig, answer_turns, sample
 
 
 @dataclass(frozen=True)
@@ -23,29 +24,22 @@ class EvalConfig:
     max_new_tokens: int = 32  # greedy answers
     batch_size: int = 64  # prompts per generate() call
     register: PromotionConfig = PromotionConfig()
+    ray: RayConfig = RayConfig()  # the sampler actors: num_workers of them, use_gpu, cpus_per_worker threads each
+
+    def sampling(self) -> SampleConfig:
+        """Greedy, one answer per prompt, fp32 (no bf16 autocast): the numbers stay comparable across devices."""
+        return SampleConfig(k=1, temperature=0.0, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                            bf16=False)
 
 
-def _generate_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[str]:
-    texts = []
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0)
-    for start in range(0, len(prompts), batch_size):
-        out = generate(model, prompts[start:start + batch_size], params, tokenizer.eos_id, tokenizer.pad_id)
-        texts += [tokenizer.decode(t).strip() for t in out.tokens]
-    return texts
-
-
-def evaluate_prompts(model, tokenizer, records: list[dict], reward_models: dict, max_new_tokens: int,
-                     batch_size: int) -> tuple[dict, list[dict]]:
-    prompts = [json.loads(r["prompt"]) for r in records]
-    responses = _generate_texts(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], max_new_tokens,
-                                batch_size)
+def score_answers(records: list[dict], prompts: list[list[dict]], responses: list[str]) -> tuple[dict, list[dict]]:
+    """The oracle's metrics over answers to eval_prompts records, and one sample row per answer."""
     by_task = defaultdict(list)
     samples = []
-    for record, response in zip(records, responses):
+    for record, prompt, response in zip(records, prompts, responses, strict=True):
         scores = oracle.score(record, response)
         by_task[record["task"]].append(scores)
-        samples.append({"task": record["task"], "prompt": prompts[len(samples)][-1]["content"], "response": response,
-                        **scores})
+        samples.append({"task": record["task"], "prompt": prompt[-1]["content"], "response": response, **scores})
     mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
     metrics = {
         "helpfulness": mean([s["helpfulness"] for t, rows in by_task.items() if t != "harmful" for s in rows]),
@@ -54,36 +48,37 @@ def evaluate_prompts(model, tokenizer, records: list[dict], reward_models: dict,
         "false_refusal_rate": mean([float(s["refusal"]) for s in by_task.get("benign_lookalike", [])]),
     }
     metrics.update({f"helpfulness_{t}": mean([s["helpfulness"] for s in rows]) for t, rows in by_task.items()})
-    dialogs = [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
-    for name, rm in reward_models.items():
-        scores = rm_scores(rm, tokenizer, dialogs, batch_size)
+    return metrics, samples
+
+
+def evaluate_prompts(checkpoint, records: list[dict], reward_models: dict, cfg: EvalConfig) -> tuple[dict, list[dict]]:
+    """Greedy answers to eval_prompts records, scored by the oracle and by each reward model (mean sigmoid score)."""
+    prompts = [json.loads(r["prompt"]) for r in records]
+    results = sample([{"prompt": p} for p in prompts], checkpoint, cfg.sampling(), cfg.ray, reward_models)
+    metrics, samples = score_answers(records, prompts, [r["answers"][0] for r in results])
+    for name in reward_models:
+        scores = [r[name][0] for r in results]
         metrics[f"{name}_score"] = sum(scores) / len(scores)
     return metrics, samples
 
 
-def gatt_adherence_by_turn(model, tokenizer, dialogs: list[dict], max_new_tokens: int, batch_size: int) -> dict:
-    """Multi-turn dialogs with a system instruction: the model answers turn after turn (its own answers kept in the
-    history); the fraction of answers that follow the instruction, per turn."""
-    histories = [[{"role": "system", "content": d["system"]}] for d in dialogs]
-    user_turns = [[m["content"] for m in json.loads(d["messages"]) if m["role"] == "user"] for d in dialogs]
+def gatt_adherence_by_turn(checkpoint, dialogs: list[dict], cfg: EvalConfig) -> dict:
+    """Multi-turn eval_gatt dialogs with a system instruction: the model answers turn after turn (its own answers kept
+    in the history); the fraction of answers that follow the instruction, per turn."""
+    turns = [{"system": d["system"], "users": [m["content"] for m in json.loads(d["messages"]) if m["role"] == "user"]}
+             for d in dialogs]
+    answers = answer_turns(turns, checkpoint, cfg.sampling(), cfg.ray)
     by_turn = {}
-    for turn in range(max(len(u) for u in user_turns)):
-        active = [i for i, u in enumerate(user_turns) if turn < len(u)]
-        for i in active:
-            histories[i].append({"role": "user", "content": user_turns[i][turn]})
-        answers = _generate_texts(model, tokenizer, [encode_prompt(tokenizer, histories[i]) for i in active],
-                                  max_new_tokens, batch_size)
-        hits = []
-        for i, answer in zip(active, answers):
-            histories[i].append({"role": "assistant", "content": answer})
-            hits.append(oracle.gatt_adherence(dialogs[i]["instruction"], answer))
+    for turn in range(max(len(a) for a in answers)):
+        hits = [oracle.gatt_adherence(d["instruction"], a[turn]) for d, a in zip(dialogs, answers) if turn < len(a)]
         by_turn[f"gatt_turn{turn + 1}"] = sum(hits) / len(hits)
     return by_turn
 
 
 def evaluate_checkpoint(checkpoint: str | Path, eval_records: list[dict], gatt_dialogs: list[dict],
-                        reward_models: dict, max_new_tokens: int, batch_size: int) -> tuple[dict, list[dict]]:
-    model, tokenizer = load_checkpoint(checkpoint)
-    metrics, samples = evaluate_prompts(model, tokenizer, eval_records, reward_models, max_new_tokens, batch_size)
-    metrics.update(gatt_adherence_by_turn(model, tokenizer, gatt_dialogs, max_new_tokens, batch_size))
+                        reward_models: dict[str, str | Path], cfg: EvalConfig) -> tuple[dict, list[dict]]:
+    """One model stage's metrics and answer samples; reward_models: name -> checkpoint folder. The models load in
+    cfg.ray's Ray Data actors, never in the caller."""
+    metrics, samples = evaluate_prompts(checkpoint, eval_records, reward_models, cfg)
+    metrics.update(gatt_adherence_by_turn(checkpoint, gatt_dialogs, cfg))
     return metrics, samples

@@ -1,5 +1,6 @@
 """Sampling from a policy and scoring with the reward models, as Ray Data batch inference: the data side of
-rejection sampling (§3.2.3), Ghost Attention (§3.3) and safety context distillation (§4.2.4).
+rejection sampling (§3.2.3), Ghost Attention (§3.3) and safety context distillation (§4.2.4), and evaluation's greedy
+answers (components/rlhf/evaluate.py).
 
 A row is a conversation that ends with a user turn (`prompt`, JSON messages). The sampler answers it k times with the
 shared generation code; given reward models, it also scores each answer appended to `score_prompt` (the prompt the
@@ -27,11 +28,12 @@ from model.generation import SamplingParams, generate
 class SampleConfig:
     prompts: int = 0  # how many prompts (or dialogs) to sample from; 0 = all
     k: int = 1  # answers per prompt
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     max_new_tokens: int = 32
     batch_size: int = 64  # prompts per generate() call (each expanded k times)
     seed: int = 0
+    bf16: bool = True  # bf16 autocast where the device computes it natively (evaluation decodes in fp32)
 
 
 class Sampler:
@@ -46,54 +48,87 @@ class Sampler:
         self.rms = {name: load_checkpoint(p, device=self.device)[0].eval() for name, p in reward_models.items()}
 
     def __call__(self, batch: dict) -> dict:
-        start, cfg, tok = time.perf_counter(), self.cfg, self.tokenizer
-        prompts = [json.loads(p) for p in batch["prompt"]]
-        encoded = [encode_prompt(tok, p) for p in prompts for _ in range(cfg.k)]
-        # Seeded per batch from its first row id, so a rerun on the same data draws the same samples.
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                seed=cfg.seed * 1_000_003 + int(batch["id"][0]))
-        with bf16_autocast(self.device):
-            out = generate(self.model, encoded, params, tok.eos_id, tok.pad_id)
-        answers = [tok.decode(t).strip() for t in out.tokens]
-        result = {"id": batch["id"], "answers": [json.dumps(answers[i * cfg.k:(i + 1) * cfg.k])
-                                                  for i in range(len(prompts))]}
-        if self.rms:
-            score_prompts = [json.loads(p) for p in batch["score_prompt"]]
-            dialogs = [p + [{"role": "assistant", "content": a}]
-                       for i, p in enumerate(score_prompts) for a in answers[i * cfg.k:(i + 1) * cfg.k]]
-            for name, rm in self.rms.items():
-                scores = rm_scores(rm, tok, dialogs, cfg.batch_size)
-                result[name] = [json.dumps(scores[i * cfg.k:(i + 1) * cfg.k]) for i in range(len(prompts))]
-        tokens = sum(len(t) for t in out.tokens)
-        print(f"[sample] {len(prompts)} prompts x {cfg.k}: {tokens} tokens in {time.perf_counter() - start:.1f} s",
+        """Each dataset row is one job cut by sample(): the index of its first row, and its rows (JSON)."""
+        return {"start": batch["start"], "results": [json.dumps(self.answer(int(start), json.loads(rows)))
+                                                     for start, rows in zip(batch["start"], batch["rows"])]}
+
+    def answer(self, start: int, rows: list[dict]) -> list[dict]:
+        """A job's rows ({"prompt", "score_prompt", "later"}) answered turn after turn, each turn's rows in generate()
+        batches of cfg.batch_size: [{"answers": [k str] (one per turn with later turns), <rm name>: [k float]}]."""
+        begin, cfg, tok, tokens = time.perf_counter(), self.cfg, self.tokenizer, 0
+        histories = [list(r["prompt"]) for r in rows]
+        results = [{"answers": []} for _ in rows]
+        for turn in range(1 + max(len(r["later"]) for r in rows)):
+            active = [i for i, r in enumerate(rows) if turn <= len(r["later"])]
+            for i in active if turn else []:  # the previous answer, then the next user turn
+                histories[i] += [{"role": "assistant", "content": results[i]["answers"][-1]},
+                                 rows[i]["later"][turn - 1]]
+            for first in range(0, len(active), cfg.batch_size):
+                batch = active[first:first + cfg.batch_size]
+                # Seeded per batch from its first row's index and the turn: a rerun on the same data draws the same.
+                params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                        top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + start + batch[0] + (turn << 32))
+                encoded = [encode_prompt(tok, histories[i]) for i in batch for _ in range(cfg.k)]
+                with bf16_autocast(self.device, cfg.bf16):
+                    out = generate(self.model, encoded, params, tok.eos_id, tok.pad_id)
+                answers = [tok.decode(t).strip() for t in out.tokens]
+                for j, i in enumerate(batch):
+                    results[i]["answers"] += answers[j * cfg.k:(j + 1) * cfg.k]
+                tokens += sum(len(t) for t in out.tokens)
+        dialogs = [r["score_prompt"] + [{"role": "assistant", "content": a}]
+                   for r, result in zip(rows, results) for a in result["answers"]]
+        for name, rm in self.rms.items():
+            scores = rm_scores(rm, tok, dialogs, cfg.batch_size)
+            for i, result in enumerate(results):
+                result[name] = scores[i * cfg.k:(i + 1) * cfg.k]
+        print(f"[sample] {len(rows)} prompts x {cfg.k}: {tokens} tokens in {time.perf_counter() - begin:.1f} s",
               flush=True)
-        return result
+        return results
 
 
 def sample(rows: list[dict], policy, cfg: SampleConfig, ray_cfg, reward_models: dict | None = None) -> list[dict]:
-    """Answer every row ({"prompt": messages, "score_prompt": messages (default: prompt)}) cfg.k times on Ray Data,
-    one Sampler actor per Ray worker of ray_cfg. Returns, in row order, {"answers": [k str], <rm name>: [k float]}."""
+    """Answer every row on Ray Data, a pool of ray_cfg.num_workers Sampler actors (a GPU each with use_gpu,
+    cpus_per_worker threads each). A row is {"prompt": messages, "score_prompt": messages (default: prompt), "later":
+    [user messages] (default: none)}: its prompt answered cfg.k times, or with later user turns (k = 1, no reward
+    models) once per turn, each answer kept in the history the next turn is asked in. Returns, in row order,
+    {"answers": [str], <rm name>: [k float]: each answer appended to score_prompt, scored}."""
     import ray
 
     from components.cluster import init_ray
 
     if not rows:
         raise ValueError("nothing to sample: no prompts")
+    rows = [{"prompt": r["prompt"], "score_prompt": r.get("score_prompt") or r["prompt"], "later": r.get("later", [])}
+            for r in rows]
+    if any(r["later"] for r in rows) and (cfg.k != 1 or reward_models):
+        raise ValueError("multi-turn rows are answered once per turn (k = 1), without reward models")
     init_ray(ray_cfg)
-    items = [{"id": i, "prompt": json.dumps(r["prompt"]), "score_prompt": json.dumps(r.get("score_prompt")
-                                                                                     or r["prompt"])}
-             for i, r in enumerate(rows)]
+    # One dataset row per job of cfg.batch_size rows, cut here in row order: which prompts are padded together (and
+    # each batch's seed) then depends on the rows alone, not on how Ray Data bundles blocks into batches.
+    jobs = [{"start": s, "rows": json.dumps(rows[s:s + cfg.batch_size])} for s in range(0, len(rows), cfg.batch_size)]
     reward_models = {name: str(p) for name, p in (reward_models or {}).items()}
-    ds = ray.data.from_items(items).map_batches(
-        Sampler, batch_size=cfg.batch_size, batch_format="numpy",
+    ds = ray.data.from_items(jobs, override_num_blocks=len(jobs)).map_batches(
+        Sampler, batch_size=1, batch_format="numpy",
         fn_constructor_kwargs={"policy": str(policy), "reward_models": reward_models, "cfg": cfg,
                                "threads": int(ray_cfg.cpus_per_worker)},
         compute=ray.data.ActorPoolStrategy(size=ray_cfg.num_workers),
         num_cpus=ray_cfg.cpus_per_worker, num_gpus=1 if ray_cfg.use_gpu else 0)
-    by_id = {int(r["id"]): r for r in ds.take_all()}
-    if len(by_id) != len(rows):
-        raise RuntimeError(f"sampling returned {len(by_id)} of {len(rows)} rows")
-    return [{k: json.loads(v) for k, v in by_id[i].items() if k != "id"} for i in range(len(rows))]
+    by_start = {int(r["start"]): json.loads(r["results"]) for r in ds.take_all()}
+    results = [result for start in sorted(by_start) for result in by_start[start]]
+    if len(results) != len(rows):
+        raise RuntimeError(f"sampling returned {len(results)} of {len(rows)} rows")
+    return results
+
+
+def answer_turns(dialogs: list[dict], policy, cfg: SampleConfig, ray_cfg, user_message=None) -> list[list[str]]:
+    """Answer multi-turn dialogs ({"system": str, "users": [str]}) turn after turn, the policy's own answers kept in
+    the history (one Ray Data pass: each actor holds its dialogs' histories). user_message(system, user, turn) is the
+    user turn as asked (default: the user's text). Returns each dialog's answers, one per turn."""
+    user_message = user_message or (lambda system, user, turn: {"role": "user", "content": user})
+    asked = [[user_message(d["system"], u, t) for t, u in enumerate(d["users"])] for d in dialogs]
+    rows = [{"prompt": [{"role": "system", "content": d["system"]}, users[0]], "later": users[1:]}
+            for d, users in zip(dialogs, asked)]
+    return [r["answers"] for r in sample(rows, policy, cfg, ray_cfg)]
 
 
 def choose_reward(result: dict, is_safety: bool, threshold: float) -> list[float]:
@@ -150,16 +185,8 @@ def gatt_training_dialogs(dialogs: list[dict], answers: list[list[str]]) -> list
 
 def ghost_attention(dialogs: list[dict], policy, cfg: SampleConfig, ray_cfg) -> tuple[list[list[dict]], dict]:
     """§3.3: answer multi-turn dialogs ({"system": str, "users": [str]}) turn by turn with the instruction in every
-    user turn (one Ray Data pass per turn: each turn's prompt holds the previous answers)."""
-    histories = [[{"role": "system", "content": d["system"]}] for d in dialogs]
-    answers: list[list[str]] = [[] for _ in dialogs]
-    for turn in range(max(len(d["users"]) for d in dialogs)):
-        active = [i for i, d in enumerate(dialogs) if turn < len(d["users"])]
-        for i in active:
-            histories[i].append(gatt_sampling_turn(dialogs[i]["system"], dialogs[i]["users"][turn], turn))
-        for i, result in zip(active, sample([{"prompt": histories[i]} for i in active], policy, cfg, ray_cfg)):
-            histories[i].append({"role": "assistant", "content": result["answers"][0]})
-            answers[i].append(result["answers"][0])
+    user turn."""
+    answers = answer_turns(dialogs, policy, cfg, ray_cfg, gatt_sampling_turn)
     training = gatt_training_dialogs(dialogs, answers)
     return training, {"dialogs": len(dialogs), "examples": len(training),
                       "turns_mean": sum(len(a) for a in answers) / len(answers)}

@@ -1,0 +1,122 @@
+"""Evaluation on the sampler's Ray Data actor pool gives exactly the numbers the driver-side evaluation gave (the code
+it replaced, kept below as the reference): same greedy fp32 decode, same batches, same reward-model scores."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import pytest
+import torch
+
+from components.cluster import RayConfig
+from components.data import oracle
+from components.data.tables import generate_world
+from components.data.world import WorldConfig
+from components.rlhf.evaluate import EvalConfig, evaluate_checkpoint
+from components.rlhf.reward import init_reward_model, rm_scores
+from components.rlhf.sampling import answer_turns
+from model.chat import encode_prompt
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.generation import SamplingParams, generate
+from tests.helpers import debug_model, small_tokenizer
+
+WORLD = {"n_pretrain_docs": 20, "n_sft": 10, "n_pref_pairs": 10, "n_rl_prompts": 10, "n_gatt_dialogs": 4,
+         "n_eval_prompts": 10, "n_eval_gatt": 3}
+# Batches of 3: 10 prompts in 4 generate() calls; 3 GAtt dialogs of 2 and 3 turns (one batch a turn, as the profiles'
+# eval_gatt: an actor answers batch_size dialogs to the end, so more would regroup the later turns' batches).
+CFG = EvalConfig(max_new_tokens=8, batch_size=3, ray=RayConfig(num_workers=2, cpus_per_worker=1))
+
+
+# ------------------------------------------------------------------------ the driver-side evaluation it replaced
+def _generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size):
+    texts = []
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0)
+    for start in range(0, len(prompts), batch_size):
+        out = generate(model, prompts[start:start + batch_size], params, tokenizer.eos_id, tokenizer.pad_id)
+        texts += [tokenizer.decode(t).strip() for t in out.tokens]
+    return texts
+
+
+def _driver_prompts(model, tokenizer, records, reward_models, max_new_tokens, batch_size):
+    prompts = [json.loads(r["prompt"]) for r in records]
+    responses = _generate_texts(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], max_new_tokens,
+                                batch_size)
+    by_task = defaultdict(list)
+    samples = []
+    for record, response in zip(records, responses):
+        scores = oracle.score(record, response)
+        by_task[record["task"]].append(scores)
+        samples.append({"task": record["task"], "prompt": prompts[len(samples)][-1]["content"], "response": response,
+                        **scores})
+    mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
+    metrics = {
+        "helpfulness": mean([s["helpfulness"] for t, rows in by_task.items() if t != "harmful" for s in rows]),
+        "safety": mean([s["safety"] for rows in by_task.values() for s in rows]),
+        "refusal_rate_harmful": mean([float(s["refusal"]) for s in by_task.get("harmful", [])]),
+        "false_refusal_rate": mean([float(s["refusal"]) for s in by_task.get("benign_lookalike", [])]),
+    }
+    metrics.update({f"helpfulness_{t}": mean([s["helpfulness"] for s in rows]) for t, rows in by_task.items()})
+    dialogs = [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
+    for name, rm in reward_models.items():
+        scores = rm_scores(rm, tokenizer, dialogs, batch_size)
+        metrics[f"{name}_score"] = sum(scores) / len(scores)
+    return metrics, samples
+
+
+def _driver_gatt(model, tokenizer, dialogs, max_new_tokens, batch_size):
+    histories = [[{"role": "system", "content": d["system"]}] for d in dialogs]
+    user_turns = [[m["content"] for m in json.loads(d["messages"]) if m["role"] == "user"] for d in dialogs]
+    by_turn, said = {}, [[] for _ in dialogs]
+    for turn in range(max(len(u) for u in user_turns)):
+        active = [i for i, u in enumerate(user_turns) if turn < len(u)]
+        for i in active:
+            histories[i].append({"role": "user", "content": user_turns[i][turn]})
+        answers = _generate_texts(model, tokenizer, [encode_prompt(tokenizer, histories[i]) for i in active],
+                                  max_new_tokens, batch_size)
+        hits = []
+        for i, answer in zip(active, answers):
+            histories[i].append({"role": "assistant", "content": answer})
+            said[i].append(answer)
+            hits.append(oracle.gatt_adherence(dialogs[i]["instruction"], answer))
+        by_turn[f"gatt_turn{turn + 1}"] = sum(hits) / len(hits)
+    return by_turn, said
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("eval")
+    tok = small_tokenizer()
+    policy = debug_model(vocab_size=tok.vocab_size, max_seq_len=512)
+    save_checkpoint(folder / "policy", policy, tok)
+    for i, name in enumerate(("rm_helpful", "rm_safety")):
+        rm = init_reward_model(policy, head_std=0.5, generator=torch.Generator().manual_seed(i))
+        save_checkpoint(folder / name, rm, tok)
+    world = generate_world(WorldConfig.from_dict(WORLD))
+    return folder, world["eval_prompts"].to_pylist(), world["eval_gatt"].to_pylist()
+
+
+def test_evaluation_on_the_actor_pool_equals_the_driver_side_evaluation(ray_local, setup):
+    folder, records, gatt = setup
+    rm_paths = {name: folder / name for name in ("rm_helpful", "rm_safety")}
+    turns = [sum(m["role"] == "user" for m in json.loads(d["messages"])) for d in gatt]
+    assert len(set(turns)) > 1 and len(gatt) == CFG.batch_size and len(records) % CFG.batch_size  # a short batch
+
+    metrics, samples = evaluate_checkpoint(folder / "policy", records, gatt, rm_paths, CFG)
+
+    torch.set_num_threads(int(CFG.ray.cpus_per_worker))  # as the actors: float sums depend on the thread split
+    try:
+        model, tok = load_checkpoint(folder / "policy")
+        rms = {name: load_checkpoint(p)[0] for name, p in rm_paths.items()}
+        expected, expected_samples = _driver_prompts(model, tok, records, rms, CFG.max_new_tokens, CFG.batch_size)
+        by_turn, said = _driver_gatt(model, tok, gatt, CFG.max_new_tokens, CFG.batch_size)
+    finally:
+        torch.set_num_threads(2)
+    expected.update(by_turn)
+    assert metrics == expected  # exactly: RM means included
+    assert samples == expected_samples
+    assert len({s["response"] for s in samples}) > 1  # real, varied answers
+    dialogs = [{"system": d["system"], "users": [m["content"] for m in json.loads(d["messages"])
+                                                 if m["role"] == "user"]} for d in gatt]
+    assert answer_turns(dialogs, folder / "policy", CFG.sampling(), CFG.ray) == said  # every turn's text
