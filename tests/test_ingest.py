@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from components.data import ingest, oracle
+from components.data import ingest, ingest_files, oracle
 from components.data.ingest import REAL_TASK, DataConfig, IngestError, build_data, lineage_params, run_data
 from components.data.tables import SCHEMAS, generate_world
 from components.data.world import WorldConfig
@@ -345,5 +345,5 @@ def test_hugging_face_needs_datasets_and_a_network(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _fails(tmp_path, src, r"need a network, and this machine is offline")
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(ingest, "_online", lambda: False)
+    monkeypatch.setattr(ingest_files, "_online", lambda: False)
     _fails(tmp_path, src, r"this machine is offline")
