@@ -41,8 +41,18 @@ stages take prefixes (the RM's validation pairs, `rejection.sample.prompts`); pr
 orders by doc_id). With no sources the output is exactly the synthetic world's.
 
 Every source is checked and read before anything is written (keys, format, table, files matched, columns, every
-row, with file and line); `skip_invalid: true` skips rows that do not fit the format (counted in the metrics)
-instead of stopping. The whole output folder is replaced atomically.
+row, with file and line); `skip_invalid: true` skips records that do not fit the format or cannot be read (malformed
+JSON, JSON nested deeper than Python's recursion limit, a lone surrogate escape such as "\\ud800", a CSV field over
+the cap, text that is not UTF-8) instead of stopping: counted in the metrics (source_<i>_skipped), the first three
+reasons in sources.json. The whole output folder is replaced atomically.
+
+Files are streamed record by record (JSON lines, CSV rows, Parquet batches, .txt paragraphs) and decompressed as they
+are read; reading stops once `limit` rows are kept. What cannot stream is read whole: a .json array (one JSON
+document) and a .txt document without `paragraphs`. `max_decompressed_mb` (per path source, default 4096 MiB) bounds
+that, a line, a CSV field, and what a compressed file may expand to: a compression bomb stops with an error naming
+the file and the cap instead of filling memory. A file that cannot be read as a whole (over the cap, a malformed or
+too deeply nested .json array, a corrupt Parquet file) always stops. The rows kept are held in memory until written
+(real rows are shuffled with the world's). Each source's sha256 covers the names and decompressed bytes read.
 """
 
 from __future__ import annotations
@@ -89,7 +99,9 @@ class Source:
     subset: str | None = None  # hf: the configuration name
     data_dir: str | None = None  # hf: a folder of the dataset repo (Anthropic/hh-rlhf: harmless-base, helpful-base)
     limit: int | None = None  # keep only the first `limit` rows
-    skip_invalid: bool = False  # skip records that do not fit the format (counted) instead of stopping
+    skip_invalid: bool = False  # skip records that do not fit the format or cannot be read (counted), not stop
+    max_decompressed_mb: int = 4096  # path: the most MiB a compressed file may expand to, and anything read whole
+    #                                  (a .json array, a .txt document, a line, a CSV field) may hold
 
     @property
     def location(self) -> str:
@@ -97,7 +109,7 @@ class Source:
 
 
 _KEY_TYPES = {"format": str, "path": str, "hf": str, "table": str, "column": str, "paragraphs": bool, "split": str,
-              "subset": str, "data_dir": str, "limit": int, "skip_invalid": bool}
+              "subset": str, "data_dir": str, "limit": int, "skip_invalid": bool, "max_decompressed_mb": int}
 
 
 def _parse_source(i: int, entry) -> Source:
@@ -133,8 +145,11 @@ def _parse_source(i: int, entry) -> Source:
         raise IngestError(f"{where}: {misplaced} do not apply to format {src.format!r}")
     if src.path and given & {"split", "subset", "data_dir"}:
         raise IngestError(f"{where}: {sorted(given & {'split', 'subset', 'data_dir'})} apply to hf sources only")
-    if src.limit is not None and src.limit < 1:
-        raise IngestError(f"{where}: limit must be a positive integer, got {src.limit!r}")
+    if src.hf and "max_decompressed_mb" in given:
+        raise IngestError(f"{where}: max_decompressed_mb applies to path sources only")
+    for name in ("limit", "max_decompressed_mb"):
+        if getattr(src, name) is not None and getattr(src, name) < 1:
+            raise IngestError(f"{where}: {name} must be a positive integer, got {getattr(src, name)!r}")
     return Source(**{**asdict(src), "table": table})
 
 
@@ -191,32 +206,48 @@ class Ingested:
     real_rows: dict[str, int]  # per table
 
 
+def _path_records(src: Source, files, columns: tuple[str, ...], digest):
+    for fs, path, container in files:
+        yield from file_records(fs, path, container, columns, digest, src.max_decompressed_mb, src.paragraphs)
+
+
 def _read_source(i: int, src: Source, files) -> tuple[list[dict], dict]:
+    """Every row of one source (records streamed, so at most `limit` rows are read), and its manifest entry."""
+    where = f"data.sources[{i}] ({src.location})"
     digest = hashlib.sha256()
     columns = header_columns(src)
     if src.hf:
         records = hf_records(src, columns, digest)
     else:
-        records = [r for fs, p, container in files for r in file_records(fs, p, container, columns, digest)]
-    rows, skipped = [], 0
-    for where, record in records:
-        try:
-            new = record_rows(src, record)
-        except RecordError as e:
-            if not src.skip_invalid:
-                raise IngestError(f"data.sources[{i}] ({src.location}): {where}: {e} (skip_invalid: true skips "
-                                  "such records)") from None
-            skipped += 1
-            continue
-        rows += new
-        if src.limit and len(rows) >= src.limit:
-            rows = rows[:src.limit]
-            break
+        records = _path_records(src, files, columns, digest)
+    rows, skipped, examples = [], 0, []
+    try:
+        for at, record in records:
+            try:
+                if isinstance(record, RecordError):  # read, but not readable
+                    raise record
+                new = record_rows(src, record)
+            except (RecordError, RecursionError) as e:  # RecursionError: a value too deeply nested to print
+                why = str(e) if isinstance(e, RecordError) else "too deeply nested"
+                if not src.skip_invalid:
+                    raise IngestError(f"{where}: {at}: {why} (skip_invalid: true skips such records)") from None
+                skipped += 1
+                examples += [f"{at}: {why}"[:300]] if len(examples) < 3 else []
+                continue
+            rows += new
+            if src.limit and len(rows) >= src.limit:
+                rows = rows[:src.limit]
+                break
+    except IngestError as e:  # a file that cannot be read at all
+        raise IngestError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+    finally:
+        records.close()
     if not rows:
-        raise IngestError(f"data.sources[{i}] ({src.location}): no rows" + (f" ({skipped} records skipped as "
-                          "invalid)" if skipped else ""))
+        raise IngestError(f"{where}: no rows" + (f" ({skipped} records skipped as invalid)" if skipped else ""))
     info = {"location": src.location, "format": src.format, "table": src.table, "files": len(files) or None,
             "rows": len(rows), "skipped": skipped, "sha256": digest.hexdigest()}
+    if examples:
+        info["skipped_examples"] = examples
     return rows, info
 
 
