@@ -67,7 +67,9 @@ def test_text_files_one_document_per_file_or_paragraph(tmp_path):
                                                    "Second doc."]
 
 
-def test_text_column_of_jsonl_parquet_and_gzip(tmp_path):
+@pytest.mark.parametrize("batch", [10_000, 1])
+def test_text_column_of_jsonl_parquet_and_gzip(tmp_path, monkeypatch, batch):
+    monkeypatch.setattr(ingest, "_BATCH", batch)  # rows go to Arrow `batch` at a time: the same tables
     _jsonl(tmp_path / "docs.jsonl", [{"body": "A jsonl doc.", "id": 1}, {"body": "Another one."}])
     pq.write_table(pa.table({"text": ["A parquet doc."], "other": [1]}), tmp_path / "docs.parquet")
     with gzip.open(tmp_path / "more.jsonl.gz", "wt") as f:
@@ -76,7 +78,8 @@ def test_text_column_of_jsonl_parquet_and_gzip(tmp_path):
                    {"path": str(tmp_path / "docs.parquet"), "format": "text", "limit": 1})
     texts = tables["pretrain"].column("text").to_pylist()
     assert texts == ["A jsonl doc.", "Another one.", "Compressed.", "A parquet doc."]
-    assert tables["pretrain"].column("doc_id").to_pylist()[-1] == "src001-000000000"
+    assert tables["pretrain"].column("doc_id").to_pylist() == [f"src000-00000000{n}" for n in range(3)] + [
+        "src001-000000000"]
 
 
 def test_alpaca_to_sft_and_rl_prompts(tmp_path):

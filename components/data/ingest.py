@@ -72,6 +72,8 @@ from components.data.ingest_rows import FORMAT_KEYS, FORMATS, REAL_TASK, header_
 from components.data.tables import SCHEMAS, generate_world
 from components.data.world import WorldConfig
 
+_BATCH = 10_000  # rows converted to Arrow at a time
+
 __all__ = ["DataConfig", "Source", "IngestError", "Ingested", "FORMATS", "REAL_TASK", "READERS", "build_data",
            "write_data", "run_data", "lineage_params"]
 
@@ -211,7 +213,14 @@ def _path_records(src: Source, files, columns: tuple[str, ...], digest):
         yield from file_records(fs, path, container, columns, digest, src.max_decompressed_mb, src.paragraphs)
 
 
-def _read_source(i: int, src: Source, files) -> tuple[list[dict], dict]:
+def _arrow(i: int, src: Source, rows: list[dict], start: int) -> pa.Table:
+    """Rows as Arrow (far smaller than Python dicts); pretrain's get their doc_id, numbered from `start`."""
+    if src.table == "pretrain":
+        rows = [{"doc_id": f"src{i:03d}-{start + n:09d}", **r} for n, r in enumerate(rows)]
+    return pa.Table.from_pylist(rows, schema=SCHEMAS[src.table])
+
+
+def _read_source(i: int, src: Source, files) -> tuple[pa.Table, dict]:
     """Every row of one source (records streamed, so at most `limit` rows are read), and its manifest entry."""
     where = f"data.sources[{i}] ({src.location})"
     digest = hashlib.sha256()
@@ -220,7 +229,7 @@ def _read_source(i: int, src: Source, files) -> tuple[list[dict], dict]:
         records = hf_records(src, columns, digest)
     else:
         records = _path_records(src, files, columns, digest)
-    rows, skipped, examples = [], 0, []
+    rows, parts, kept, skipped, examples = [], [], 0, 0, []  # rows: the next batch for `parts`
     try:
         for at, record in records:
             try:
@@ -235,20 +244,24 @@ def _read_source(i: int, src: Source, files) -> tuple[list[dict], dict]:
                 examples += [f"{at}: {why}"[:300]] if len(examples) < 3 else []
                 continue
             rows += new
-            if src.limit and len(rows) >= src.limit:
-                rows = rows[:src.limit]
+            if src.limit and kept + len(rows) >= src.limit:
+                rows = rows[:src.limit - kept]
                 break
+            if len(rows) >= _BATCH:
+                parts.append(_arrow(i, src, rows, kept))
+                rows, kept = [], kept + len(rows)
     except IngestError as e:  # a file that cannot be read at all
         raise IngestError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
     finally:
         records.close()
-    if not rows:
+    table = pa.concat_tables(parts + [_arrow(i, src, rows, kept)])
+    if not table.num_rows:
         raise IngestError(f"{where}: no rows" + (f" ({skipped} records skipped as invalid)" if skipped else ""))
     info = {"location": src.location, "format": src.format, "table": src.table, "files": len(files) or None,
-            "rows": len(rows), "skipped": skipped, "sha256": digest.hexdigest()}
+            "rows": table.num_rows, "skipped": skipped, "sha256": digest.hexdigest()}
     if examples:
         info["skipped_examples"] = examples
-    return rows, info
+    return table, info
 
 
 def build_data(cfg: DataConfig) -> Ingested:
@@ -258,19 +271,16 @@ def build_data(cfg: DataConfig) -> Ingested:
         if src.hf:
             check_hf(i, src)
         files.append(resolve(i, src) if src.path else [])
-    real: dict[str, list[dict]] = {name: [] for name in SCHEMAS}
+    real: dict[str, list[pa.Table]] = {name: [] for name in SCHEMAS}
     infos = []
     for i, (src, src_files) in enumerate(zip(cfg.sources, files)):
         rows, info = _read_source(i, src, src_files)
-        if src.table == "pretrain":
-            rows = [{"doc_id": f"src{i:03d}-{n:09d}", **r} for n, r in enumerate(rows)]
-        real[src.table] += rows
+        real[src.table].append(rows)
         infos.append(info)
     world = generate_world(cfg.world) if cfg.synthetic else {}
     tables = {}
     for name, schema in SCHEMAS.items():
-        parts = ([world[name]] if name in cfg.synthetic else []) + \
-                ([pa.Table.from_pylist(real[name], schema=schema)] if real[name] else [])
+        parts = ([world[name]] if name in cfg.synthetic else []) + real[name]
         table = pa.concat_tables(parts) if parts else schema.empty_table()
         if real[name] and name != "pretrain" and table.num_rows > 1:
             order = list(range(table.num_rows))
@@ -278,7 +288,7 @@ def build_data(cfg: DataConfig) -> Ingested:
             table = table.take(order)
         assert table.schema == schema, name
         tables[name] = table
-    return Ingested(tables, infos, {name: len(rows) for name, rows in real.items()})
+    return Ingested(tables, infos, {name: sum(t.num_rows for t in parts) for name, parts in real.items()})
 
 
 def write_data(data: Ingested, out_dir: str | Path, extra_json: dict[str, dict] | None = None) -> dict:
