@@ -51,8 +51,9 @@ are read; reading stops once `limit` rows are kept. What cannot stream is read w
 document) and a .txt document without `paragraphs`. `max_decompressed_mb` (per path source, default 4096 MiB) bounds
 that, a line, a CSV field, and what a compressed file may expand to: a compression bomb stops with an error naming
 the file and the cap instead of filling memory. A file that cannot be read as a whole (over the cap, a malformed or
-too deeply nested .json array, a corrupt Parquet file) always stops. The rows kept are held in memory until written
-(real rows are shuffled with the world's). Each source's sha256 covers the names and decompressed bytes read.
+too deeply nested .json array, a corrupt Parquet file) always stops. The rows kept are held in memory, as Arrow,
+until written (real rows are shuffled with the world's). Each source's sha256 covers the names and decompressed bytes
+read.
 """
 
 from __future__ import annotations
