@@ -3,10 +3,13 @@ real rows added to the world's tables, the consumers' own code on real rows, and
 
 from __future__ import annotations
 
+import bz2
 import csv
 import gzip
 import json
+import lzma
 import sys
+import tracemalloc
 import types
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from components.data import ingest, oracle
+from components.data import ingest, ingest_files, oracle
 from components.data.ingest import REAL_TASK, DataConfig, IngestError, build_data, lineage_params, run_data
 from components.data.tables import SCHEMAS, generate_world
 from components.data.world import WorldConfig
@@ -64,7 +67,9 @@ def test_text_files_one_document_per_file_or_paragraph(tmp_path):
                                                    "Second doc."]
 
 
-def test_text_column_of_jsonl_parquet_and_gzip(tmp_path):
+@pytest.mark.parametrize("batch", [10_000, 1])
+def test_text_column_of_jsonl_parquet_and_gzip(tmp_path, monkeypatch, batch):
+    monkeypatch.setattr(ingest, "_BATCH", batch)  # rows go to Arrow `batch` at a time: the same tables
     _jsonl(tmp_path / "docs.jsonl", [{"body": "A jsonl doc.", "id": 1}, {"body": "Another one."}])
     pq.write_table(pa.table({"text": ["A parquet doc."], "other": [1]}), tmp_path / "docs.parquet")
     with gzip.open(tmp_path / "more.jsonl.gz", "wt") as f:
@@ -73,7 +78,8 @@ def test_text_column_of_jsonl_parquet_and_gzip(tmp_path):
                    {"path": str(tmp_path / "docs.parquet"), "format": "text", "limit": 1})
     texts = tables["pretrain"].column("text").to_pylist()
     assert texts == ["A jsonl doc.", "Another one.", "Compressed.", "A parquet doc."]
-    assert tables["pretrain"].column("doc_id").to_pylist()[-1] == "src001-000000000"
+    assert tables["pretrain"].column("doc_id").to_pylist() == [f"src000-00000000{n}" for n in range(3)] + [
+        "src001-000000000"]
 
 
 def test_alpaca_to_sft_and_rl_prompts(tmp_path):
@@ -259,6 +265,8 @@ def test_synthetic_false_needs_every_table(tmp_path):
     ([{"path": "x.json", "format": "alpaca", "column": "c"}], r"\['column'\] do not apply to format 'alpaca'"),
     ([{"path": "x.json", "format": "text", "split": "test"}], r"\['split'\] apply to hf sources only"),
     ([{"path": "x.json", "format": "text", "limit": 0}], r"limit must be a positive integer"),
+    ([{"path": "x.json", "format": "text", "max_decompressed_mb": 0}], r"max_decompressed_mb must be a positive"),
+    ([{"hf": "a/b", "format": "text", "max_decompressed_mb": 9}], r"max_decompressed_mb applies to path sources"),
     ([{"path": "x.json", "format": "text", "paragraphs": "yes"}], r"paragraphs must be bool, got 'yes'"),
     ([{"path": ["a.txt"], "format": "text"}], r"path must be str"),
     (["x.txt"], r"data.sources\[0\] must be a mapping"),
@@ -337,6 +345,89 @@ def test_row_errors_and_skip_invalid(tmp_path):
            r"alpaca.jsonl:1: no 'output' field \(fields: \['instruction'\]\)")
 
 
+def _read(source: dict):
+    """(rows, skipped) of one source (the world's tables for the rest)."""
+    data = build_data(DataConfig.from_dict({"world": SMALL_WORLD, "sources": [source]}))
+    return data.sources[0]["rows"], data.sources[0]["skipped"]
+
+
+@pytest.mark.parametrize("suffix, opener", [(".gz", gzip.open), (".bz2", lambda p, m: bz2.open(p, m, 1)),
+                                            (".xz", lambda p, m: lzma.open(p, m, preset=0))], ids=["gz", "bz2", "xz"])
+def test_a_compression_bomb_stops_at_the_cap(tmp_path, suffix, opener):
+    path = tmp_path / f"bomb.jsonl{suffix}"
+    with opener(path, "wb") as f:  # 5 MiB of JSON lines in a few KB
+        f.write(b"".join(b'{"text": "%s"}\n' % (b"a" * 90) for _ in range(50_000)))
+    assert path.stat().st_size < 100_000
+    src = {"path": str(path), "format": "text", "max_decompressed_mb": 2}
+    for skip in (False, True):  # not a record to skip: the file stops
+        _fails(tmp_path, {**src, "skip_invalid": skip},
+               rf"data.sources\[0\] .*bomb.jsonl{suffix}: decompresses to more than max_decompressed_mb \(2 MiB\)")
+    assert _read({**src, "limit": 10}) == (10, 0)  # streamed: reading stops at `limit`, far before the cap
+    if suffix == ".gz":
+        assert _read({**src, "max_decompressed_mb": 6}) == (50_000, 0)
+
+
+def test_what_is_read_whole_is_bounded_by_the_cap(tmp_path):
+    (tmp_path / "big.json").write_text(json.dumps([{"instruction": "Say a.", "output": "a" * 1000}] * 1500))
+    _fails(tmp_path, {"path": str(tmp_path / "big.json"), "format": "alpaca", "max_decompressed_mb": 1},
+           r"big.json: a .json array is read whole, and this one holds more than max_decompressed_mb \(1 MiB\)")
+    assert _read({"path": str(tmp_path / "big.json"), "format": "alpaca", "max_decompressed_mb": 2}) == (1500, 0)
+    (tmp_path / "long.txt").write_text("word " * 300_000)
+    _fails(tmp_path, {"path": str(tmp_path / "long.txt"), "format": "text", "max_decompressed_mb": 1},
+           r"long.txt: a .txt document is read whole")
+
+
+def test_unreadable_records_name_file_and_line_and_can_be_skipped(tmp_path):
+    """Python's csv field limit, RecursionError on deep JSON, and lone surrogates (which fail only when the Parquet
+    is written or the text encoded) become errors at the file and line, or skipped records with skip_invalid."""
+    (tmp_path / "long_field.csv").write_text(f'id,prompt\n1,Short?\n2,"{"x" * (2 << 20)}"\n3,"Also, short?"\n')
+    (tmp_path / "deep.jsonl").write_text('{"text": "ok"}\n{"text": %s}\n{"text": "ok too"}\n'
+                                         % ("[" * 100_000 + "]" * 100_000))
+    (tmp_path / "surrogate.jsonl").write_text('{"text": "ok \\ud83d\\ude00"}\n{"text": "bad \\ud800 here"}\n')
+    (tmp_path / "surrogate.json").write_text('[{"instruction": "\\udfff", "output": "x"},\n'
+                                             ' {"instruction": "fine", "output": "y"}]')
+    cases = [({"format": "harmful", "path": "long_field.csv", "max_decompressed_mb": 1},
+              r"long_field.csv:3: a field longer than max_decompressed_mb \(1 MiB\)"),
+             ({"format": "text", "path": "deep.jsonl"}, r"deep.jsonl:2: JSON nested too deeply to read"),
+             ({"format": "text", "path": "surrogate.jsonl"},
+              r"surrogate.jsonl:2: a lone surrogate '\\ud800' \(an unpaired \\uXXXX escape\) is not Unicode text"),
+             ({"format": "alpaca", "path": "surrogate.json"}, r"surrogate.json: item 0: a lone surrogate '\\udfff'")]
+    for source, message in cases:
+        source = {**source, "path": str(tmp_path / source["path"])}
+        _fails(tmp_path, source, rf"data.sources\[0\] \(.*\): .*{message}.*\(skip_invalid: true skips such records\)")
+        assert csv.field_size_limit() == 128 * 1024  # csv's process-wide limit is restored
+        assert _read({**source, "skip_invalid": True})[1] == 1
+    metrics = run_data({"world": SMALL_WORLD, "sources": [
+        {"format": "text", "path": str(tmp_path / "surrogate.jsonl"), "skip_invalid": True},
+        {"format": "harmful", "path": str(tmp_path / "long_field.csv"), "max_decompressed_mb": 1,
+         "skip_invalid": True}]}, tmp_path / "written")
+    assert (metrics["source_0_rows"], metrics["source_0_skipped"]) == (1, 1)
+    assert (metrics["source_1_rows"], metrics["source_1_skipped"]) == (2, 1)
+    assert pq.read_table(tmp_path / "written" / "pretrain.parquet").column("text").to_pylist()[-1] == "ok \U0001F600"
+    manifest = json.loads((tmp_path / "written" / "sources.json").read_text())
+    assert manifest[0]["skipped_examples"] == [f"file://{tmp_path}/surrogate.jsonl:2: a lone surrogate '\\ud800' "
+                                               "(an unpaired \\uXXXX escape) is not Unicode text"]
+    # A .json array is one document: an item too deep to parse stops the file, skip_invalid or not.
+    (tmp_path / "deep.json").write_text('[{"text": "ok"}, {"text": %s}]' % ("[" * 100_000 + "]" * 100_000))
+    _fails(tmp_path, {"format": "text", "path": str(tmp_path / "deep.json"), "skip_invalid": True},
+           r"deep.json: item 1: JSON nested too deeply .* write JSON lines to skip such records")
+
+
+def test_a_compressed_jsonl_is_streamed_in_bounded_memory(tmp_path):
+    path = tmp_path / "big.jsonl.gz"
+    with gzip.open(path, "wt") as f:  # 20 MiB decompressed, of which the rows keep a few KB
+        f.writelines(json.dumps({"text": f"doc {i}", "other": "y" * 10_000}) + "\n" for i in range(2000))
+    cfg = DataConfig.from_dict({"world": SMALL_WORLD, "sources": [{"path": str(path), "format": "text"}]})
+    tracemalloc.start()
+    try:
+        data = build_data(cfg)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert data.real_rows["pretrain"] == 2000
+    assert peak < 8 << 20, peak  # reading the file whole would hold its 20 MiB at least twice
+
+
 def test_hugging_face_needs_datasets_and_a_network(tmp_path, monkeypatch):
     src = {"hf": "Anthropic/hh-rlhf", "format": "hh_rlhf", "table": "prefs_safety", "data_dir": "harmless-base"}
     monkeypatch.setitem(sys.modules, "datasets", None)  # not importable
@@ -345,5 +436,5 @@ def test_hugging_face_needs_datasets_and_a_network(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _fails(tmp_path, src, r"need a network, and this machine is offline")
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(ingest, "_online", lambda: False)
+    monkeypatch.setattr(ingest_files, "_online", lambda: False)
     _fails(tmp_path, src, r"this machine is offline")

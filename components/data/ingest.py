@@ -41,19 +41,26 @@ stages take prefixes (the RM's validation pairs, `rejection.sample.prompts`); pr
 orders by doc_id). With no sources the output is exactly the synthetic world's.
 
 Every source is checked and read before anything is written (keys, format, table, files matched, columns, every
-row, with file and line); `skip_invalid: true` skips rows that do not fit the format (counted in the metrics)
-instead of stopping. The whole output folder is replaced atomically.
+row, with file and line); `skip_invalid: true` skips records that do not fit the format or cannot be read (malformed
+JSON, JSON nested deeper than Python's recursion limit, a lone surrogate escape such as "\\ud800", a CSV field over
+the cap, text that is not UTF-8) instead of stopping: counted in the metrics (source_<i>_skipped), the first three
+reasons in sources.json. The whole output folder is replaced atomically.
+
+Files are streamed record by record (JSON lines, CSV rows, Parquet batches, .txt paragraphs) and decompressed as they
+are read; reading stops once `limit` rows are kept. What cannot stream is read whole: a .json array (one JSON
+document) and a .txt document without `paragraphs`. `max_decompressed_mb` (per path source, default 4096 MiB) bounds
+that, a line, a CSV field, and what a compressed file may expand to: a compression bomb stops with an error naming
+the file and the cap instead of filling memory. A file that cannot be read as a whole (over the cap, a malformed or
+too deeply nested .json array, a corrupt Parquet file) always stops. The rows kept are held in memory, as Arrow,
+until written (real rows are shuffled with the world's). Each source's sha256 covers the names and decompressed bytes
+read.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
-import os
 import random
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,42 +68,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.common import config_from_dict
-from components.data.oracle import RATINGS
+from components.data.ingest_files import IngestError, RecordError, check_hf, file_records, hf_records, resolve
+from components.data.ingest_rows import FORMAT_KEYS, FORMATS, REAL_TASK, header_columns, record_rows
 from components.data.tables import SCHEMAS, generate_world
 from components.data.world import WorldConfig
+
+_BATCH = 10_000  # rows converted to Arrow at a time
 
 __all__ = ["DataConfig", "Source", "IngestError", "Ingested", "FORMATS", "REAL_TASK", "READERS", "build_data",
            "write_data", "run_data", "lineage_params"]
 
-REAL_TASK = "real"
-FORMATS = {  # format -> tables it may feed, the default first (None: `table` is required)
-    "text": ("pretrain",),
-    "alpaca": ("sft", "rl_prompts"),
-    "messages": ("sft", "rl_prompts"),
-    "prefs": (None, "prefs_helpful", "prefs_safety"),
-    "hh_rlhf": (None, "prefs_helpful", "prefs_safety"),
-    "harmful": ("rl_prompts",),
-}
-DEFAULT_COLUMN = {"text": "text", "harmful": "prompt"}  # formats whose field is configurable (`column`)
-FORMAT_KEYS = {"text": {"paragraphs", "column"}, "harmful": {"column"}, "messages": {"column"}}  # format-only keys
+
 # Which stages read each table: named when a table is missing.
 READERS = {"pretrain": "filter", "sft": "sft (and replay in rejection, gatt, distill)", "prefs_helpful": "rm_helpful",
            "prefs_safety": "rm_safety", "rl_prompts": "rejection, ppo, distill", "gatt": "gatt",
            "eval_prompts": "evaluate", "eval_gatt": "evaluate"}
 assert set(READERS) == set(SCHEMAS)
-CONTAINERS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
-              ".csv": "csv", ".tsv": "tsv"}
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
-                  "system": "system"}
-
-
-class IngestError(ValueError):
-    """A source that cannot be ingested as configured (the message names the source, and the file and line)."""
-
-
-class _RowError(ValueError):
-    """One record that does not fit the source's format (skipped when skip_invalid)."""
 
 
 # --------------------------------------------------------------------------------------------------- the config
@@ -115,7 +102,9 @@ class Source:
     subset: str | None = None  # hf: the configuration name
     data_dir: str | None = None  # hf: a folder of the dataset repo (Anthropic/hh-rlhf: harmless-base, helpful-base)
     limit: int | None = None  # keep only the first `limit` rows
-    skip_invalid: bool = False  # skip records that do not fit the format (counted) instead of stopping
+    skip_invalid: bool = False  # skip records that do not fit the format or cannot be read (counted), not stop
+    max_decompressed_mb: int = 4096  # path: the most MiB a compressed file may expand to, and anything read whole
+    #                                  (a .json array, a .txt document, a line, a CSV field) may hold
 
     @property
     def location(self) -> str:
@@ -123,7 +112,7 @@ class Source:
 
 
 _KEY_TYPES = {"format": str, "path": str, "hf": str, "table": str, "column": str, "paragraphs": bool, "split": str,
-              "subset": str, "data_dir": str, "limit": int, "skip_invalid": bool}
+              "subset": str, "data_dir": str, "limit": int, "skip_invalid": bool, "max_decompressed_mb": int}
 
 
 def _parse_source(i: int, entry) -> Source:
@@ -159,8 +148,11 @@ def _parse_source(i: int, entry) -> Source:
         raise IngestError(f"{where}: {misplaced} do not apply to format {src.format!r}")
     if src.path and given & {"split", "subset", "data_dir"}:
         raise IngestError(f"{where}: {sorted(given & {'split', 'subset', 'data_dir'})} apply to hf sources only")
-    if src.limit is not None and src.limit < 1:
-        raise IngestError(f"{where}: limit must be a positive integer, got {src.limit!r}")
+    if src.hf and "max_decompressed_mb" in given:
+        raise IngestError(f"{where}: max_decompressed_mb applies to path sources only")
+    for name in ("limit", "max_decompressed_mb"):
+        if getattr(src, name) is not None and getattr(src, name) < 1:
+            raise IngestError(f"{where}: {name} must be a positive integer, got {getattr(src, name)!r}")
     return Source(**{**asdict(src), "table": table})
 
 
@@ -207,285 +199,6 @@ class DataConfig:
         return cls(world, kept, parsed)
 
 
-# ------------------------------------------------------------------------------------------- finding the files
-def _resolve(i: int, src: Source) -> list[tuple[object, str, str]]:
-    """(filesystem, path, container) of every file of a path source, sorted; errors when none or unknown."""
-    from fsspec.core import url_to_fs
-
-    where = f"data.sources[{i}] ({src.location})"
-    try:
-        fs, root = url_to_fs(src.path)
-    except (ImportError, ValueError) as e:  # e.g. s3:// without s3fs
-        raise IngestError(f"{where}: cannot open this location: {e}") from None
-    given = set(root.split("/"))
-
-    def visible(p: str) -> bool:  # hidden names (.gitignore, .DS_Store, ...) only when named in the path itself
-        return not any(part.startswith(".") and part not in given for part in p.split("/"))
-
-    if any(c in root for c in "*?["):
-        paths = [p for p in fs.glob(root) if visible(p) and fs.isfile(p)]
-        if not paths:
-            raise IngestError(f"{where}: no files matched the glob")
-    elif fs.isdir(root):
-        paths = [p for p in fs.find(root) if visible(p)]
-        if not paths:
-            raise IngestError(f"{where}: the folder holds no files")
-    elif fs.isfile(root):
-        paths = [root]
-    else:
-        raise IngestError(f"{where}: no such file or folder")
-    files = []
-    for p in sorted(paths):
-        container = _container(p)
-        if container is None:
-            raise IngestError(f"{where}: cannot tell the container of {fs.unstrip_protocol(p)} from its extension; "
-                              f"known: {sorted(CONTAINERS)} (optionally compressed, e.g. .jsonl.gz)")
-        if container == "txt" and src.format != "text":
-            raise IngestError(f"{where}: format {src.format!r} reads records, not plain text "
-                              f"({fs.unstrip_protocol(p)})")
-        files.append((fs, p, container))
-    return files
-
-
-def _container(path: str) -> str | None:
-    from fsspec.utils import infer_compression
-
-    name = path.rsplit("/", 1)[-1].lower()
-    if infer_compression(name):
-        name = name.rsplit(".", 1)[0]
-    return CONTAINERS.get("." + name.rsplit(".", 1)[-1]) if "." in name else None
-
-
-def _check_hf(i: int, src: Source) -> None:
-    where = f"data.sources[{i}] ({src.location})"
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        raise IngestError(f"{where}: Hugging Face datasets by name need the `datasets` package, which is not "
-                          "installed (pip install datasets); or download the files and give them as `path`") from None
-    if not _online():
-        raise IngestError(f"{where}: Hugging Face datasets by name need a network, and this machine is offline "
-                          "(or HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set); download the files and give them as "
-                          "`path`")
-
-
-def _online() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or \
-            os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0"):
-        return False
-    import socket
-
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
-        return True
-    except OSError:
-        return False
-
-
-# -------------------------------------------------------------------------------------------- reading records
-def _records(fs, path: str, container: str, columns: tuple[str, ...], digest) -> list[tuple[str, object]]:
-    """(where, record) of one file: record is a dict, or the whole text of a .txt file. `columns` must exist in
-    containers with a header (Parquet, CSV); JSON records are checked one by one."""
-    url = fs.unstrip_protocol(path)
-    with fs.open(path, "rb", compression="infer") as f:
-        data = f.read()
-    digest.update(path.rsplit("/", 1)[-1].encode() + b"\0" + data)  # content, not where the repo lives
-    if container == "parquet":
-        try:
-            table = pq.read_table(io.BytesIO(data))
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a corrupt file
-            raise IngestError(f"{url}: not a readable Parquet file: {e}") from None
-        _need(url, columns, table.column_names)
-        return [(f"{url}: row {n}", row) for n, row in enumerate(table.to_pylist())]
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise IngestError(f"{url}: not UTF-8 text: {e}") from None
-    if container == "txt":
-        return [(url, text)]
-    if container in ("csv", "tsv"):
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if container == "csv" else "\t")
-        _need(url, columns, reader.fieldnames or [])
-        return [(f"{url}:{reader.line_num}", row) for row in reader]
-    if container == "json" and text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise IngestError(f"{url}:{e.lineno}: malformed JSON: {e.msg}") from None
-        return [(f"{url}: item {n}", item) for n, item in enumerate(items)]
-    out = []  # JSON lines (also accepted in .json files that do not hold an array)
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                out.append((f"{url}:{n}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise IngestError(f"{url}:{n}: malformed JSON line: {e.msg}") from None
-    return out
-
-
-def _need(url: str, columns: tuple[str, ...], have: list[str]) -> None:
-    missing = [c for c in columns if c not in have]
-    if missing:
-        raise IngestError(f"{url}: missing column(s) {missing}; columns: {list(have)}")
-
-
-def _hf_records(src: Source, columns: tuple[str, ...], digest) -> list[tuple[str, object]]:
-    import datasets
-
-    ds = datasets.load_dataset(src.hf, src.subset, split=src.split or "train", data_dir=src.data_dir)
-    url = f"hf:{src.hf}[{src.split or 'train'}]"
-    _need(url, columns, ds.column_names)
-    digest.update(f"{url}\0{getattr(ds, '_fingerprint', '')}".encode())
-    return [(f"{url}: row {n}", row) for n, row in enumerate(ds)]
-
-
-def _header_columns(src: Source) -> tuple[str, ...]:
-    """The fields a headed container (Parquet, CSV, a HF dataset) must have for this source."""
-    if src.format in DEFAULT_COLUMN:
-        return (src.column or DEFAULT_COLUMN[src.format],)
-    if src.format == "messages":
-        return (src.column,) if src.column else ()  # else either messages or conversations, checked per record
-    return {"alpaca": ("instruction", "output"), "prefs": ("chosen", "rejected"),
-            "hh_rlhf": ("chosen", "rejected")}[src.format]
-
-
-# ------------------------------------------------------------------------------------------------ the formats
-def _field(record, key: str, kinds=(str,)):
-    if not isinstance(record, dict):
-        raise _RowError(f"expected an object, got {type(record).__name__}")
-    if key not in record:
-        raise _RowError(f"no {key!r} field (fields: {sorted(record)})")
-    value = record[key]
-    if not isinstance(value, kinds):
-        raise _RowError(f"{key!r} must be {' or '.join(k.__name__ for k in kinds)}, got {type(value).__name__}")
-    return value
-
-
-def _nonempty(text: str, what: str) -> str:
-    if not text.strip():
-        raise _RowError(f"empty {what}")
-    return text
-
-
-def _dialog(messages, ends_with: str | None) -> list[dict]:
-    """Check a conversation fits the Llama 2 chat format (model/chat.py): optional system, then user/assistant
-    alternating from a user turn, ending with `ends_with` (None: either)."""
-    if isinstance(messages, str):
-        try:
-            messages = json.loads(messages)
-        except json.JSONDecodeError:
-            raise _RowError("the message list is a string that is not JSON") from None
-    if not isinstance(messages, list) or not messages:
-        raise _RowError("expected a non-empty list of messages")
-    dialog = []
-    for n, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise _RowError(f"message {n} is not an object")
-        role, content = (m.get("role"), m.get("content")) if "role" in m else (m.get("from"), m.get("value"))
-        role = SHAREGPT_ROLES.get(str(role).lower()) if role is not None else None
-        if role is None or not isinstance(content, str):
-            raise _RowError(f"message {n} must have role/content (or from/value) with a known role "
-                            f"({sorted(SHAREGPT_ROLES)}) and text content, got {m!r}"[:300])
-        dialog.append({"role": role, "content": content})
-    turns = dialog[1:] if dialog[0]["role"] == "system" else dialog
-    for n, m in enumerate(turns):
-        if m["role"] != ("user" if n % 2 == 0 else "assistant"):
-            raise _RowError(f"roles out of order at turn {n} ({m['role']}): after an optional system prompt, user "
-                            "and assistant must alternate from a user turn")
-    if not turns or ends_with and turns[-1]["role"] != ends_with:
-        raise _RowError(f"the conversation must end with a{'n' if ends_with == 'assistant' else ''} {ends_with} turn")
-    return dialog
-
-
-def _answer(value, side: str) -> tuple[str, list[dict] | None]:
-    """A preference side: a plain answer, one message (LLaMA-Factory's ShareGPT layout: {"from": "gpt", "value"}),
-    or a conversation ending with the answer -> (answer, its prefix)."""
-    if isinstance(value, str):
-        return _nonempty(value, side), None
-    if isinstance(value, dict):
-        value = [value]
-    alone = len(value) == 1  # TRL's explicit-prompt style: [{assistant message}], the prompt given apart
-    dialog = _dialog([{"role": "user", "content": ""}] + value if alone else value, "assistant")
-    return _nonempty(dialog[-1]["content"], side), None if alone else dialog[:-1]
-
-
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
-
-
-def _hh_dialog(text: str, side: str) -> list[dict]:
-    parts = _HH_TURN.split("\n\n" + text.lstrip("\n"))
-    if parts[0].strip():
-        raise _RowError(f"{side} does not start with '\\n\\nHuman: '")
-    return _dialog([{"role": "user" if who == "Human" else "assistant", "content": body.strip()}
-                    for who, body in zip(parts[1::2], parts[2::2])], "assistant")
-
-
-def _rows(src: Source, record) -> list[dict]:
-    """The table rows (without pretrain's doc_id) of one record; _RowError when it does not fit."""
-    fmt, table = src.format, src.table
-    if fmt == "text":
-        text = record if isinstance(record, str) else _field(record, src.column or "text")
-        docs = [p.strip() for p in re.split(r"\n[ \t]*\n", text)] if src.paragraphs else [text]
-        docs = [d for d in docs if d.strip()]
-        if not docs:
-            raise _RowError("empty document")
-        return [{"text": d, "planted": None, "pii_kinds": None} for d in docs]
-    if fmt == "harmful":
-        prompt = _nonempty(_field(record, src.column or "prompt"), "prompt").strip()
-        return [{"prompt": json.dumps([{"role": "user", "content": prompt}]), "task": REAL_TASK, "is_safety": True,
-                 "reference": "{}"}]
-    if fmt in ("alpaca", "messages"):
-        if fmt == "alpaca":
-            user = _nonempty(_field(record, "instruction"), "instruction").strip()
-            extra = record.get("input") or ""
-            if not isinstance(extra, str):
-                raise _RowError(f"'input' must be a string, got {type(extra).__name__}")
-            user += f"\n\n{extra.strip()}" if extra.strip() else ""
-            dialog = [{"role": "user", "content": user},
-                      {"role": "assistant", "content": _nonempty(_field(record, "output"), "output")}]
-        else:
-            key = src.column or ("messages" if isinstance(record, dict) and "messages" in record else "conversations")
-            dialog = _dialog(_field(record, key, (list, str)), "assistant" if table == "sft" else None)
-        if table == "sft":
-            return [{"messages": json.dumps(dialog), "task": REAL_TASK}]
-        prompt = _dialog(dialog[:-1] if dialog[-1]["role"] == "assistant" else dialog, "user")
-        return [{"prompt": json.dumps(prompt), "task": REAL_TASK, "is_safety": False, "reference": "{}"}]
-    # preference pairs
-    if fmt == "hh_rlhf":
-        chosen = _hh_dialog(_field(record, "chosen"), "chosen")
-        rejected = _hh_dialog(_field(record, "rejected"), "rejected")
-        if chosen[:-1] != rejected[:-1]:
-            raise _RowError("chosen and rejected differ before their final answers")
-        prompt, answers, rating = chosen[:-1], (chosen[-1]["content"], rejected[-1]["content"]), None
-        if not prompt:
-            raise _RowError("no Human turn before the final answer")
-        for side, answer in zip(("chosen", "rejected"), answers):
-            _nonempty(answer, f"{side} answer")
-    else:
-        (chosen, c_prefix), (rejected, r_prefix) = (_answer(_field(record, k, (str, list, dict)), k)
-                                                    for k in ("chosen", "rejected"))
-        given = record.get("prompt")
-        if given is None and "conversations" in record:  # LLaMA-Factory's ShareGPT preference layout
-            given = _field(record, "conversations", (list, str))
-            if record.get("system"):
-                given = [{"role": "system", "content": _field(record, "system")}] + _dialog(given, "user")
-        if isinstance(given, str):
-            given = [{"role": "user", "content": _nonempty(given, "prompt")}]
-        elif given is not None:
-            given = _dialog(given, "user")
-        candidates = [p for p in (given, c_prefix, r_prefix) if p]
-        if not candidates:
-            raise _RowError("no prompt: give a 'prompt' field, or chosen/rejected as conversations")
-        if any(p != candidates[0] for p in candidates):
-            raise _RowError("the prompt, and the conversations before the chosen and rejected answers, differ")
-        prompt, answers = _dialog(candidates[0], "user"), (chosen, rejected)
-        rating = record.get("rating")
-        if rating is not None and rating not in RATINGS:
-            raise _RowError(f"unknown rating {rating!r}; choose one of {list(RATINGS)} or leave it empty")
-    return [{"prompt": json.dumps(prompt), "chosen": answers[0], "rejected": answers[1], "rating": rating,
-             "task": REAL_TASK, "reference": "{}"}]
-
-
 # ------------------------------------------------------------------------------------------------- ingest, write
 @dataclass
 class Ingested:
@@ -496,33 +209,60 @@ class Ingested:
     real_rows: dict[str, int]  # per table
 
 
-def _read_source(i: int, src: Source, files) -> tuple[list[dict], dict]:
+def _path_records(src: Source, files, columns: tuple[str, ...], digest):
+    for fs, path, container in files:
+        yield from file_records(fs, path, container, columns, digest, src.max_decompressed_mb, src.paragraphs)
+
+
+def _arrow(i: int, src: Source, rows: list[dict], start: int) -> pa.Table:
+    """Rows as Arrow (far smaller than Python dicts); pretrain's get their doc_id, numbered from `start`."""
+    if src.table == "pretrain":
+        rows = [{"doc_id": f"src{i:03d}-{start + n:09d}", **r} for n, r in enumerate(rows)]
+    return pa.Table.from_pylist(rows, schema=SCHEMAS[src.table])
+
+
+def _read_source(i: int, src: Source, files) -> tuple[pa.Table, dict]:
+    """Every row of one source (records streamed, so at most `limit` rows are read), and its manifest entry."""
+    where = f"data.sources[{i}] ({src.location})"
     digest = hashlib.sha256()
-    columns = _header_columns(src)
+    columns = header_columns(src)
     if src.hf:
-        records = _hf_records(src, columns, digest)
+        records = hf_records(src, columns, digest)
     else:
-        records = [r for fs, p, container in files for r in _records(fs, p, container, columns, digest)]
-    rows, skipped = [], 0
-    for where, record in records:
-        try:
-            new = _rows(src, record)
-        except _RowError as e:
-            if not src.skip_invalid:
-                raise IngestError(f"data.sources[{i}] ({src.location}): {where}: {e} (skip_invalid: true skips "
-                                  "such records)") from None
-            skipped += 1
-            continue
-        rows += new
-        if src.limit and len(rows) >= src.limit:
-            rows = rows[:src.limit]
-            break
-    if not rows:
-        raise IngestError(f"data.sources[{i}] ({src.location}): no rows" + (f" ({skipped} records skipped as "
-                          "invalid)" if skipped else ""))
+        records = _path_records(src, files, columns, digest)
+    rows, parts, kept, skipped, examples = [], [], 0, 0, []  # rows: the next batch for `parts`
+    try:
+        for at, record in records:
+            try:
+                if isinstance(record, RecordError):  # read, but not readable
+                    raise record
+                new = record_rows(src, record)
+            except (RecordError, RecursionError) as e:  # RecursionError: a value too deeply nested to print
+                why = str(e) if isinstance(e, RecordError) else "too deeply nested"
+                if not src.skip_invalid:
+                    raise IngestError(f"{where}: {at}: {why} (skip_invalid: true skips such records)") from None
+                skipped += 1
+                examples += [f"{at}: {why}"[:300]] if len(examples) < 3 else []
+                continue
+            rows += new
+            if src.limit and kept + len(rows) >= src.limit:
+                rows = rows[:src.limit - kept]
+                break
+            if len(rows) >= _BATCH:
+                parts.append(_arrow(i, src, rows, kept))
+                rows, kept = [], kept + len(rows)
+    except IngestError as e:  # a file that cannot be read at all
+        raise IngestError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+    finally:
+        records.close()
+    table = pa.concat_tables(parts + [_arrow(i, src, rows, kept)])
+    if not table.num_rows:
+        raise IngestError(f"{where}: no rows" + (f" ({skipped} records skipped as invalid)" if skipped else ""))
     info = {"location": src.location, "format": src.format, "table": src.table, "files": len(files) or None,
-            "rows": len(rows), "skipped": skipped, "sha256": digest.hexdigest()}
-    return rows, info
+            "rows": table.num_rows, "skipped": skipped, "sha256": digest.hexdigest()}
+    if examples:
+        info["skipped_examples"] = examples
+    return table, info
 
 
 def build_data(cfg: DataConfig) -> Ingested:
@@ -530,21 +270,18 @@ def build_data(cfg: DataConfig) -> Ingested:
     files = []  # the cheap checks of every source first: files matched, hf available
     for i, src in enumerate(cfg.sources):
         if src.hf:
-            _check_hf(i, src)
-        files.append(_resolve(i, src) if src.path else [])
-    real: dict[str, list[dict]] = {name: [] for name in SCHEMAS}
+            check_hf(i, src)
+        files.append(resolve(i, src) if src.path else [])
+    real: dict[str, list[pa.Table]] = {name: [] for name in SCHEMAS}
     infos = []
     for i, (src, src_files) in enumerate(zip(cfg.sources, files)):
         rows, info = _read_source(i, src, src_files)
-        if src.table == "pretrain":
-            rows = [{"doc_id": f"src{i:03d}-{n:09d}", **r} for n, r in enumerate(rows)]
-        real[src.table] += rows
+        real[src.table].append(rows)
         infos.append(info)
     world = generate_world(cfg.world) if cfg.synthetic else {}
     tables = {}
     for name, schema in SCHEMAS.items():
-        parts = ([world[name]] if name in cfg.synthetic else []) + \
-                ([pa.Table.from_pylist(real[name], schema=schema)] if real[name] else [])
+        parts = ([world[name]] if name in cfg.synthetic else []) + real[name]
         table = pa.concat_tables(parts) if parts else schema.empty_table()
         if real[name] and name != "pretrain" and table.num_rows > 1:
             order = list(range(table.num_rows))
@@ -552,7 +289,7 @@ def build_data(cfg: DataConfig) -> Ingested:
             table = table.take(order)
         assert table.schema == schema, name
         tables[name] = table
-    return Ingested(tables, infos, {name: len(rows) for name, rows in real.items()})
+    return Ingested(tables, infos, {name: sum(t.num_rows for t in parts) for name, parts in real.items()})
 
 
 def write_data(data: Ingested, out_dir: str | Path, extra_json: dict[str, dict] | None = None) -> dict:
