@@ -3,8 +3,8 @@ runs in PostgreSQL and artifacts in an S3 bucket (moto's server), and a DVC remo
 three stages run with `dvc repro tokenizer` in a copy of the repo against that server, their outs are pushed, and an
 empty clone pulls them back byte for byte.
 
-Slow (~1-2 min). Needs PostgreSQL's binaries (apt-get install postgresql) and the dev extra (moto, psycopg2, boto3,
-dvc-s3): skipped without them, except under CI=true, where it must run.
+The end-to-end test is slow (~1-2 min). It needs PostgreSQL's binaries (apt-get install postgresql) and the dev
+extra (moto, psycopg2, boto3; dvc-s3): skipped without them, except under CI=true, where it must run.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import yaml
 from components.common import REPO_ROOT
 from tests.helpers import copy_repo
 
-pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent  # the venv's dvc
 _spec = importlib.util.spec_from_file_location("local_stack", REPO_ROOT / "infra/mlflow/local_stack.py")
 local_stack = importlib.util.module_from_spec(_spec)
@@ -62,6 +61,7 @@ def _md5s(repo: Path, outs: list[str]) -> dict[str, str]:
     return {str(f.relative_to(repo)): hashlib.md5(f.read_bytes()).hexdigest() for f in files if f.is_file()}
 
 
+@pytest.mark.slow
 def test_stages_track_to_postgres_and_s3_and_dvc_pull_restores_the_outs(stack, tmp_path, no_ray):
     import boto3
     import psycopg2
@@ -122,3 +122,11 @@ def test_stages_track_to_postgres_and_s3_and_dvc_pull_restores_the_outs(stack, t
     assert len(expected) > len(cached) and _md5s(clone, cached) == expected
     status = _run(["dvc", "status", *STAGES], clone, dvc_env, 120).stdout
     assert "Data and pipelines are up to date" in status, status
+
+
+def test_compose_publishes_nothing_on_all_interfaces():
+    """MLflow has no authentication in infra/mlflow/docker-compose.yaml: every published port is bound to
+    127.0.0.1 ("5000:5000" would publish it on every interface of the host)."""
+    services = yaml.safe_load((REPO_ROOT / "infra/mlflow/docker-compose.yaml").read_text())["services"]
+    ports = [(name, str(port)) for name, spec in services.items() for port in spec.get("ports", [])]
+    assert ("mlflow", "127.0.0.1:5000:5000") in ports and all(p.startswith("127.0.0.1:") for _, p in ports), ports
