@@ -122,7 +122,9 @@ class LocalStack:
         self.tracking_uri = f"http://127.0.0.1:{port}"
         env = {**os.environ, **CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint}
         proc = self._start("mlflow", [
-            str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+            str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+            # one process: uvicorn's multi-worker supervisor kills workers slower than 5 s to start (a loaded machine)
+            "--workers", "1",
             # SQLAlchemy >= 2.1 maps a bare postgresql:// to psycopg 3: name the driver that is installed
             "--backend-store-uri", self.postgres_uri.replace("postgresql://", "postgresql+psycopg2://"),
             "--artifacts-destination", f"s3://{self.bucket}/mlflow", "--serve-artifacts",
@@ -181,6 +183,9 @@ def _boto_credentials() -> dict:
 
 
 def main() -> None:
+    # SIGTERM (and SIGINT where a shell started this ignoring it, `... &`) unwind through stop(), even mid-start
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sys.exit(0))
     with LocalStack() as stack:
         print("# PostgreSQL, S3 (moto, in memory) and MLflow on 127.0.0.1; logs in", stack.log_dir)
         for key, value in stack.env.items():
@@ -188,11 +193,7 @@ def main() -> None:
         print(f"# DVC remote: dvc remote add -d storage s3://{stack.bucket}/dvc && "
               f"dvc remote modify storage endpointurl {stack.s3_endpoint}")
         print("# Ctrl-C stops everything and deletes its data", flush=True)
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        try:
-            signal.pause()
-        except KeyboardInterrupt:
-            pass
+        signal.pause()
 
 
 if __name__ == "__main__":
