@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.common import REPO_ROOT
+from tests.helpers import copy_repo
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent  # the venv's python, dvc and serve
@@ -38,13 +38,7 @@ def _run(cmd: list[str], cwd: Path, env: dict, timeout: int) -> subprocess.Compl
 def pipeline(tmp_path_factory, no_ray):
     """A git repo holding the working tree's files (tracked and new, not ignored) on the ci profile, after
     `dvc repro`."""
-    repo = tmp_path_factory.mktemp("e2e") / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO_ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for name in files:
-        if (REPO_ROOT / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO_ROOT / name, repo / name)
+    repo = copy_repo(tmp_path_factory.mktemp("e2e") / "repo")
     shutil.copy(repo / "infra/profiles/ci.yaml", repo / "params.yaml")
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(repo),
            "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}", "RAY_ADDRESS": ""}
