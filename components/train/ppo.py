@@ -25,12 +25,17 @@ class PPOStageConfig(PPOConfig):
     log_every: int = 1
     checkpoint_every: int = 10  # iterations between resume points (policy, value, both optimizers; 0 = none)
     bf16: bool = True
+    # fsdp rollouts: "gathered" (the policy's full weights gathered once per rollout into a plain bf16 copy on every
+    # GPU, 2 bytes/param, freed after: fast decoding) or "sharded" (decode through the FSDP2 model, one block's
+    # weights at a time: fits where a full copy does not, e.g. 70B on 80 GB, but slow). `make plan` shows both.
+    rollout_weights: str = "gathered"
     ray: RayConfig = RayConfig()
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.ray.strategy != "ddp":  # its five models' placement under FSDP2 is still to do
-            raise ValueError("params section 'ppo': PPO runs with ray.strategy 'ddp' only (set ppo.ray.strategy)")
+        if self.rollout_weights not in ("gathered", "sharded"):
+            raise ValueError(f"params section 'ppo': rollout_weights must be 'gathered' or 'sharded', got "
+                             f"{self.rollout_weights!r}")
 
 
 SHOWN = ("reward", "kl", "entropy", "clip_fraction", "value_loss", "policy_loss", "response_length", "time_rollout_s",
