@@ -301,5 +301,7 @@ def table(rows: list[Row], gpu_bytes: float, reserve: float) -> str:
                       gib(r.copies), act, gib(r.kv_cache), gib(r.logits), gib(r.total),
                       r.device if ok is None else ("yes" if ok else "NO")])
     widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(cols)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([fmt(cols), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines])
