@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run pipeline profile profiles test bench serve clean
+.PHONY: install run pipeline profile profiles plan test bench serve clean
 
 # torch==2.13.0 first (the CPU wheel); the project's torch range then admits it and pulls nothing more.
 $(STAMP): pyproject.toml
@@ -50,6 +50,12 @@ profile:
 	  exit 2; fi
 	cp "infra/profiles/$(PROFILE).yaml" params.yaml
 	@echo "params.yaml is now the $(PROFILE) profile: make pipeline (or dvc repro) runs it"
+
+# Per-GPU memory of every stage (python -m flows.plan): PROFILE=<name> reads infra/profiles/<name>.yaml, else the
+# active params.yaml; exits 1 naming the stages that do not fit (GPU_GB=80 by default).
+GPU_GB ?= 80
+plan: install
+	@$(BIN)/python -m flows.plan $(if $(PROFILE),"infra/profiles/$(PROFILE).yaml",params.yaml) --gpu-memory-gb $(GPU_GB)
 
 # Ray Serve, OpenAI-compatible, on http://127.0.0.1:8000/v1; serves models:/llama2-chat@champion
 # (LLAMA2_MODEL_URI=<checkpoint folder or models:/...> to serve something else).
