@@ -167,8 +167,8 @@ def lm_train(stage: str, cfg, args: ModelArgs) -> Row:
 
 
 def rm_train(stage: str, cfg, args: ModelArgs) -> Row:
-    """A reward-model stage (components/train/rm.py): batch_size / workers pairs, chosen and rejected in one
-    forward (2 rows each) of up to max_seq_len tokens; no micro-batching."""
+    """A reward-model stage (components/train/rm.py): micro_batch_size pairs (default: batch_size / workers), chosen
+    and rejected in one forward (2 rows each) of up to max_seq_len tokens."""
     ray, s = cfg.ray, sizes(args)
     row = train_state(Row(stage, _strategy(ray), ray.num_workers, _device(ray)), s.scalar, ray, ray.num_workers)
     row.checkpointing = ray.activation_checkpointing
@@ -176,7 +176,7 @@ def rm_train(stage: str, cfg, args: ModelArgs) -> Row:
         row.copies = fsdp_copies(s, s.root_scalar, trained=True)
     elif cfg.bf16 and ray.use_gpu:
         row.copies = BF16 * s.scalar
-    act, rows = (BF16 if cfg.bf16 else FP32), 2 * (cfg.batch_size // ray.num_workers)
+    act, rows = (BF16 if cfg.bf16 else FP32), 2 * (cfg.micro_batch_size or cfg.batch_size // ray.num_workers)
     row.act_no_ac = activation_bytes(args, rows, args.max_seq_len, act, False)
     row.act_ac = activation_bytes(args, rows, args.max_seq_len, act, True)
     row.notes.append(f"{rows} sequences of {args.max_seq_len} in one forward")
@@ -205,8 +205,10 @@ def ppo(cfg, args: ModelArgs) -> list[Row]:
             row.params += BF16 * -(-frozen // n)
             row.copies = BF16 * (2 * s.root_lm + 3 * s.root_scalar)  # every model's root stays gathered
         else:
-            row.params += FP32 * frozen
+            row.params += (BF16 if ray.use_gpu else FP32) * frozen  # parallel.prepare_frozen: bf16 on GPU
         row.checkpointing = ray.activation_checkpointing
+        if phase != "update" and ray.strategy == "fsdp":
+            row.grads = 0  # zero_grad(set_to_none=True) after every optimizer step: none outside the update
         return row
 
     fbs = cfg.forward_batch_size
@@ -214,8 +216,9 @@ def ppo(cfg, args: ModelArgs) -> list[Row]:
     act = BF16 if cfg.bf16 and ray.use_gpu else FP32
     rollout = base("rollout")
     if ray.strategy == "fsdp" and cfg.rollout_weights == "gathered":
-        rollout.copies += inference_weights(s, s.lm, BF16, L)
-        rollout.notes.append("gathered bf16 policy + its fused QKV/W13 decode cache")
+        gpu = ray.use_gpu  # parallel.gathered: bf16 without fused decode copies on GPU, as trained with them on CPU
+        rollout.copies += BF16 * s.lm if gpu else inference_weights(s, s.lm, FP32, L)
+        rollout.notes.append("the policy gathered once per rollout" + (" (bf16)" if gpu else ""))
     elif ray.strategy == "fsdp":
         rollout.copies += 2 * BF16 * s.block
     else:
@@ -229,7 +232,7 @@ def ppo(cfg, args: ModelArgs) -> list[Row]:
     score.act_no_ac = score.act_ac = 3 * act * fbs * max_len * args.ffn_hidden_dim  # one block's live temporaries
     score.kv_cache = fbs * max_len * max_len * (1 + act)  # the (B, 1, T, T) padding mask and its additive bias
     update = base("update")
-    mb = cfg.mini_batch_size
+    mb = cfg.mini_batch_size // n  # global, as rollout_batch_size: each worker trains its share
     update.copies += 2 * BF16 * s.block + FP32 * s.block if ray.strategy == "fsdp" else 0
     update.act_no_ac = activation_bytes(args, mb, max_len, act, False)
     update.act_ac = activation_bytes(args, mb, max_len, act, True)

@@ -101,12 +101,15 @@ def test_fsdp_two_workers_train_the_reward_model_like_one(ray_local, tmp_path):
 
     train, val = pairs(64), pairs(16)
     cfg = RMTrainConfig(lr=1e-3, warmup_steps=1, batch_size=8, bf16=False, log_every=1, checkpoint_every=100)
-    results = {workers: train_rm(sft, train, val, replace(cfg, ray=ray_cfg(tmp_path, workers, strategy)),
-                                 f"rm-{strategy}{workers}", tmp_path / f"rm{workers}")
-               for workers, strategy in ((1, "ddp"), (2, "fsdp"))}
-    assert results[1]["val_accuracy"] == results[2]["val_accuracy"]
-    assert_same_weights(weights(tmp_path / "rm1"), weights(tmp_path / "rm2"))
-    assert load_checkpoint(tmp_path / "rm2")[0].args.head == "scalar"
+    runs = {"ddp1": (1, "ddp", None), "fsdp2": (2, "fsdp", None), "fsdp2-micro": (2, "fsdp", 2)}  # micro: 2 of 2
+    results = {name: train_rm(sft, train, val, replace(cfg, micro_batch_size=micro,
+                                                       ray=ray_cfg(tmp_path, workers, strategy)),
+                              f"rm-{name}", tmp_path / name)
+               for name, (workers, strategy, micro) in runs.items()}
+    for name in ("fsdp2", "fsdp2-micro"):  # gradient accumulation over micro-batches changes nothing either
+        assert results[name]["val_accuracy"] == results["ddp1"]["val_accuracy"]
+        assert_same_weights(weights(tmp_path / "ddp1"), weights(tmp_path / name))
+    assert load_checkpoint(tmp_path / "fsdp2")[0].args.head == "scalar"
 
 
 def test_strategy_settings_are_checked_before_any_worker_starts():

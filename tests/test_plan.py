@@ -115,9 +115,9 @@ def test_7b_and_13b_train_and_run_ppo_on_80gb_and_name_the_samplers_that_do_not_
 def test_70b_reports_what_does_not_fit():
     result = run_plan("llama2-70b")
     assert result.returncode == 1
-    for stage in ("rm_helpful", "rejection:sample", "gatt:sample", "distill:sample"):
+    for stage in ("rejection:sample", "gatt:sample", "distill:sample"):  # a bf16 70B is 128 GiB: no one GPU holds it
         assert stage in result.stderr
-    assert "ppo:" not in result.stderr  # with rollout_weights: sharded
+    assert "ppo:" not in result.stderr and "rm_" not in result.stderr  # rollout_weights: sharded; rm micro-batches
 
 
 def test_cpu_profile_plans_without_a_gpu_verdict():

@@ -111,6 +111,7 @@ def gathered(model: nn.Module, device: torch.device):
         whole = param.detach().to(device).full_tensor()
         full[name.replace("_checkpoint_wrapped_module.", "")] = whole.to(dtype or whole.dtype)
     plain.load_state_dict(full, assign=True)
+    plain.kernels.cache_weights = device.type != "cuda"  # fused QKV/W13 copies would add ~90% of the weights again
     del full
     try:
         yield plain.eval()

@@ -30,6 +30,9 @@ class RMTrainConfig:
     warmup_steps: int = 5
     epochs: float = 1.0  # the paper trains one epoch: more overfits
     batch_size: int = 16  # pairs per step across workers
+    # pairs per forward/backward on one worker (gradient accumulation above it); null = the worker's whole share.
+    # Activation memory grows with it: 2 sequences of up to max_seq_len tokens per pair (`make plan`).
+    micro_batch_size: int | None = None
     margin: str = "small"  # "small" (1, 2/3, 1/3, 0) or "large" (3, 2, 1, 0) per rating level, or "none"
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -41,6 +44,10 @@ class RMTrainConfig:
     checkpoint_every: int = 200
     seed: int = 0
     ray: RayConfig = RayConfig()
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"params section 'rm': micro_batch_size must be >= 1 or null, got {self.micro_batch_size}")
 
 
 def rm_train_loop(config: dict) -> None:
@@ -58,7 +65,10 @@ def rm_train_loop(config: dict) -> None:
     model = parallel.prepare(model, cfg.ray, device, rank)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
     margins = None if cfg.margin == "none" else rating_margins(cfg.margin)
+    if cfg.batch_size % world:
+        raise ValueError(f"rm batch_size {cfg.batch_size} must divide evenly over {world} workers")
     local = cfg.batch_size // world
+    micro = cfg.micro_batch_size or local
     steps_per_epoch = max(1, len(train_pairs) // cfg.batch_size)
     total = max(1, int(cfg.epochs * steps_per_epoch))
     state = restore_train_state({"model": (model, optimizer)}, config.get("resume_from")) or {"step": 0}
@@ -78,16 +88,21 @@ def rm_train_loop(config: dict) -> None:
         epoch, offset = divmod(step, steps_per_epoch)
         order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
         idx = order[offset * cfg.batch_size:(offset + 1) * cfg.batch_size][rank * local:(rank + 1) * local]
-        batch = collate_pairs([train_pairs[i] for i in idx], tokenizer.pad_id).to(device)
-        with bf16_autocast(device.type, cfg.bf16):
-            loss, metrics = rm_loss_and_metrics(model, batch, margins)
-        loss.backward()
+        chunks = [idx[i:i + micro] for i in range(0, len(idx), micro)]
+        metrics = {"loss": 0.0, "accuracy": 0.0}
+        for i, chunk in enumerate(chunks):
+            batch = collate_pairs([train_pairs[j] for j in chunk], tokenizer.pad_id).to(device)
+            with parallel.grad_sync(model, i == len(chunks) - 1), bf16_autocast(device.type, cfg.bf16):
+                loss, chunk_metrics = rm_loss_and_metrics(model, batch, margins)
+                (loss * len(chunk) / len(idx)).backward()  # the mean over the worker's share, as one forward
+            for key in metrics:
+                metrics[key] += chunk_metrics[key].item() * len(chunk) / len(idx)
         grad_norm = parallel.clip_grad_norm(model, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step % cfg.log_every == 0 or step == total - 1:
-            logger.log(step, {"train_loss": all_reduce_mean(metrics["loss"].item()),
-                              "train_accuracy": all_reduce_mean(metrics["accuracy"].item()),
+            logger.log(step, {"train_loss": all_reduce_mean(metrics["loss"]),
+                              "train_accuracy": all_reduce_mean(metrics["accuracy"]),
                               "lr": lr, "grad_norm": grad_norm, "pairs_per_s": (step + 1 - state["step"]) *
                               cfg.batch_size / (time.perf_counter() - t0)})
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
