@@ -3,9 +3,11 @@ rejection sampling (§3.2.3), Ghost Attention (§3.3) and safety context distill
 answers (components/rlhf/evaluate.py).
 
 A row is a conversation that ends with a user turn (`prompt`, JSON messages). The sampler answers it k times with the
-shared generation code; given reward models, it also scores each answer appended to `score_prompt` (the prompt the
-answer will be trained on, which may differ from the prompt it was sampled with: GAtt and distillation sample with
-an instruction or preprompt that training leaves out). Scores are sigmoid probabilities, as PPO's reward uses them.
+shared generation code; given reward models, a second pass scores each answer appended to `score_prompt` (the prompt
+the answer will be trained on, which may differ from the prompt it was sampled with: GAtt and distillation sample
+with an instruction or preprompt that training leaves out). Scores are sigmoid probabilities, as PPO's reward uses
+them. The passes run one after the other on their own actor pools (Sampler: the policy; Scorer: both reward models),
+so a GPU never holds the policy and the reward models together (`make plan` has the bytes).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from model.kernels import bf16_autocast
 from model.chat import encode_prompt
 from model.checkpoint import load_checkpoint
 from model.generation import SamplingParams, generate
+from model.llama import Transformer
+from model.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -36,25 +40,39 @@ class SampleConfig:
     bf16: bool = True  # bf16 autocast where the device computes it natively (evaluation decodes in fp32)
 
 
-class Sampler:
-    """A Ray Data actor: one policy (and optionally the reward models) loaded once, many batches answered."""
+def load_for_inference(path: str, device: str, bf16: bool) -> tuple[Transformer, Tokenizer]:
+    """A checkpoint for no-grad decoding or scoring. On GPU in bf16 (with bf16 asked for) and without model.kernels'
+    fused QKV/W13 copies, which would nearly double the weights' memory; on CPU fp32 with them, as saved: the CPU
+    decode is overhead-bound, and evaluation's fp32 numbers stay those of the driver-side code it replaced."""
+    if device == "cpu":
+        return load_checkpoint(path, device=device)
+    model, tokenizer = load_checkpoint(path, device=device, dtype=torch.bfloat16 if bf16 else None)
+    model.kernels.cache_weights = False
+    return model, tokenizer
 
-    def __init__(self, policy: str, reward_models: dict[str, str], cfg: SampleConfig, threads: int):
-        torch.set_num_threads(max(1, threads))
-        self.cfg = cfg
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray Data gives the actor its GPU
-        self.model, self.tokenizer = load_checkpoint(policy, device=self.device)
-        self.model.eval()
-        self.rms = {name: load_checkpoint(p, device=self.device)[0].eval() for name, p in reward_models.items()}
+
+def _device(threads: int) -> str:
+    torch.set_num_threads(max(1, threads))
+    return "cuda" if torch.cuda.is_available() else "cpu"  # Ray Data gives the actor its GPU
+
+
+class Sampler:
+    """A Ray Data actor: the policy loaded once, many jobs answered."""
+
+    def __init__(self, policy: str, cfg: SampleConfig, threads: int):
+        self.cfg, self.device = cfg, _device(threads)
+        self.model, self.tokenizer = load_for_inference(policy, self.device, cfg.bf16)
 
     def __call__(self, batch: dict) -> dict:
-        """Each dataset row is one job cut by sample(): the index of its first row, and its rows (JSON)."""
-        return {"start": batch["start"], "results": [json.dumps(self.answer(int(start), json.loads(rows)))
-                                                     for start, rows in zip(batch["start"], batch["rows"])]}
+        """Each dataset row is one job cut by sample(): the index of its first row, and its rows (JSON); the rows
+        pass on beside their results for the Scorer."""
+        return {"start": batch["start"], "rows": batch["rows"],
+                "results": [json.dumps(self.answer(int(start), json.loads(rows)))
+                            for start, rows in zip(batch["start"], batch["rows"])]}
 
     def answer(self, start: int, rows: list[dict]) -> list[dict]:
         """A job's rows ({"prompt", "score_prompt", "later"}) answered turn after turn, each turn's rows in generate()
-        batches of cfg.batch_size: [{"answers": [k str] (one per turn with later turns), <rm name>: [k float]}]."""
+        batches of cfg.batch_size: [{"answers": [k str] (one per turn with later turns)}]."""
         begin, cfg, tok, tokens = time.perf_counter(), self.cfg, self.tokenizer, 0
         histories = [list(r["prompt"]) for r in rows]
         results = [{"answers": []} for _ in rows]
@@ -75,20 +93,41 @@ class Sampler:
                 for j, i in enumerate(batch):
                     results[i]["answers"] += answers[j * cfg.k:(j + 1) * cfg.k]
                 tokens += sum(len(t) for t in out.tokens)
-        dialogs = [r["score_prompt"] + [{"role": "assistant", "content": a}]
-                   for r, result in zip(rows, results) for a in result["answers"]]
-        for name, rm in self.rms.items():
-            scores = rm_scores(rm, tok, dialogs, cfg.batch_size)
-            for i, result in enumerate(results):
-                result[name] = scores[i * cfg.k:(i + 1) * cfg.k]
         print(f"[sample] {len(rows)} prompts x {cfg.k}: {tokens} tokens in {time.perf_counter() - begin:.1f} s",
               flush=True)
         return results
 
 
+class Scorer:
+    """A Ray Data actor: both reward models loaded once, the Sampler's answers scored job by job."""
+
+    def __init__(self, reward_models: dict[str, str], cfg: SampleConfig, threads: int):
+        self.cfg, device = cfg, _device(threads)
+        self.rms = {name: load_for_inference(path, device, cfg.bf16) for name, path in reward_models.items()}
+
+    def __call__(self, batch: dict) -> dict:
+        return {"start": batch["start"], "results": [json.dumps(self.score(json.loads(rows), json.loads(results)))
+                                                     for rows, results in zip(batch["rows"], batch["results"])]}
+
+    def score(self, rows: list[dict], results: list[dict]) -> list[dict]:
+        """Each answer appended to its row's score_prompt, the job's answers in rm_scores batches of cfg.batch_size:
+        results with <rm name>: [k float] added."""
+        begin, k = time.perf_counter(), self.cfg.k
+        dialogs = [r["score_prompt"] + [{"role": "assistant", "content": a}]
+                   for r, result in zip(rows, results, strict=True) for a in result["answers"]]
+        for name, (rm, tokenizer) in self.rms.items():
+            scores = rm_scores(rm, tokenizer, dialogs, self.cfg.batch_size)
+            for i, result in enumerate(results):
+                result[name] = scores[i * k:(i + 1) * k]
+        print(f"[score] {len(dialogs)} answers x {len(self.rms)} reward models in "
+              f"{time.perf_counter() - begin:.1f} s", flush=True)
+        return results
+
+
 def sample(rows: list[dict], policy, cfg: SampleConfig, ray_cfg, reward_models: dict | None = None) -> list[dict]:
     """Answer every row on Ray Data, a pool of ray_cfg.num_workers Sampler actors (a GPU each with use_gpu,
-    cpus_per_worker threads each). A row is {"prompt": messages, "score_prompt": messages (default: prompt), "later":
+    cpus_per_worker threads each); given reward models, then score the answers on a pool of as many Scorer actors.
+    A row is {"prompt": messages, "score_prompt": messages (default: prompt), "later":
     [user messages] (default: none)}: its prompt answered cfg.k times, or with later user turns (k = 1, no reward
     models) once per turn, each answer kept in the history the next turn is asked in. Returns, in row order,
     {"answers": [str], <rm name>: [k float]: each answer appended to score_prompt, scored}."""
@@ -106,13 +145,17 @@ def sample(rows: list[dict], policy, cfg: SampleConfig, ray_cfg, reward_models: 
     # One dataset row per job of cfg.batch_size rows, cut here in row order: which prompts are padded together (and
     # each batch's seed) then depends on the rows alone, not on how Ray Data bundles blocks into batches.
     jobs = [{"start": s, "rows": json.dumps(rows[s:s + cfg.batch_size])} for s in range(0, len(rows), cfg.batch_size)]
-    reward_models = {name: str(p) for name, p in (reward_models or {}).items()}
-    ds = ray.data.from_items(jobs, override_num_blocks=len(jobs)).map_batches(
-        Sampler, batch_size=1, batch_format="numpy",
-        fn_constructor_kwargs={"policy": str(policy), "reward_models": reward_models, "cfg": cfg,
-                               "threads": int(ray_cfg.cpus_per_worker)},
-        compute=ray.data.ActorPoolStrategy(size=ray_cfg.num_workers),
-        num_cpus=ray_cfg.cpus_per_worker, num_gpus=1 if ray_cfg.use_gpu else 0)
+
+    def on_actors(ds, actor, **kwargs):  # a pool of num_workers actors, one job a call
+        return ds.map_batches(actor, batch_size=1, batch_format="numpy",
+                              fn_constructor_kwargs={"cfg": cfg, "threads": int(ray_cfg.cpus_per_worker), **kwargs},
+                              compute=ray.data.ActorPoolStrategy(size=ray_cfg.num_workers),
+                              num_cpus=ray_cfg.cpus_per_worker, num_gpus=1 if ray_cfg.use_gpu else 0)
+
+    ds = on_actors(ray.data.from_items(jobs, override_num_blocks=len(jobs)), Sampler, policy=str(policy))
+    if reward_models:
+        # Materialized first: the Sampler pool finishes and releases its GPUs before the Scorer pool asks for them.
+        ds = on_actors(ds.materialize(), Scorer, reward_models={name: str(p) for name, p in reward_models.items()})
     by_start = {int(r["start"]): json.loads(r["results"]) for r in ds.take_all()}
     results = [result for start in sorted(by_start) for result in by_start[start]]
     if len(results) != len(rows):
