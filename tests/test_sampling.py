@@ -136,3 +136,40 @@ def test_multi_turn_rows_take_one_answer_a_turn_and_no_reward_models():
         sample(rows, "unused", SampleConfig(k=2), RAY)
     with pytest.raises(ValueError, match="without reward models"):
         sample(rows, "unused", SampleConfig(), RAY, {"rm_safety": "unused"})
+
+
+def test_scores_are_the_reward_models_on_the_sampled_answers_and_the_policy_actor_holds_no_reward_model(
+        ray_local, checkpoints):
+    from components.rlhf.sampling import Sampler, Scorer
+    from model.checkpoint import load_checkpoint
+
+    cfg = SampleConfig(k=2, temperature=1.0, max_new_tokens=5, batch_size=2, seed=3)
+    rows = [{"prompt": [USER(f"q{i}")], "score_prompt": [USER(f"plain q{i}")]} for i in range(5)]
+    rms = {name: checkpoints / name for name in ("rm_helpful", "rm_safety")}
+    # 3 CPUs an actor on a 4-CPU cluster: the Scorer pool can start only once the Sampler pool is gone.
+    results = sample(rows, checkpoints / "policy", cfg, RayConfig(num_workers=1, cpus_per_worker=3), rms)
+    assert [r["answers"] for r in results] == [r["answers"] for r in sample(rows, checkpoints / "policy", cfg, RAY)]
+    for name, path in rms.items():
+        rm, tok = load_checkpoint(path)
+        for start in range(0, len(rows), cfg.batch_size):  # the sampler's jobs: batch_size rows, k answers each
+            job = list(zip(rows[start:start + cfg.batch_size], results[start:start + cfg.batch_size]))
+            dialogs = [row["score_prompt"] + [{"role": "assistant", "content": a}]
+                       for row, r in job for a in r["answers"]]
+            assert [s for _, r in job for s in r[name]] == rm_scores(rm, tok, dialogs, cfg.batch_size)
+    assert len({s for r in results for s in r["rm_safety"]}) > 5  # distinct scores: a shifted row would show
+    sampler = Sampler(str(checkpoints / "policy"), cfg, threads=1)
+    assert [v for v in vars(sampler).values() if isinstance(v, torch.nn.Module)] == [sampler.model]
+    assert sorted(Scorer({k: str(v) for k, v in rms.items()}, cfg, threads=1).rms) == sorted(rms)
+
+
+def test_gpu_loads_bf16_without_fused_copies_and_cpu_keeps_fp32_with_them(checkpoints, monkeypatch):
+    from components.rlhf import sampling
+
+    model, _ = sampling.load_for_inference(str(checkpoints / "policy"), "cpu", bf16=True)
+    assert model.tok_embeddings.weight.dtype == torch.float32 and model.kernels.cache_weights
+    real = sampling.load_checkpoint  # a "cuda" load, made on the CPU: the branch, not the device, is under test
+    monkeypatch.setattr(sampling, "load_checkpoint", lambda path, device, dtype=None: real(path, "cpu", dtype))
+    model, _ = sampling.load_for_inference(str(checkpoints / "policy"), "cuda", bf16=True)
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16 and not model.kernels.cache_weights
+    model, _ = sampling.load_for_inference(str(checkpoints / "policy"), "cuda", bf16=False)  # evaluation: fp32
+    assert model.tok_embeddings.weight.dtype == torch.float32 and not model.kernels.cache_weights
