@@ -146,8 +146,7 @@ def test_scores_are_the_reward_models_on_the_sampled_answers_and_the_policy_acto
     cfg = SampleConfig(k=2, temperature=1.0, max_new_tokens=5, batch_size=2, seed=3)
     rows = [{"prompt": [USER(f"q{i}")], "score_prompt": [USER(f"plain q{i}")]} for i in range(5)]
     rms = {name: checkpoints / name for name in ("rm_helpful", "rm_safety")}
-    # 3 CPUs an actor on a 4-CPU cluster: the Scorer pool can start only once the Sampler pool is gone.
-    results = sample(rows, checkpoints / "policy", cfg, RayConfig(num_workers=1, cpus_per_worker=3), rms)
+    results = sample(rows, checkpoints / "policy", cfg, RAY, rms)
     assert [r["answers"] for r in results] == [r["answers"] for r in sample(rows, checkpoints / "policy", cfg, RAY)]
     for name, path in rms.items():
         rm, tok = load_checkpoint(path)
