@@ -7,7 +7,8 @@ What each term is, as the code allocates it (bytes):
 - copies: weights that exist beside the state: under fsdp on GPU the bf16 unsharded weights of the block in use and
   the prefetched next one, the roots' (embedding, head) that stay gathered, and one block's fp32 gradient before its
   reduce-scatter; under ddp with bf16 autocast the bf16 casts of every weight, saved for backward; for inference the
-  weights as loaded and the fused QKV / W1W3 weights model.kernels caches for no-grad decoding.
+  weights as loaded and, on CPU, the fused QKV / W1W3 weights model.kernels caches for no-grad decoding (the sampling
+  actors turn that cache off on GPU: actor_weights).
 - activations: what one micro-batch's forward saves for backward (counted per token from model/llama.py's ops, see
   block_activation_bytes), without and with per-block activation checkpointing (then each block keeps its input and
   one block is recomputed at a time in backward); fp32 logits where a forward makes them (PPO, prefill).
@@ -242,35 +243,50 @@ def ppo(cfg, args: ModelArgs) -> list[Row]:
     return [rollout, score, update]
 
 
-def sampling(stage: str, sample, ray, args: ModelArgs, reward_models: bool) -> Row:
-    """A Sampler actor (components/rlhf/sampling.py), one per GPU: the policy and, when scoring, both reward models
-    as load_checkpoint gives them (fp32: checkpoints hold fp32), each with its fused decode weights; the KV cache
-    of batch_size x k rows under bf16 autocast; the prefill's logits over every prompt position."""
+def actor_weights(args: ModelArgs, n_params: int, head_outputs: int, gpu: bool, bf16: bool, autocast: bool) -> int:
+    """A model as components.rlhf.sampling.load_for_inference gives it. On CPU fp32 with model.kernels' fused decode
+    weights. On GPU bf16 (fp32 with bf16 off) without them: one block's QKV/W13 concatenated per forward instead (a
+    temporary); fp32 weights under autocast also keep autocast's bf16 casts of wo, w2 and the head for the forward
+    (the concatenations are not leaves, so their casts are temporaries too)."""
     s, L = sizes(args), args.n_layers
-    row = Row(f"{stage}:sample", "actor", ray.num_workers, _device(ray))
-    row.copies = inference_weights(s, s.lm, FP32, L)
-    if reward_models:
-        row.copies += 2 * inference_weights(s, s.scalar, FP32, L)
-    if ray.use_gpu:
-        row.copies += BF16 * (L * (args.dim * args.dim + args.dim * args.ffn_hidden_dim) + args.vocab_size * args.dim)
-        row.notes.append("autocast's cached bf16 casts of wo, w2, output")
-    act = BF16 if ray.use_gpu else FP32
+    if not gpu:
+        return inference_weights(s, n_params, FP32, L)
+    total = (BF16 if bf16 else FP32) * (n_params + s.fused)
+    if autocast and not bf16:
+        QD = args.n_heads * args.head_dim
+        total += BF16 * (L * (QD * args.dim + args.ffn_hidden_dim * args.dim) + head_outputs * args.dim)
+    return total
+
+
+def sampling(stage: str, sample, ray, args: ModelArgs, reward_models: bool) -> list[Row]:
+    """components/rlhf/sampling.py, one actor per GPU, in two passes one after the other (the stage's peak is the
+    larger): a Sampler actor holds the policy, the KV cache of batch_size x k rows (bf16 under autocast on GPU, else
+    the weights' dtype) and the prefill's logits over every prompt position; then, when scoring, a Scorer actor holds
+    both reward models and one rm_scores forward of batch_size answers of up to max_seq_len tokens (under bf16
+    autocast on GPU: one block's live temporaries, as PPO's score phase; the scalar head's outputs are negligible)."""
+    s, gpu, bf16 = sizes(args), ray.use_gpu, sample.bf16
+    gen = Row(f"{stage}:sample", "actor", ray.num_workers, _device(ray))
+    gen.copies = actor_weights(args, s.lm, args.vocab_size, gpu, bf16, autocast=bf16)
+    kv = BF16 if gpu and bf16 else FP32
     rows, prompt = sample.batch_size * sample.k, args.max_seq_len - sample.max_new_tokens
-    row.kv_cache = kv_cache_bytes(args, rows, args.max_seq_len, act)
-    row.logits = rows * prompt * args.vocab_size * (act + FP32)
-    row.notes.append(f"{rows} rows (batch_size {sample.batch_size} x k {sample.k})")
-    return row
+    gen.kv_cache = kv_cache_bytes(args, rows, args.max_seq_len, kv)
+    gen.logits = rows * prompt * args.vocab_size * (kv + FP32 if kv == BF16 else FP32)  # the head's, its fp32 copy
+    gen.notes.append(f"{rows} rows (batch_size {sample.batch_size} x k {sample.k}); policy "
+                     + ("bf16" if gpu and bf16 else "fp32") + (" + fused decode weights" if not gpu else ""))
+    if not reward_models:
+        return [gen]
+    score = Row(f"{stage}:score", "actor", ray.num_workers, _device(ray))
+    score.copies = 2 * actor_weights(args, s.scalar, 1, gpu, bf16, autocast=True)
+    act, rows = (BF16 if gpu else FP32), sample.batch_size
+    score.act_no_ac = score.act_ac = 3 * act * rows * args.max_seq_len * args.ffn_hidden_dim
+    score.notes.append(f"both reward models; {rows} answers of up to {args.max_seq_len} tokens a forward")
+    return [gen, score]
 
 
-def evaluate(cfg, args: ModelArgs) -> Row:
-    """flows/evaluate.py: in the driver process (host memory, no GPU): both reward models and one model at a time,
-    fp32 as loaded, fused decode weights cached; fp32 KV cache (no autocast there)."""
-    s, L = sizes(args), args.n_layers
-    row = Row("evaluate", "driver", 1, "host")
-    row.copies = inference_weights(s, s.lm, FP32, L) + 2 * inference_weights(s, s.scalar, FP32, L)
-    row.kv_cache = kv_cache_bytes(args, cfg.batch_size, args.max_seq_len, FP32)
-    row.logits = cfg.batch_size * (args.max_seq_len - cfg.max_new_tokens) * args.vocab_size * FP32
-    return row
+def evaluate(cfg, args: ModelArgs) -> list[Row]:
+    """flows/evaluate.py: greedy answers and reward-model scores on the sampler's actor pools (evaluate.ray), in
+    fp32 (EvalConfig.sampling: bf16 off) and one answer a prompt."""
+    return sampling("evaluate", cfg.sampling(), cfg.ray, args, True)
 
 
 def plan(configs: dict, args: ModelArgs) -> list[Row]:
@@ -278,12 +294,12 @@ def plan(configs: dict, args: ModelArgs) -> list[Row]:
     rows = [lm_train("pretrain", configs["pretrain"], args), lm_train("sft", configs["sft"], args),
             rm_train("rm_helpful", configs["rm"], args), rm_train("rm_safety", configs["rm"], args)]
     rej = configs["rejection"]
-    rows += [sampling("rejection", rej.sample, rej.ray, args, True), lm_train("rejection:train", rej, args)]
+    rows += sampling("rejection", rej.sample, rej.ray, args, True) + [lm_train("rejection:train", rej, args)]
     rows += ppo(configs["ppo"], args)
     for name in ("gatt", "distill"):
         cfg = configs[name]
-        rows += [sampling(name, cfg.sample, cfg.ray, args, name == "distill"), lm_train(f"{name}:train", cfg, args)]
-    rows.append(evaluate(configs["evaluate"], args))
+        rows += sampling(name, cfg.sample, cfg.ray, args, name == "distill") + [lm_train(f"{name}:train", cfg, args)]
+    rows += evaluate(configs["evaluate"], args)
     return rows
 
 

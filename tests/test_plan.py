@@ -107,8 +107,9 @@ def test_7b_and_13b_train_and_run_ppo_on_80gb_and_name_the_samplers_that_do_not_
     result = run_plan(profile)
     fitting = {line.split()[0] for line in result.stdout.splitlines() if line.rstrip().endswith(" yes")}
     assert {"pretrain", "sft", "rm_helpful", "rm_safety", "rejection:train", "ppo:rollout", "ppo:score",
-            "ppo:update", "gatt:train", "distill:train"} <= fitting, result.stdout
-    # The Sampler loads fp32 weights with their fused decode cache, and the reward models beside the policy.
+            "ppo:update", "gatt:sample", "gatt:train", "rejection:score", "distill:score", "distill:train",
+            } <= fitting, result.stdout
+    # The bf16 policy fits; the KV caches of the profiles' sampling batches (32 prompts x k rows of 4096) do not.
     assert result.returncode == 1 and "rejection:sample" in result.stderr and "distill:sample" in result.stderr
 
 
@@ -124,3 +125,20 @@ def test_cpu_profile_plans_without_a_gpu_verdict():
     result = subprocess.run([sys.executable, "-m", "flows.plan"], cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and " cpu" in result.stdout
+
+
+def test_sampling_holds_the_policy_then_the_reward_models_bf16_on_gpu_without_fused_copies(args):
+    from components.cluster import RayConfig
+    from components.rlhf.sampling import SampleConfig
+
+    s, cfg = plan.sizes(args), SampleConfig(k=2, batch_size=3, max_new_tokens=8)
+    gen, score = plan.sampling("x", cfg, RayConfig(num_workers=2, use_gpu=True), args, reward_models=True)
+    assert (gen.stage, score.stage) == ("x:sample", "x:score")
+    assert gen.copies == plan.BF16 * (s.lm + s.fused)  # one block's QKV/W13 concatenation per forward
+    assert score.copies == 2 * plan.BF16 * (s.scalar + s.fused) and score.kv_cache == 0
+    assert gen.kv_cache == plan.kv_cache_bytes(args, 6, args.max_seq_len, plan.BF16)
+    fp32 = plan.sampling("x", SampleConfig(bf16=False), RayConfig(use_gpu=True), args, True)  # evaluation
+    assert fp32[0].copies == plan.FP32 * (s.lm + s.fused) and fp32[1].copies > 2 * plan.FP32 * s.scalar  # + casts
+    cpu = plan.sampling("x", cfg, RayConfig(), args, reward_models=False)  # as today: fp32 + fused decode cache
+    assert [r.stage for r in cpu] == ["x:sample"]
+    assert cpu[0].copies == plan.inference_weights(s, s.lm, plan.FP32, args.n_layers)
