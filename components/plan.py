@@ -245,16 +245,14 @@ def ppo(cfg, args: ModelArgs) -> list[Row]:
 
 def actor_weights(args: ModelArgs, n_params: int, head_outputs: int, gpu: bool, bf16: bool, autocast: bool) -> int:
     """A model as components.rlhf.sampling.load_for_inference gives it. On CPU fp32 with model.kernels' fused decode
-    weights. On GPU bf16 (fp32 with bf16 off) without them: one block's QKV/W13 concatenated per forward instead (a
-    temporary); fp32 weights under autocast also keep autocast's bf16 casts of wo, w2 and the head for the forward
-    (the concatenations are not leaves, so their casts are temporaries too)."""
+    weights. On GPU bf16 (fp32 with bf16 off) without them (model/llama.py then multiplies by each weight apart);
+    fp32 weights under autocast also keep autocast's bf16 cast of every matmul weight for the forward."""
     s, L = sizes(args), args.n_layers
     if not gpu:
         return inference_weights(s, n_params, FP32, L)
-    total = (BF16 if bf16 else FP32) * (n_params + s.fused)
+    total = (BF16 if bf16 else FP32) * n_params
     if autocast and not bf16:
-        QD = args.n_heads * args.head_dim
-        total += BF16 * (L * (QD * args.dim + args.ffn_hidden_dim * args.dim) + head_outputs * args.dim)
+        total += BF16 * (L * (s.block - 2 * args.dim) + head_outputs * args.dim)
     return total
 
 

@@ -101,7 +101,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         linear = self.kernels.linear
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or not self.kernels.cache_weights:  # no cache: a concatenation per call costs more
             q, k, v = linear(x, self.wq.weight), linear(x, self.wk.weight), linear(x, self.wv.weight)
         else:
             q, k, v = linear(x, self.fused_qkv()).split((H * D, K * D, K * D), dim=-1)
@@ -129,7 +129,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         linear = self.kernels.linear
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or not self.kernels.cache_weights:
             gate, up = linear(x, self.w1.weight), linear(x, self.w3.weight)
         else:
             gate, up = linear(x, self.fused_w13()).chunk(2, dim=-1)
