@@ -76,7 +76,7 @@ def test_the_stream_follows_the_training_order_and_resumes_at_the_exact_step(ray
 
 
 def test_pretrain_data_packs_the_tokenised_corpus_into_blocks_and_holds_out_every_kth_row(ray_local, tmp_path):
-    from components.data.datasets import pretrain_data
+    from components.data.token_blocks import pretrain_data
 
     tok = small_tokenizer()
     tok.save(tmp_path / "tokenizer.model")

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from components.data.packing import pack_documents_stream, pack_examples, split_validation
-from components.data.token_blocks import TokenBlocks, write_blocks
+from components.data.packing import pack_examples, split_validation
 from model.tokenizer import Tokenizer, train_tokenizer
 
 
@@ -69,34 +68,6 @@ def tokenized_corpus(clean_dir: str | Path, tokenizer_path: str | Path):
         Encode, batch_format="pyarrow", batch_size=512, compute=ray.data.ActorPoolStrategy(size=1)).sort("doc_id")
     ds.context.execution_options.preserve_order = True
     return ds
-
-
-def pretrain_data(clean_dir, tokenizer_path, seq_len: int, val_fraction: float, blocks_uri: str,
-                  ) -> tuple[TokenBlocks, dict]:
-    """The clean corpus tokenised on Ray Data and packed as it streams through the driver into token blocks at
-    blocks_uri (components.data.token_blocks); every k-th row (k = 1/val_fraction) is held out for validation and
-    kept in memory. Returns the blocks and the validation rows {"inputs", "targets"} (N, seq_len) int64 tensors."""
-    import numpy as np
-    import torch
-
-    tokenizer = Tokenizer.load(tokenizer_path)
-    docs = (ids for batch in tokenized_corpus(clean_dir, tokenizer_path).iter_batches(batch_format="pyarrow")
-            for ids in batch.column("ids").to_pylist())
-    stride = max(2, round(1 / val_fraction)) if val_fraction > 0 else 0
-    val, seen = [], 0
-
-    def train_rows():
-        nonlocal seen
-        for inputs, targets in pack_documents_stream(docs, seq_len, tokenizer.bos_id, tokenizer.eos_id):
-            n = len(inputs)
-            held = (np.arange(seen, seen + n) % stride == stride - 1) if stride else np.zeros(n, bool)
-            seen += n
-            val.append((inputs[held], targets[held]))
-            yield inputs[~held], targets[~held]
-
-    blocks = write_blocks(train_rows(), blocks_uri, seq_len)
-    val_rows = {k: torch.from_numpy(np.concatenate([v[i] for v in val])) for i, k in enumerate(("inputs", "targets"))}
-    return blocks, val_rows
 
 
 def examples_data(examples: list, pad_id: int, seq_len: int, val_fraction: float, seed: int,

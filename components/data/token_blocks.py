@@ -133,6 +133,37 @@ def tensor_chunks(data: dict, rows: int = 4096) -> Iterator[tuple[np.ndarray, np
         yield data["inputs"][start:start + rows].numpy(), data["targets"][start:start + rows].numpy()
 
 
+def pretrain_data(clean_dir, tokenizer_path, seq_len: int, val_fraction: float, blocks_uri: str,
+                  ) -> tuple[TokenBlocks, dict]:
+    """The clean corpus tokenised on Ray Data and packed as it streams through the driver into token blocks at
+    blocks_uri (components.data.token_blocks); every k-th row (k = 1/val_fraction) is held out for validation and
+    kept in memory. Returns the blocks and the validation rows {"inputs", "targets"} (N, seq_len) int64 tensors."""
+    import torch
+
+    from components.data.datasets import tokenized_corpus
+    from components.data.packing import pack_documents_stream
+    from model.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(tokenizer_path)
+    docs = (ids for batch in tokenized_corpus(clean_dir, tokenizer_path).iter_batches(batch_format="pyarrow")
+            for ids in batch.column("ids").to_pylist())
+    stride = max(2, round(1 / val_fraction)) if val_fraction > 0 else 0
+    val, seen = [], 0
+
+    def train_rows():
+        nonlocal seen
+        for inputs, targets in pack_documents_stream(docs, seq_len, tokenizer.bos_id, tokenizer.eos_id):
+            n = len(inputs)
+            held = (np.arange(seen, seen + n) % stride == stride - 1) if stride else np.zeros(n, bool)
+            seen += n
+            val.append((inputs[held], targets[held]))
+            yield inputs[~held], targets[~held]
+
+    blocks = write_blocks(train_rows(), blocks_uri, seq_len)
+    val_rows = {k: torch.from_numpy(np.concatenate([v[i] for v in val])) for i, k in enumerate(("inputs", "targets"))}
+    return blocks, val_rows
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The training order and the Ray Dataset that follows it.
 
@@ -195,7 +226,8 @@ def stream_dataset(blocks: TokenBlocks, order: StreamOrder, start_step: int, tot
             inputs, targets = order.window_rows(blocks, int(epoch), int(window))
             yield {"inputs": inputs[lo:hi], "targets": targets[lo:hi], "step": (row + np.arange(hi - lo)) // B}
 
-    items = order.plan(blocks, start_step, total_steps)
+    # A run resumed at its end has nothing to read: one empty window stands in (from_items needs an item).
+    items = order.plan(blocks, start_step, total_steps) or [{"epoch": 0, "window": 0, "lo": 0, "hi": 0, "row": 0}]
     ds = ray.data.from_items(items).map_batches(read_windows, batch_size=1, batch_format="numpy", num_cpus=0.25)
     ds.context.execution_options.preserve_order = True  # rows in plan order: the iterator follows the training order
     return ds

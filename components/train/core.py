@@ -206,8 +206,9 @@ def storage_uri(cfg: RayConfig) -> str:
 
 def run_trainer(loop, loop_config: dict, cfg: RayConfig, name: str, datasets: dict | None = None):
     """Run `loop(config)` on cfg.num_workers Ray Train workers; returns the ray.train.Result. datasets: Ray Datasets
-    (or callables making them, called at each worker-group start), each given whole to every worker: the loop
-    takes its rows (ray.train.get_dataset_shard)."""
+    (or callables making them, called at each worker-group start), each given whole and in its order to every
+    worker: the loop takes its rows (ray.train.get_dataset_shard)."""
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -221,7 +222,8 @@ def run_trainer(loop, loop_config: dict, cfg: RayConfig, name: str, datasets: di
         run_config=ray.train.RunConfig(name=name, storage_path=storage,
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep)),
-        datasets=datasets, dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        datasets=datasets, dataset_config=ray.train.DataConfig(
+            datasets_to_split=[], execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
     return trainer.fit()
 
