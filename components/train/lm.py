@@ -206,6 +206,9 @@ def train_lm(init: dict, train: dict | TokenBlocks, val: dict, cfg: LMTrainConfi
     """Run the LM loop on cfg.ray's Ray Train workers (continuing a resume point when given) and materialise the
     final checkpoint folder at out_dir. Returns the final metrics. train: token blocks on storage (pretraining),
     or in-memory rows {"inputs", "targets"} (fine-tuning), written to blocks for the run: one streamed path."""
+    if isinstance(train, dict) and 0 < (n := train["inputs"].shape[0]) < cfg.batch_size:
+        # Fewer rows than a global batch (a few fine-tuning dialogs): repeated to fill one, every step sees each.
+        train = {k: v.repeat(-(-cfg.batch_size // n), 1) for k, v in train.items()}
     with scratch_blocks(cfg.ray, stage) if isinstance(train, dict) else nullcontext() as uri:
         blocks = write_blocks(tensor_chunks(train), uri, train["inputs"].shape[1]) if uri else train
         order, total = StreamOrder(cfg.batch_size, cfg.seed), total_steps(cfg, blocks.n_rows)
