@@ -3,6 +3,7 @@ follows the training order exactly (the same batches from a resume point, each r
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -91,3 +92,12 @@ def test_pretrain_data_packs_the_tokenised_corpus_into_blocks_and_holds_out_ever
     np.testing.assert_array_equal(train, whole["inputs"].numpy()[~held])
     np.testing.assert_array_equal(val["inputs"].numpy(), whole["inputs"].numpy()[held])
     np.testing.assert_array_equal(val["targets"].numpy(), whole["targets"].numpy()[held])
+
+
+def test_a_restarted_run_streams_from_its_latest_registered_resume_point(tmp_path):
+    from components.train.lm import registered_step
+
+    assert registered_step(str(tmp_path)) == 0  # no resume point yet: from the start
+    snapshot = {"checkpoint_results": [{"metrics": {"step": 25}}, {"metrics": {"step": 50}}]}
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    assert registered_step(str(tmp_path)) == 50

@@ -16,7 +16,9 @@ reads the whole token stream, but at the global training rate, which for LM trai
 cluster: reading is not what bounds it, and in return any worker count sees the same batches. Resume builds the
 dataset from the resume step: windows before it are never read, the rows before it inside its window are dropped.
 
-Validation rows stay in memory (a small fraction, evaluated whole at every eval) and travel in the object store."""
+Validation rows stay in memory (a small fraction, evaluated whole at every eval) and travel in the object store.
+Fine-tuning rows (small, packed in memory) take the same path: train_lm writes them as blocks for the run, so every
+LM stage trains from one streamed loop."""
 
 from __future__ import annotations
 
