@@ -9,8 +9,8 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from components.data.datasets import pretrain_data
-from components.train.lm import PretrainConfig, train_lm
+from components.data.token_blocks import pretrain_data
+from components.train.lm import PretrainConfig, scratch_blocks, train_lm
 from components.track.tracking import stage_run
 from flows._stage import finish_stage, load_params, path, stage_config, write_metrics
 from model.checkpoint import atomic_dir
@@ -25,8 +25,9 @@ def main() -> None:
     tokenizer_path = path("artifacts/tokenizer/tokenizer.model")
     args = cfg.model.args(Tokenizer.load(tokenizer_path).vocab_size)
     args = args.replace(max_seq_len=max(cfg.seq_len, cfg.model.overrides.get("max_seq_len", cfg.seq_len)))
-    with stage_run("pretrain", {**asdict(cfg), "model_args": args.to_dict()}, params["profile"],
-                   [path("data/clean"), path("artifacts/tokenizer")], OUT) as run, tempfile.TemporaryDirectory() as tmp:
+    with (stage_run("pretrain", {**asdict(cfg), "model_args": args.to_dict()}, params["profile"],
+                    [path("data/clean"), path("artifacts/tokenizer")], OUT) as run,
+          tempfile.TemporaryDirectory() as tmp, scratch_blocks(cfg.ray, "pretrain") as blocks_uri):
         if cfg.model.hf_weights:
             from model.hf import import_hf
 
@@ -40,11 +41,11 @@ def main() -> None:
             tokenizer_path = Path(init["checkpoint"]) / "tokenizer.model"  # the weights' own vocabulary, not ours
         else:
             init = {"args": args.to_dict(), "tokenizer": str(tokenizer_path), "seed": cfg.seed}
-        train, val = pretrain_data(path("data/clean"), tokenizer_path, cfg.seq_len, cfg.val_fraction, cfg.seed)
-        print(f"[pretrain] {train['inputs'].numel():,} training tokens in {train['inputs'].shape[0]} rows of "
-              f"{cfg.seq_len}")
-        metrics = train_lm(init, train, val, cfg, "pretrain", OUT, run.info.run_id)
-        metrics["train_tokens"] = int(train["inputs"].numel())
+        # The packed rows stream to the workers from token blocks in Ray's storage (removed after the run).
+        blocks, val = pretrain_data(path("data/clean"), tokenizer_path, cfg.seq_len, cfg.val_fraction, blocks_uri)
+        print(f"[pretrain] {blocks.n_rows * cfg.seq_len:,} training tokens in {blocks.n_rows} rows of {cfg.seq_len}")
+        metrics = train_lm(init, blocks, val, cfg, "pretrain", OUT, run.info.run_id)
+        metrics["train_tokens"] = blocks.n_rows * cfg.seq_len
         finish_stage("pretrain", metrics, OUT)
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from components.data.packing import pack_documents, pack_examples, split_validation
+from components.data.packing import pack_examples, split_validation
 from model.tokenizer import Tokenizer, train_tokenizer
 
 
@@ -47,8 +47,9 @@ def train_corpus_tokenizer(clean_dir: str | Path, vocab_size: int) -> Tokenizer:
     return train_tokenizer(texts, vocab_size)
 
 
-def tokenize_corpus(clean_dir: str | Path, tokenizer_path: str | Path) -> list[list[int]]:
-    """Tokenise the clean corpus on Ray Data (one tokenizer per worker task, Arrow batches in and out)."""
+def tokenized_corpus(clean_dir: str | Path, tokenizer_path: str | Path):
+    """The clean corpus tokenised on Ray Data (one tokenizer per worker task, Arrow batches in and out), in doc_id
+    order: a lazy Dataset of (doc_id, ids)."""
     import ray
 
     model_proto = Path(tokenizer_path).read_bytes()
@@ -64,18 +65,9 @@ def tokenize_corpus(clean_dir: str | Path, tokenizer_path: str | Path) -> list[l
             return pa.table({"doc_id": batch.column("doc_id"), "ids": pa.array(ids, type=pa.list_(pa.int32()))})
 
     ds = ray.data.read_parquet(parquet_files(clean_dir)).map_batches(
-        Encode, batch_format="pyarrow", batch_size=512, compute=ray.data.ActorPoolStrategy(size=1))
-    table = ds.to_arrow_refs()
-    import pyarrow as pa
-
-    merged = pa.concat_tables(ray.get(table)).sort_by("doc_id")
-    return merged.column("ids").to_pylist()
-
-
-def pretrain_data(clean_dir, tokenizer_path, seq_len: int, val_fraction: float, seed: int) -> tuple[dict, dict]:
-    tokenizer = Tokenizer.load(tokenizer_path)
-    packed = pack_documents(tokenize_corpus(clean_dir, tokenizer_path), seq_len, tokenizer.bos_id, tokenizer.eos_id)
-    return split_validation(packed, val_fraction, seed)
+        Encode, batch_format="pyarrow", batch_size=512, compute=ray.data.ActorPoolStrategy(size=1)).sort("doc_id")
+    ds.context.execution_options.preserve_order = True
+    return ds
 
 
 def examples_data(examples: list, pad_id: int, seq_len: int, val_fraction: float, seed: int,

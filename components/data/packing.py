@@ -3,6 +3,9 @@ masks, and the validation split. Rows are (inputs, targets), both (N, T) int64, 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
+import numpy as np
 import torch
 
 from model.loss import IGNORE_INDEX
@@ -17,6 +20,38 @@ def pack_documents(docs: list[list[int]], seq_len: int, bos_id: int, eos_id: int
         raise ValueError(f"corpus of {len(stream)} tokens is shorter than one sequence of {seq_len}")
     data = torch.tensor(stream[:n_rows * seq_len + 1], dtype=torch.long)
     return {"inputs": data[:-1].view(n_rows, seq_len), "targets": data[1:].view(n_rows, seq_len)}
+
+
+def pack_documents_stream(docs: Iterable[list[int]], seq_len: int, bos_id: int, eos_id: int,
+                          ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """pack_documents as a stream: the same rows, yielded as (inputs, targets) chunks while the documents come in
+    (only the tail shorter than a row is kept between chunks)."""
+    tail, pieces, n_pieces, rows = np.zeros(0, np.int64), [], 0, 0
+    for doc in docs:
+        pieces.append(np.asarray([bos_id, *doc, eos_id], np.int64))
+        n_pieces += len(pieces[-1])
+        if n_pieces >= 64 * seq_len:
+            tail, chunk = _cut_rows(np.concatenate([tail, *pieces]), seq_len)
+            pieces, n_pieces = [], 0
+            if chunk is not None:
+                rows += len(chunk[0])
+                yield chunk
+    _, chunk = _cut_rows(np.concatenate([tail, *pieces]), seq_len)
+    if chunk is not None:
+        rows += len(chunk[0])
+        yield chunk
+    if rows == 0:
+        raise ValueError(f"corpus is shorter than one sequence of {seq_len} tokens")
+
+
+def _cut_rows(stream: np.ndarray, seq_len: int):
+    """(the tokens left for the next rows, (inputs, targets) of the whole rows in stream or None); a row's last
+    target is the next row's first input, so that token stays in the tail."""
+    n = (len(stream) - 1) // seq_len
+    if n <= 0:
+        return stream, None
+    rows = stream[:n * seq_len].reshape(n, seq_len), stream[1:n * seq_len + 1].reshape(n, seq_len)
+    return stream[n * seq_len:], rows
 
 
 def pack_examples(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> dict:

@@ -196,15 +196,24 @@ def worker_setup(config: dict):
     return cfg, ctx.get_world_rank(), ctx.get_world_size(), ray.get(config["data"])
 
 
-def run_trainer(loop, loop_config: dict, cfg: RayConfig, name: str):
-    """Run `loop(config)` on cfg.num_workers Ray Train workers; returns the ray.train.Result."""
+def storage_uri(cfg: RayConfig) -> str:
+    """Ray Train's storage (checkpoints; data the workers read): a URI, or an absolute local path (created)."""
+    storage = cfg.storage_path if "://" in cfg.storage_path else str((REPO_ROOT / cfg.storage_path).resolve())
+    if "://" not in storage:
+        Path(storage).mkdir(parents=True, exist_ok=True)
+    return storage
+
+
+def run_trainer(loop, loop_config: dict, cfg: RayConfig, name: str, datasets: dict | None = None):
+    """Run `loop(config)` on cfg.num_workers Ray Train workers; returns the ray.train.Result. datasets: Ray Datasets
+    (or callables making them, called at each worker-group start), each given whole and in its order to every
+    worker: the loop takes its rows (ray.train.get_dataset_shard)."""
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
     init_ray(cfg)
-    storage = cfg.storage_path if "://" in cfg.storage_path else str((REPO_ROOT / cfg.storage_path).resolve())
-    if "://" not in storage:
-        Path(storage).mkdir(parents=True, exist_ok=True)
+    storage = storage_uri(cfg)
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -213,14 +222,18 @@ def run_trainer(loop, loop_config: dict, cfg: RayConfig, name: str):
         run_config=ray.train.RunConfig(name=name, storage_path=storage,
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep)),
+        datasets=datasets, dataset_config=ray.train.DataConfig(
+            datasets_to_split=[], execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
     return trainer.fit()
 
 
-def train_to_folder(loop, loop_config: dict, data, cfg: RayConfig, stage: str, out_dir, resume_from=None) -> dict:
+def train_to_folder(loop, loop_config: dict, data, cfg: RayConfig, stage: str, out_dir, resume_from=None,
+                    datasets=None) -> dict:
     """Run a Ray Train loop (loop_config + the data, put in the object store once, and the tracking URI) whose final
     report carries a checkpoint; materialise that checkpoint at out_dir atomically (through Ray's storage, so it also
-    works when the workers run on other nodes). Returns the final metrics."""
+    works when the workers run on other nodes). datasets(run_folder): the run's Ray Datasets (run_trainer), given
+    the run's folder in Ray's storage. Returns the final metrics."""
     import ray
 
     from components.track.tracking import tracking_uri
@@ -230,7 +243,8 @@ def train_to_folder(loop, loop_config: dict, data, cfg: RayConfig, stage: str, o
     # Train v2 has no resume_from_checkpoint, so the loop reads it (restore_train_state).
     loop_config = {**loop_config, "data": ray.put(data), "tracking_uri": tracking_uri(),
                    "resume_from": str(resume_from) if resume_from else None}
-    result = run_trainer(loop, loop_config, cfg, name=f"{stage}-{int(time.time())}")
+    name = f"{stage}-{int(time.time())}"
+    result = run_trainer(loop, loop_config, cfg, name, datasets(f"{storage_uri(cfg)}/{name}") if datasets else None)
     if result.error:
         raise RuntimeError(f"{stage} training failed: {result.error}")
     with atomic_dir(out_dir) as tmp:
