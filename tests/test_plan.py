@@ -103,14 +103,13 @@ def run_plan(profile: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("profile", ["llama2-7b", "llama2-13b"])
-def test_7b_and_13b_train_and_run_ppo_on_80gb_and_name_the_samplers_that_do_not_fit(profile):
+def test_7b_and_13b_fit_80gb_in_every_stage(profile):
     result = run_plan(profile)
     fitting = {line.split()[0] for line in result.stdout.splitlines() if line.rstrip().endswith(" yes")}
     assert {"pretrain", "sft", "rm_helpful", "rm_safety", "rejection:train", "ppo:rollout", "ppo:score",
             "ppo:update", "gatt:sample", "gatt:train", "rejection:score", "distill:score", "distill:train",
             } <= fitting, result.stdout
-    # The bf16 policy fits; the KV caches of the profiles' sampling batches (32 prompts x k rows of 4096) do not.
-    assert result.returncode == 1 and "rejection:sample" in result.stderr and "distill:sample" in result.stderr
+    assert result.returncode == 0 and "does not fit" not in result.stderr, result.stderr
 
 
 def test_70b_reports_what_does_not_fit():

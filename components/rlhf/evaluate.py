@@ -23,13 +23,16 @@ class EvalConfig:
 
     max_new_tokens: int = 32  # greedy answers
     batch_size: int = 64  # prompts per generate() call
+    # bf16 weights and autocast where the device computes bf16 (on GPU the scale profiles need it: two fp32 13B reward
+    # models alone are 97 GiB); false keeps fp32, whose numbers stay comparable across devices
+    bf16: bool = False
     register: PromotionConfig = PromotionConfig()
     ray: RayConfig = RayConfig()  # the sampler actors: num_workers of them, use_gpu, cpus_per_worker threads each
 
     def sampling(self) -> SampleConfig:
-        """Greedy, one answer per prompt, fp32 (no bf16 autocast): the numbers stay comparable across devices."""
+        """Greedy, one answer per prompt, in fp32 unless bf16."""
         return SampleConfig(k=1, temperature=0.0, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-                            bf16=False)
+                            bf16=self.bf16)
 
 
 def score_answers(records: list[dict], prompts: list[list[dict]], responses: list[str]) -> tuple[dict, list[dict]]:
