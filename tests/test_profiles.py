@@ -73,29 +73,18 @@ def test_profile_has_exactly_the_keys_of_params_yaml(name):
 
 
 def stage_configs(params: dict) -> dict:
-    """Every stage's config, through the very calls its flow makes (flows/*.py)."""
+    """Every stage's config, through the very calls its flow makes (flows/*.py; the training and sampling stages'
+    as flows/plan.py gathers them)."""
     from components.data.datasets import TokenizerConfig
     from components.data.filter import FilterConfig
     from components.data.ingest import DataConfig
-    from components.rlhf.evaluate import EvalConfig
     from components.rlhf.gate import PromotionConfig
-    from components.train.lm import LMTrainConfig, PretrainConfig
-    from components.train.ppo import PPOStageConfig
-    from components.train.rm import RMTrainConfig
-    from flows._finetune import DistillConfig, RejectionConfig, SampledFinetuneConfig
     from flows._stage import stage_config
+    from flows.plan import stage_configs as planned
 
     return {
         "data": DataConfig.from_dict(params["data"]), "filter": FilterConfig.from_dict(params["filter"]),
-        "tokenizer": stage_config(params, "tokenizer", TokenizerConfig),
-        "pretrain": stage_config(params, "pretrain", PretrainConfig, nested=("model",)),
-        "sft": stage_config(params, "sft", LMTrainConfig),
-        "rm": stage_config(params, "rm", RMTrainConfig),
-        "rejection": stage_config(params, "rejection", RejectionConfig, flat=("rlhf",)),
-        "ppo": stage_config(params, "ppo", PPOStageConfig, flat=("rlhf",)),
-        "gatt": stage_config(params, "gatt", SampledFinetuneConfig),
-        "distill": stage_config(params, "distill", DistillConfig),
-        "evaluate": stage_config(params, "evaluate", EvalConfig, nested=("register",)),
+        "tokenizer": stage_config(params, "tokenizer", TokenizerConfig), **planned(params),
         "register": stage_config(params, "register", PromotionConfig),
     }
 
