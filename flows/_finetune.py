@@ -30,9 +30,9 @@ class DistillConfig(SampledFinetuneConfig):
 
 
 def fitting_prompts(stage: str, records: list[dict], policy: Path, cfg: SampledFinetuneConfig,
-                    prompt_of=lambda record: record["prompt"]) -> tuple[list[dict], int]:
+                    prompt_of=lambda record: record["prompt"]) -> tuple[list[dict], dict]:
     """The records whose prompt (as the sampler will give it: prompt_of) leaves room for the sampled answer in the
-    policy's context, and how many were dropped (before any Ray worker starts)."""
+    policy's context, and the counts of those dropped (before any Ray worker starts; prompts are never cut)."""
     from components.data.datasets import fit_context
     from model.chat import encode_prompt
     from model.checkpoint import load_args
@@ -54,7 +54,7 @@ def sft_replay(n: int, seed: int) -> list[list[dict]]:
 
 
 def finetune(stage: str, cfg: LMTrainConfig, init: Path, dialogs: list[list[dict]], out: Path, run_id: str,
-             last_turn_only: bool = False, extra_metrics: dict | None = None) -> dict:
+             too_long: str, last_turn_only: bool = False, extra_metrics: dict | None = None) -> dict:
     """The tail every chat fine-tuning stage shares (sft, rejection, gatt, distill): dialogs in the chat format with
     loss on the assistant tokens (or the last turn only), plus any SFT replay -> the shared LM loop on Ray Train from
     `init` -> out, metrics, curves."""
@@ -67,7 +67,8 @@ def finetune(stage: str, cfg: LMTrainConfig, init: Path, dialogs: list[list[dict
     examples = [encode_dialog(tokenizer, d, last_turn_only=last_turn_only) for d in dialogs]
     replay = sft_replay(cfg.replay, cfg.seed) if isinstance(cfg, SampledFinetuneConfig) and cfg.replay else []
     examples += [encode_dialog(tokenizer, d) for d in replay]
-    train, val, stats = examples_data(examples, tokenizer.pad_id, cfg.seq_len, cfg.val_fraction, cfg.seed)
+    train, val, stats = examples_data(examples, tokenizer.pad_id, cfg.seq_len, cfg.val_fraction, cfg.seed, stage,
+                                      too_long)
     stats["replayed_sft"] = len(replay)
     print(f"[{stage}] {stats}")
     metrics = train_lm({"checkpoint": str(init)}, train, val, cfg, stage, out, run_id)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from components.data.datasets import fit_context, messages_column, read_table
-from components.rlhf.reward import encode_pair
+from components.data.datasets import fit_context, messages_column, read_table, too_long_policy
+from components.rlhf.reward import PreferencePair, encode_pair
 from components.train.rm import RMTrainConfig, train_rm
 from components.track.tracking import stage_run
 from flows._stage import finish_stage, load_params, path, stage_config
@@ -16,6 +16,7 @@ from model.tokenizer import Tokenizer
 def run(stage: str, table: str) -> None:
     params = load_params()
     cfg = stage_config(params, "rm", RMTrainConfig)
+    cut = _cut_pair if too_long_policy(params["data"]) == "truncate" else None
     sft, out = path("checkpoints/sft"), path(f"checkpoints/{stage}")
     with stage_run(stage, asdict(cfg), params["profile"], [sft, path("data/raw")], out) as run_:
         tokenizer = Tokenizer.load(sft / "tokenizer.model")
@@ -24,9 +25,15 @@ def run(stage: str, table: str) -> None:
         pairs = [encode_pair(tokenizer, p, c, r, rating) for p, c, r, rating in zip(
             prompts, rows.column("chosen").to_pylist(), rows.column("rejected").to_pylist(),
             rows.column("rating").to_pylist())]
-        pairs, dropped = fit_context(pairs, [max(len(p.chosen), len(p.rejected)) for p in pairs],
-                                     load_args(sft).max_seq_len, "preference pairs", stage)
+        pairs, counts = fit_context(pairs, [max(len(p.chosen), len(p.rejected)) for p in pairs],
+                                    load_args(sft).max_seq_len, "preference pairs", stage, cut)
         n_val = max(1, int(len(pairs) * cfg.val_fraction))
         print(f"[{stage}] {len(pairs) - n_val} training pairs, {n_val} held out")
         metrics = train_rm(sft, pairs[n_val:], pairs[:n_val], cfg, stage, out, run_.info.run_id)
-        finish_stage(stage, {**metrics, "dropped_too_long": dropped}, out)
+        finish_stage(stage, {**metrics, **counts}, out)
+
+
+def _cut_pair(pair: PreferencePair, limit: int) -> PreferencePair | None:
+    """Both sides cut to the context (as TRL's max_length); a pair whose sides then agree says nothing: dropped."""
+    chosen, rejected = pair.chosen[:limit], pair.rejected[:limit]
+    return None if chosen == rejected else PreferencePair(chosen, rejected, pair.rating)

@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict
 
 from components.common import write_json
-from components.data.datasets import read_table
+from components.data.datasets import read_table, too_long_policy
 from components.rlhf.sampling import context_distillation, with_preprompt
 from components.track.tracking import stage_run
 from flows._finetune import DistillConfig, finetune, fitting_prompts
@@ -21,15 +21,16 @@ REWARD_MODELS = {name: path(f"checkpoints/{name}") for name in ("rm_helpful", "r
 
 def main() -> None:
     params = load_params()
+    too_long = too_long_policy(params["data"])  # checked before anything runs
     cfg = stage_config(params, "distill", DistillConfig)
     with stage_run("distill", asdict(cfg), params["profile"], [POLICY, *REWARD_MODELS.values(), path("data/raw")],
                    OUT) as run:
         rows = [r for r in read_table(path("data/raw/rl_prompts.parquet")).to_pylist() if r["is_safety"]]
         records = [{"prompt": json.loads(r["prompt"])} for r in rows[:cfg.sample.prompts or None]]
-        records, dropped = fitting_prompts("distill", records, POLICY, cfg,
+        records, counts = fitting_prompts("distill", records, POLICY, cfg,
                                            lambda r: with_preprompt(cfg.preprompt, r["prompt"]))  # the longer one
         dialogs, stats = context_distillation(records, POLICY, REWARD_MODELS, cfg.preprompt, cfg.sample, cfg.ray)
-        stats["dropped_too_long"] = dropped
+        stats.update(counts)
         print(f"[distill] {stats}")
         if len(dialogs) < cfg.batch_size and not cfg.replay:
             # Fewer kept answers than one batch: the policy is already about as safe as its preprompted self, and a
@@ -42,7 +43,7 @@ def main() -> None:
             write_json(path("plots/curves/distill.json"), [])
             write_json(path("plots/curves/distill_val.json"), [])
             return
-        finetune("distill", cfg, POLICY, dialogs, OUT, run.info.run_id, extra_metrics=stats)
+        finetune("distill", cfg, POLICY, dialogs, OUT, run.info.run_id, too_long, extra_metrics=stats)
 
 
 if __name__ == "__main__":

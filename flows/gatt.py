@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-from components.data.datasets import read_table
+from components.data.datasets import read_table, too_long_policy
 from components.rlhf.sampling import ghost_attention
 from components.track.tracking import stage_run
 from flows._finetune import SampledFinetuneConfig, finetune
@@ -18,6 +18,7 @@ POLICY, OUT = path("checkpoints/ppo"), path("checkpoints/gatt")
 
 def main() -> None:
     params = load_params()
+    too_long = too_long_policy(params["data"])  # checked before anything runs
     cfg = stage_config(params, "gatt", SampledFinetuneConfig)
     with stage_run("gatt", asdict(cfg), params["profile"], [POLICY, path("data/raw")], OUT) as run:
         rows = read_table(path("data/raw/gatt.parquet")).to_pylist()[:cfg.sample.prompts or None]
@@ -25,7 +26,7 @@ def main() -> None:
                                                      if m["role"] == "user"]} for r in rows]
         training, stats = ghost_attention(dialogs, POLICY, cfg.sample, cfg.ray)
         print(f"[gatt] {stats}")
-        finetune("gatt", cfg, POLICY, training, OUT, run.info.run_id, last_turn_only=True,
+        finetune("gatt", cfg, POLICY, training, OUT, run.info.run_id, too_long, last_turn_only=True,
                  extra_metrics=stats)
 
 

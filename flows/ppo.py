@@ -25,11 +25,11 @@ def main() -> None:
         tokenizer = Tokenizer.load(policy / "tokenizer.model")
         rows = read_table(path("data/raw/rl_prompts.parquet")).to_pylist()
         encoded = [(encode_prompt(tokenizer, json.loads(r["prompt"])), bool(r["is_safety"])) for r in rows]
-        encoded, dropped = fit_context(encoded, [len(p) for p, _ in encoded],
+        encoded, counts = fit_context(encoded, [len(p) for p, _ in encoded],
                                        load_args(policy).max_seq_len - cfg.max_new_tokens, "prompts", "ppo")
         metrics = train_ppo(policy, rm_h, rm_s, [p for p, _ in encoded], [s for _, s in encoded], cfg, "ppo", OUT,
                             run.info.run_id)
-        finish_stage("ppo", {**metrics, "dropped_too_long": dropped}, OUT)
+        finish_stage("ppo", {**metrics, **counts}, OUT)
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-from components.data.datasets import read_table
+from components.data.datasets import read_table, too_long_policy
 from components.rlhf.sampling import rejection_sampling
 from components.track.tracking import stage_run
 from flows._finetune import RejectionConfig, finetune, fitting_prompts
@@ -19,16 +19,17 @@ REWARD_MODELS = {name: path(f"checkpoints/{name}") for name in ("rm_helpful", "r
 
 def main() -> None:
     params = load_params()
+    too_long = too_long_policy(params["data"])  # checked before anything runs
     cfg = stage_config(params, "rejection", RejectionConfig, flat=("rlhf",))
     with stage_run("rejection", asdict(cfg), params["profile"], [POLICY, *REWARD_MODELS.values(), path("data/raw")],
                    OUT) as run:
         rows = read_table(path("data/raw/rl_prompts.parquet")).to_pylist()[:cfg.sample.prompts or None]
         records = [{"prompt": json.loads(r["prompt"]), "is_safety": r["is_safety"]} for r in rows]
-        records, dropped = fitting_prompts("rejection", records, POLICY, cfg)
+        records, counts = fitting_prompts("rejection", records, POLICY, cfg)
         dialogs, stats = rejection_sampling(records, POLICY, REWARD_MODELS, cfg.sample, cfg.ray, cfg.safety_threshold)
-        stats["dropped_too_long"] = dropped
+        stats.update(counts)
         print(f"[rejection] {stats}")
-        finetune("rejection", cfg, POLICY, dialogs, OUT, run.info.run_id, extra_metrics=stats)
+        finetune("rejection", cfg, POLICY, dialogs, OUT, run.info.run_id, too_long, extra_metrics=stats)
 
 
 if __name__ == "__main__":

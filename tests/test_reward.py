@@ -113,7 +113,33 @@ def test_items_over_the_context_are_dropped_and_counted_before_training():
     from components.data.datasets import fit_context
 
     pairs = [PreferencePair([1, 5, 2], [1, 6, 7, 2]), PreferencePair([1] * 9, [1, 2]), PreferencePair([1, 2], [1] * 8)]
-    kept, dropped = fit_context(pairs, [max(len(p.chosen), len(p.rejected)) for p in pairs], 8, "pairs", "rm")
-    assert kept == [pairs[0], pairs[2]] and dropped == 1  # a side of exactly the limit fits
+    kept, counts = fit_context(pairs, [max(len(p.chosen), len(p.rejected)) for p in pairs], 8, "pairs", "rm")
+    assert kept == [pairs[0], pairs[2]]  # a side of exactly the limit fits
+    assert counts == {"dropped_too_long": 1, "truncated_too_long": 0}
     with pytest.raises(SystemExit, match=r"rm: all 3 pairs are longer than the model's context allows \(2 tokens\)"):
         fit_context(pairs, [3, 9, 8], 2, "pairs", "rm")
+
+
+def test_data_too_long_truncate_cuts_pairs_and_examples_and_drops_what_says_nothing():
+    from components.data.datasets import examples_data, fit_context, too_long_policy
+    from flows._rm import _cut_pair
+    from model.chat import EncodedDialog
+
+    pairs = [PreferencePair([1, 5, 2], [1, 6, 2]), PreferencePair([1, 3, 3, 3, 9, 2], [1, 3, 3, 4, 2]),
+             PreferencePair([1, 3, 3, 3, 3, 9], [1, 3, 3, 3, 3, 8])]  # the last agrees on its first 4 tokens
+    kept, counts = fit_context(pairs, [max(len(p.chosen), len(p.rejected)) for p in pairs], 4, "pairs", "rm",
+                               _cut_pair)
+    assert kept == [pairs[0], PreferencePair([1, 3, 3, 3], [1, 3, 3, 4], pairs[1].rating)]
+    assert counts == {"dropped_too_long": 1, "truncated_too_long": 1}
+    # Fine-tuning examples: cut to the row (seq_len + 1 tokens); one whose answer starts past the cut is dropped.
+    examples = [EncodedDialog([1, 4, 5, 2], [0, 0, 1, 1]),
+                EncodedDialog([1, 4, 4, 4, 4, 5, 6, 2], [0, 0, 0, 1, 1, 1, 1, 1]),
+                EncodedDialog([1, 4, 4, 4, 4, 4, 5, 2], [0, 0, 0, 0, 0, 0, 1, 1])]
+    _, _, cut = examples_data(examples, 0, 4, 0.0, 0, "sft", "truncate")
+    _, _, dropped = examples_data(examples, 0, 4, 0.0, 0, "sft", "drop")
+    assert (cut["dropped_too_long"], cut["truncated_too_long"]) == (1, 1)
+    assert (dropped["dropped_too_long"], dropped["truncated_too_long"]) == (2, 0)
+    assert cut["target_tokens"] > dropped["target_tokens"]
+    assert too_long_policy({}) == "drop"
+    with pytest.raises(ValueError, match="too_long must be one of"):
+        too_long_policy({"too_long": "cut"})

@@ -124,7 +124,8 @@ def test_prompts_without_room_for_the_answer_are_dropped_before_sampling(tmp_pat
     policy = save_checkpoint(tmp_path / "policy", debug_model(vocab_size=tok.vocab_size), tok)  # context 128
     cfg = SampledFinetuneConfig(sample=SampleConfig(max_new_tokens=32))
     short, long = {"prompt": [USER("hello there")]}, {"prompt": [USER("word " * 120)]}
-    assert fitting_prompts("rejection", [short, long, short], policy, cfg) == ([short, short], 1)
+    assert fitting_prompts("rejection", [short, long, short], policy, cfg) == (
+        [short, short], {"dropped_too_long": 1, "truncated_too_long": 0})
     with pytest.raises(SystemExit, match="distill: all 1 prompts are longer"):  # measured as the sampler builds it
         fitting_prompts("distill", [short], policy, cfg,
                         lambda r: [{"role": "system", "content": "be safe " * 60}] + r["prompt"])

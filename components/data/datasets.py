@@ -70,28 +70,56 @@ def tokenized_corpus(clean_dir: str | Path, tokenizer_path: str | Path):
     return ds
 
 
-def examples_data(examples: list, pad_id: int, seq_len: int, val_fraction: float, seed: int,
-                  ) -> tuple[dict, dict, dict]:
-    """Encoded chat examples (model.chat.EncodedDialog) -> packed rows with loss where their masks say; returns
-    train, val, stats."""
-    packed = pack_examples([(e.tokens, e.loss_mask) for e in examples], seq_len, pad_id)
+def examples_data(examples: list, pad_id: int, seq_len: int, val_fraction: float, seed: int, stage: str,
+                  too_long: str) -> tuple[dict, dict, dict]:
+    """Encoded chat examples (model.chat.EncodedDialog) -> packed rows with loss where their masks say; examples
+    longer than a row dropped or cut (too_long, fit_context); returns train, val, stats."""
+    pairs = [(e.tokens, e.loss_mask) for e in examples]
+    pairs, counts = fit_context(pairs, [len(t) for t, _ in pairs], seq_len + 1, "examples", stage,
+                                _cut_example if too_long == "truncate" else None)
+    packed = pack_examples(pairs, seq_len, pad_id)
     train, val = split_validation(packed, val_fraction, seed)
-    stats = {"examples": len(examples), "rows": int(packed["inputs"].shape[0]), "dropped_too_long": packed["dropped"],
+    stats = {"examples": len(examples), "rows": int(packed["inputs"].shape[0]), **counts,
              "target_tokens": int((packed["targets"] >= 0).sum())}
     return train, val, stats
 
 
-def fit_context(items: list, lengths: list[int], limit: int, what: str, stage: str) -> tuple[list, int]:
-    """The items whose token length is within `limit`, and how many were dropped: decided in the driver, before
-    any Ray worker starts (an item over the context fails inside a worker, and Ray retries a deterministic error).
-    Every stage drops and counts the same way (as packing does for fine-tuning examples); none left is an error."""
-    kept = [item for item, n in zip(items, lengths, strict=True) if n <= limit]
+def _cut_example(example: tuple[list[int], list[int]], limit: int) -> tuple[list[int], list[int]] | None:
+    tokens, loss_mask = example
+    return (tokens[:limit], loss_mask[:limit]) if any(loss_mask[:limit]) else None  # no answer token left: dropped
+
+
+TOO_LONG = ("drop", "truncate")  # data.too_long: what every stage does with an example longer than its context
+
+
+def too_long_policy(data_params: dict | None) -> str:
+    """params `data.too_long` (the data stage checks it too): "drop" (the default) or "truncate"."""
+    policy = (data_params or {}).get("too_long", TOO_LONG[0])
+    if policy not in TOO_LONG:
+        raise ValueError(f"params section 'data': too_long must be one of {list(TOO_LONG)}, got {policy!r}")
+    return policy
+
+
+def fit_context(items: list, lengths: list[int], limit: int, what: str, stage: str, cut=None) -> tuple[list, dict]:
+    """The items whose token length is within `limit`, decided in the driver before any Ray worker starts (an item
+    over the context fails inside a worker, and Ray retries a deterministic error). Longer ones are dropped, or, with
+    cut(item, limit) (data.too_long: truncate), cut to fit (None: nothing useful left, dropped). RL prompts are never
+    cut: a cut prompt asks another question, or loses the chat template's head. Returns the items and the counts
+    every stage reports the same way ({dropped,truncated}_too_long); none left is an error."""
+    kept, dropped, truncated = [], 0, 0
+    for item, n in zip(items, lengths, strict=True):
+        short = item if n <= limit else cut(item, limit) if cut else None
+        if short is None:
+            dropped += 1
+        else:
+            kept.append(short)
+            truncated += n > limit
     if not kept:
         raise SystemExit(f"error: {stage}: all {len(items)} {what} are longer than the model's context allows "
                          f"({limit} tokens)")
-    if len(kept) < len(items):
-        print(f"[{stage}] {len(items) - len(kept)} of {len(items)} {what} dropped: longer than {limit} tokens")
-    return kept, len(items) - len(kept)
+    if dropped or truncated:
+        print(f"[{stage}] of {len(items)} {what} longer than {limit} tokens: {dropped} dropped, {truncated} cut")
+    return kept, {"dropped_too_long": dropped, "truncated_too_long": truncated}
 
 
 def messages_column(table, column: str = "messages") -> list[list[dict]]:

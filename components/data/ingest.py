@@ -167,10 +167,16 @@ class DataConfig:
     @classmethod
     def from_dict(cls, d: dict | None) -> DataConfig:
         d = dict(d or {})
-        unknown = sorted(set(d) - {"world", "synthetic", "sources"})
+        unknown = sorted(set(d) - {"world", "synthetic", "sources", "too_long"})
         if unknown:
             raise IngestError(f"unknown keys {unknown} in params section 'data'; known keys: "
-                              "['sources', 'synthetic', 'world']")
+                              "['sources', 'synthetic', 'too_long', 'world']")
+        from components.data.datasets import too_long_policy  # read by the stages that train on the data
+
+        try:
+            too_long_policy(d)
+        except ValueError as e:
+            raise IngestError(str(e)) from None
         synthetic = d.get("synthetic", True)
         if synthetic is True:
             kept = tuple(SCHEMAS)
