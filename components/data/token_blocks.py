@@ -230,7 +230,10 @@ def stream_dataset(blocks: TokenBlocks, order: StreamOrder, start_step: int, tot
 
     # A run resumed at its end has nothing to read: one empty window stands in (from_items needs an item).
     items = order.plan(blocks, start_step, total_steps) or [{"epoch": 0, "window": 0, "lo": 0, "hi": 0, "row": 0}]
-    ds = ray.data.from_items(items).map_batches(read_windows, batch_size=1, batch_format="numpy", num_cpus=0.25)
+    # num_cpus=0: the reads run beside the training workers, which may hold every CPU Ray Data is allowed (the ci
+    # profile's one 2-CPU worker on a 4-CPU cluster left Ray Data a budget of 0 CPUs, and a 0.25-CPU read hung).
+    ds = ray.data.from_items(items).map_batches(read_windows, batch_size=1, batch_format="numpy", num_cpus=0)
     ds.context.execution_options.preserve_order = True  # rows in plan order: the iterator follows the training order
+    ds.context.enable_progress_bars = False  # the workers' progress lines would flood the stage's log
     return ds
 
