@@ -4,7 +4,6 @@ it replaced, kept below as the reference): same greedy fp32 decode, same batches
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from components.cluster import RayConfig
 from components.data import oracle
 from components.data.tables import generate_world
 from components.data.world import WorldConfig
-from components.rlhf.evaluate import EvalConfig, evaluate_checkpoint
+from components.rlhf.evaluate import EvalConfig, evaluate_checkpoint, score_answers
 from components.rlhf.reward import init_reward_model, rm_scores
 from components.rlhf.sampling import answer_turns
 from model.chat import encode_prompt
@@ -39,24 +38,11 @@ def _generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size):
 
 
 def _driver_prompts(model, tokenizer, records, reward_models, max_new_tokens, batch_size):
+    """Decoding and RM scoring as the driver did them; the oracle's aggregation is the one evaluate still uses."""
     prompts = [json.loads(r["prompt"]) for r in records]
     responses = _generate_texts(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], max_new_tokens,
                                 batch_size)
-    by_task = defaultdict(list)
-    samples = []
-    for record, response in zip(records, responses):
-        scores = oracle.score(record, response)
-        by_task[record["task"]].append(scores)
-        samples.append({"task": record["task"], "prompt": prompts[len(samples)][-1]["content"], "response": response,
-                        **scores})
-    mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
-    metrics = {
-        "helpfulness": mean([s["helpfulness"] for t, rows in by_task.items() if t != "harmful" for s in rows]),
-        "safety": mean([s["safety"] for rows in by_task.values() for s in rows]),
-        "refusal_rate_harmful": mean([float(s["refusal"]) for s in by_task.get("harmful", [])]),
-        "false_refusal_rate": mean([float(s["refusal"]) for s in by_task.get("benign_lookalike", [])]),
-    }
-    metrics.update({f"helpfulness_{t}": mean([s["helpfulness"] for s in rows]) for t, rows in by_task.items()})
+    metrics, samples = score_answers(records, prompts, responses)
     dialogs = [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
     for name, rm in reward_models.items():
         scores = rm_scores(rm, tokenizer, dialogs, batch_size)
