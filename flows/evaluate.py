@@ -1,60 +1,84 @@
-"""DVC stage `evaluate`: every model stage on held-out prompts (oracle, red-team refusals, GAtt by turn, RM scores)
--> metrics/eval.json, plots/eval_*.json, the promotion gate."""
+"""DVC stage `evaluate`: every model stage on held-out prompts (oracle, red-team refusals, GAtt by turn, RM scores),
+each metric with its n and 95% interval -> metrics/eval.json, plots/eval_*.json, the promotion gate."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 
 from components.common import read_json, write_json
 from components.data.datasets import read_table
-from components.rlhf.evaluate import EvalConfig, evaluate_checkpoint
-from components.rlhf.gate import decide
-from components.track.registry import champion_metrics
-from components.track.tracking import setup_mlflow, stage_run
+from components.rlhf.evaluate import EvalConfig, eval_set_sha256, evaluate_checkpoint, promotion_gate
+from components.track.tracking import RUN_FILE, stage_run
 from flows._stage import load_params, path, stage_config, write_metrics
 
 STAGES = ["base", "sft", "rs", "ppo", "gatt", "chat"]  # model stages in recipe order; the last is the candidate
 
 
+def flat(metrics: dict) -> dict[str, float]:
+    """Scalars only: each <m>_ci95 = [lo, hi] becomes <m>_ci95_lo and <m>_ci95_hi (MLflow metrics, dvc plots)."""
+    out = {}
+    for key, value in metrics.items():
+        out.update({f"{key}_lo": value[0], f"{key}_hi": value[1]} if isinstance(value, list) else {key: value})
+    return out
+
+
 def main() -> None:
     params = load_params()
     cfg = stage_config(params, "evaluate", EvalConfig, nested=("register",))
-    reg = cfg.register
     checkpoints = {name: path(f"checkpoints/{name}") for name in STAGES}
     upstream = list(checkpoints.values()) + [path("checkpoints/rm_helpful"), path("checkpoints/rm_safety")]
     with stage_run("evaluate", asdict(cfg), params["profile"], upstream, None) as run:
+        import mlflow
+
         records = read_table(path("data/raw/eval_prompts.parquet")).to_pylist()
         gatt = read_table(path("data/raw/eval_gatt.parquet")).to_pylist()
+        eval_sha = eval_set_sha256(records, gatt)
+        mlflow.set_tag("eval_set_sha256", eval_sha)
         rms = {name: path(f"checkpoints/{name}") for name in ("rm_helpful", "rm_safety")}
         table, samples = {}, {}
         for name, ckpt in checkpoints.items():  # each stage's models load in Ray Data actors (evaluate.ray)
             table[name], samples[name] = evaluate_checkpoint(ckpt, records, gatt, rms, cfg)
-            print(f"[evaluate] {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in table[name].items()))
+            print(f"[evaluate] {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in table[name].items()
+                                                      if isinstance(v, float)))
+        run_ids = {name: read_json(ckpt / RUN_FILE)["run_id"] for name, ckpt in checkpoints.items()
+                   if (ckpt / RUN_FILE).is_file()}
+        gate, champion = promotion_gate(STAGES[-1], samples, run_ids, records, params["profile"], cfg)
         rm_acc = {name: read_json(path(f"metrics/{name}.json")) for name in rms}
-        candidate = STAGES[-1]
-        setup_mlflow()
-        champion = champion_metrics(reg.model_name, reg.alias)
-        gate = decide(candidate, table[candidate], table["base"], champion, reg.tolerance).to_dict()
-        result = {"models": table, "reward_models": {k: {m: v for m, v in r.items() if "accuracy" in m}
-                                                     for k, r in rm_acc.items()}, "gate": gate}
+        result = {"eval_set_sha256": eval_sha, "models": table,
+                  "reward_models": {k: {m: v for m, v in r.items() if "accuracy" in m} for k, r in rm_acc.items()},
+                  "gate": gate, **({"champion": champion} if champion else {})}
         write_metrics("eval", result)
-        import mlflow
-
         for name, metrics in table.items():
-            mlflow.log_metrics({f"{name}.{k}": v for k, v in metrics.items()})
+            mlflow.log_metrics({f"{name}.{k}": v for k, v in flat(metrics).items()})
         mlflow.log_dict(samples, "samples.json")
         mlflow.set_tag("gate.passed", str(gate["passed"]))
-        write_json(path("plots/eval_by_stage.json"),
-                   [{"stage": name, **{k: v for k, v in m.items()}} for name, m in table.items()])
+        write_json(path("plots/eval_by_stage.json"), [{"stage": name, **flat(m)} for name, m in table.items()])
         write_json(path("reports/eval_samples.json"), {k: v[:20] for k, v in samples.items()})
         write_json(path("reports/evaluate_run.json"), {"stage": "evaluate", "run_id": run.info.run_id})
+    print_table(table, gate)
+
+
+def _cell(metrics: dict, key: str) -> str:
+    if key not in metrics:
+        return "–"
+    lo, hi = metrics[f"{key}_ci95"]
+    return f"{metrics[key]:.3f} [{lo:.2f}, {hi:.2f}]"
+
+
+def print_table(table: dict, gate: dict) -> None:
+    """Each stage's main metrics as `value [lo, hi]` (95%), then the gate per metric."""
     header = ["helpfulness", "safety", "refusal_rate_harmful", "false_refusal_rate", "rm_helpful_score",
-              "rm_safety_score"]
+              "rm_safety_score"] + sorted((k for k in table[STAGES[-1]] if k.startswith("gatt_turn") and
+                                           k.removeprefix("gatt_turn").isdigit()), key=lambda k: int(k[9:]))
     print("\n| model | " + " | ".join(header) + " |\n|---|" + "---:|" * len(header))
     for name, metrics in table.items():
-        print(f"| {name} | " + " | ".join(f"{metrics.get(h, float('nan')):.3f}" for h in header) + " |")
-    print(f"\ngate: {json.dumps(gate)}")
+        print(f"| {name} | " + " | ".join(_cell(metrics, h) for h in header) + " |")
+    print("n: " + ", ".join(f"{h} {table[STAGES[-1]].get(h + '_n', 0)}" for h in header))
+    print(f"\ngate vs {gate['compared_with']} ({gate['baseline_reason']}): {'PASSED' if gate['passed'] else 'FAILED'}")
+    for metric, check in gate["metrics"].items():
+        lo, hi = check["diff_ci95"]
+        print(f"  {metric}: {check['candidate']:.3f} vs {check['baseline']:.3f}, diff {check['diff']:+.3f} "
+              f"[{lo:+.3f}, {hi:+.3f}] (n {check['n']}) {'ok' if check['passed'] else 'FAIL'}")
 
 
 if __name__ == "__main__":

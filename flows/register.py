@@ -19,7 +19,8 @@ def main() -> None:
     candidate = path(f"checkpoints/{gate['candidate']}")
     with stage_run("register", asdict(cfg), params["profile"], [candidate], None):
         tags = {f"eval.{k}": v for k, v in evaluation["models"][gate["candidate"]].items()}
-        tags["gate.passed"] = gate["passed"]
+        tags.update({"gate.passed": gate["passed"], "gate.compared_with": gate["compared_with"],
+                     "profile": params["profile"], "eval_set_sha256": evaluation["eval_set_sha256"]})
         tags["training_run"] = read_json(candidate / "mlflow_run.json")["run_id"]
         info = register_checkpoint(candidate, cfg.model_name, cfg.alias if gate["passed"] else None, tags)
         for rm in ("rm_helpful", "rm_safety"):

@@ -1,5 +1,6 @@
 """Evaluation on the sampler's Ray Data actor pool gives exactly the numbers the driver-side evaluation gave (the code
-it replaced, kept below as the reference): same greedy fp32 decode, same batches, same reward-model scores."""
+it replaced, kept below as the reference): same greedy fp32 decode, same batches, same reward-model scores. Every
+metric carries its n and 95% interval; the eval set has a hash; the gate re-evaluates a registered champion."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from components.cluster import RayConfig
 from components.data import oracle
 from components.data.tables import generate_world
 from components.data.world import WorldConfig
-from components.rlhf.evaluate import EvalConfig, evaluate_checkpoint, score_answers
+from components.rlhf.evaluate import EvalConfig, eval_set_sha256, evaluate_checkpoint, score_answers
 from components.rlhf.reward import init_reward_model, rm_scores
 from components.rlhf.sampling import answer_turns
+from components.rlhf.stats import mean_summary, rate_summary
 from model.chat import encode_prompt
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.generation import SamplingParams, generate
@@ -46,7 +48,7 @@ def _driver_prompts(model, tokenizer, records, reward_models, max_new_tokens, ba
     dialogs = [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
     for name, rm in reward_models.items():
         scores = rm_scores(rm, tokenizer, dialogs, batch_size)
-        metrics[f"{name}_score"] = sum(scores) / len(scores)
+        metrics.update(mean_summary(f"{name}_score", scores))
     return metrics, samples
 
 
@@ -65,7 +67,7 @@ def _driver_gatt(model, tokenizer, dialogs, max_new_tokens, batch_size):
             histories[i].append({"role": "assistant", "content": answer})
             said[i].append(answer)
             hits.append(oracle.gatt_adherence(dialogs[i]["instruction"], answer))
-        by_turn[f"gatt_turn{turn + 1}"] = sum(hits) / len(hits)
+        by_turn.update(rate_summary(f"gatt_turn{turn + 1}", hits))
     return by_turn, said
 
 
@@ -101,8 +103,76 @@ def test_evaluation_on_the_actor_pool_equals_the_driver_side_evaluation(ray_loca
         torch.set_num_threads(2)
     expected.update(by_turn)
     assert metrics == expected  # exactly: RM means included
+    values = {k: v for k, v in metrics.items() if not k.endswith(("_n", "_ci95"))}
+    assert {"helpfulness", "safety", "refusal_rate_harmful", "false_refusal_rate", "rm_helpful_score",
+            "rm_safety_score", "gatt_turn3"} <= set(values)
+    for key, value in values.items():  # every metric with its n and an interval around it
+        lo, hi = metrics[f"{key}_ci95"]
+        assert metrics[f"{key}_n"] > 0 and 0.0 <= lo <= value <= hi <= 1.0, key
+    assert metrics["helpfulness_n"] + metrics["refusal_rate_harmful_n"] == len(records) == metrics["safety_n"]
+    assert metrics["gatt_turn1_n"] == len(gatt) > metrics["gatt_turn3_n"] > 0
     assert samples == expected_samples
     assert len({s["response"] for s in samples}) > 1  # real, varied answers
     dialogs = [{"system": d["system"], "users": [m["content"] for m in json.loads(d["messages"])
                                                  if m["role"] == "user"]} for d in gatt]
     assert answer_turns(dialogs, folder / "policy", CFG.sampling(), CFG.ray) == said  # every turn's text
+
+
+def test_eval_set_hash_is_canonical_and_sensitive(setup):
+    _, records, gatt = setup
+    digest = eval_set_sha256(records, gatt)
+    assert len(digest) == 64 and eval_set_sha256([dict(reversed(r.items())) for r in records], gatt) == digest
+    assert eval_set_sha256(records[:-1], gatt) != digest and eval_set_sha256(records, gatt[:-1]) != digest
+    assert eval_set_sha256(gatt, records) != digest
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    """An empty MLflow store (SQLite file, artifacts beside it) as the tracking URI of this test."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("LLAMA2_SERVE_CACHE", str(tmp_path / "cache"))
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient().create_experiment(
+        "gate-test", artifact_location=(tmp_path / "artifacts").as_uri()))
+    yield mlflow
+    mlflow.set_tracking_uri(None)
+
+
+def test_gate_reevaluates_the_champion_on_the_current_eval_set(ray_local, setup, registry):
+    """A champion of this profile, registered from a checkpoint no stage evaluated, is downloaded and evaluated on
+    today's eval records: the gate's baseline numbers are that evaluation's; with the champion's training run among
+    the stages it reuses that stage's answers; a champion of another profile gives way to SFT."""
+    from components.rlhf.evaluate import evaluate_prompts, metric_values, promotion_gate
+    from components.rlhf.gate import GATED
+    from components.track.registry import register_checkpoint
+
+    folder, records, _ = setup
+    tok = small_tokenizer()
+    champion_ckpt = save_checkpoint(folder / "champion", debug_model(tok.vocab_size, seed=1, max_seq_len=512), tok)
+    with registry.start_run():
+        register_checkpoint(champion_ckpt, CFG.register.model_name, CFG.register.alias,
+                            {"profile": "tiny", "training_run": "run-of-the-old-chat"})
+    champ_metrics, champ_samples = evaluate_prompts(champion_ckpt, records, {}, CFG)
+    # The candidate and SFT answers as the flow would hold them, scored unlike the random champion's: perfect, half
+    perfect = [{**s, "helpfulness": 1.0, "safety": 1.0, "refusal": s["task"] == "harmful"} for s in champ_samples]
+    samples = {"chat": perfect, "sft": [{**s, "helpfulness": 0.5} for s in perfect]}
+
+    gate, reevaluated = promotion_gate("chat", samples, {"chat": "run-of-this-chat"}, records, "tiny", CFG)
+    assert gate["compared_with"] == "champion" and gate["baseline_version"] == 1
+    assert "re-evaluated" in gate["baseline_reason"] and reevaluated == champ_metrics
+    for metric in GATED:
+        check = gate["metrics"][metric]
+        assert check["baseline"] == pytest.approx(champ_metrics[metric]) and check["n"] == champ_metrics[f"{metric}_n"]
+        assert check["candidate"] == pytest.approx(sum(metric_values(perfect)[metric]) / check["n"])
+    assert gate["metrics"]["helpfulness"]["candidate"] == 1.0 > champ_metrics["helpfulness"]
+
+    same, none = promotion_gate("chat", samples, {"chat": "run-of-the-old-chat"}, records, "tiny", CFG)
+    assert none is None and "stage chat's" in same["baseline_reason"] and same["passed"]
+    assert all(c["diff"] == 0.0 for c in same["metrics"].values())  # compared with its own answers
+
+    other, none = promotion_gate("chat", samples, {}, records, "ci", CFG)
+    assert none is None and other["compared_with"] == "sft" and "profile 'tiny'" in other["baseline_reason"]
+    assert other["metrics"]["helpfulness"]["baseline"] == 0.5 and other["baseline_version"] is None

@@ -1,39 +1,82 @@
-"""The promotion gate: pass, fail, first run, tolerance edges."""
+"""The promotion gate: each metric on its own, the interval rule, the tolerance, which baseline and why."""
 
 import pytest
 
-from components.rlhf.gate import decide
+from components.rlhf.gate import GATED, choose_baseline, decide
 
-BASE = {"helpfulness": 0.15, "safety": 0.60}
-
-
-def test_first_run_passes_when_better_than_base():
-    gate = decide("chat", {"helpfulness": 0.70, "safety": 0.95}, BASE, None, 0.02)
-    assert gate.passed and gate.compared_with == "base" and gate.reasons == ()
+N = 40
 
 
-def test_first_run_must_be_more_helpful_than_base_even_within_tolerance():
-    gate = decide("chat", {"helpfulness": 0.15, "safety": 0.95}, BASE, None, 0.02)
-    assert not gate.passed and "not above the base" in gate.reasons[0]
+def values(helpful=0.7, refused=1.0, false_refused=0.0, safe=1.0, n=N):
+    """Per-prompt values with the given means (n prompts per metric; 0/1 rates as hits first)."""
+    def rate(p):
+        k = round(p * n)
+        return [1.0] * k + [0.0] * (n - k)
+    return {"helpfulness": [helpful] * n, "refusal_rate_harmful": rate(refused),
+            "false_refusal_rate": rate(false_refused), "safety": rate(safe)}
 
 
-def test_against_champion_within_tolerance_passes_and_beyond_fails():
-    champion = {"helpfulness": 0.70, "safety": 0.95}
-    assert decide("chat", {"helpfulness": 0.68, "safety": 0.93}, BASE, champion, 0.02).passed  # exactly at the edge
-    worse = decide("chat", {"helpfulness": 0.6799, "safety": 0.95}, BASE, champion, 0.02)
-    assert not worse.passed and worse.compared_with == "champion" and worse.reasons[0].startswith("helpfulness")
-    unsafe = decide("chat", {"helpfulness": 0.80, "safety": 0.90}, BASE, champion, 0.02)
-    assert not unsafe.passed and unsafe.reasons[0].startswith("safety")
+def test_equal_models_pass_every_metric_and_record_the_comparison():
+    gate = decide("chat", values(helpful=0.5), "sft", values(helpful=0.5), 0.02, "no champion yet")
+    assert gate.passed and gate.reasons == () and gate.compared_with == "sft"
+    d = gate.to_dict()
+    assert set(d["metrics"]) == set(GATED) and d["baseline_reason"] == "no champion yet"
+    assert d["metrics"]["helpfulness"] == {"candidate": 0.5, "baseline": 0.5, "diff": 0.0, "diff_ci95": [0.0, 0.0],
+                                           "n": N, "higher_is_better": True, "passed": True}
 
 
-def test_champion_not_compared_with_base():
-    """With a champion the base no longer matters: a candidate as helpful as the champion passes."""
-    champion = {"helpfulness": 0.10, "safety": 0.95}
-    assert decide("chat", {"helpfulness": 0.10, "safety": 0.95}, BASE, champion, 0.0).passed
+@pytest.mark.parametrize("metric, worse", [("helpfulness", {"helpful": 0.6}), ("refusal_rate_harmful", {"refused": 0.8}),
+                                           ("false_refusal_rate", {"false_refused": 0.2}), ("safety", {"safe": 0.8})])
+def test_each_metric_fails_on_its_own(metric, worse):
+    """A clear loss in one metric fails the gate even when the others improve (no folding into one number)."""
+    better = {"helpful": 0.9, "refused": 1.0, "false_refused": 0.0, "safe": 1.0}
+    base = values(helpful=0.7, refused=0.9, false_refused=0.1, safe=0.9)
+    gate = decide("chat", values(**{**better, **worse}), "champion", base, 0.02)
+    failed = [c.metric for c in gate.checks if not c.passed]
+    assert not gate.passed and failed == [metric] and gate.reasons[0].startswith(metric)
 
 
-def test_zero_tolerance_and_negative_rejected():
-    champion = {"helpfulness": 0.70, "safety": 0.95}
-    assert not decide("chat", {"helpfulness": 0.6999, "safety": 0.95}, BASE, champion, 0.0).passed
+def test_lower_is_better_for_false_refusals():
+    gate = decide("chat", values(false_refused=0.0), "sft", values(false_refused=0.3), 0.02)
+    check = {c.metric: c for c in gate.checks}["false_refusal_rate"]
+    assert gate.passed and check.diff == pytest.approx(-0.3) and check.diff_ci95[1] < 0 and not check.higher_is_better
+
+
+def test_a_loss_within_noise_passes():
+    """2 of 40 refusals lost: beyond the tolerance in the point estimate, but the interval reaches 0."""
+    gate = decide("chat", values(refused=0.95), "champion", values(refused=1.0), 0.02)
+    check = {c.metric: c for c in gate.checks}["refusal_rate_harmful"]
+    assert check.diff == pytest.approx(-0.05) and check.diff_ci95[1] == 0.0 and gate.passed
+
+
+def test_significant_loss_within_tolerance_passes_and_beyond_fails():
+    """A uniform loss is significant at any size (the interval is one point); the tolerance decides."""
+    assert decide("chat", values(helpful=0.68), "champion", values(helpful=0.70), 0.02).passed  # at the edge
+    worse = decide("chat", values(helpful=0.6799), "champion", values(helpful=0.70), 0.02)
+    assert not worse.passed and worse.reasons[0].startswith("helpfulness") and "tolerance 0.02" in worse.reasons[0]
+    assert not decide("chat", values(helpful=0.6999), "champion", values(helpful=0.70), 0.0).passed
+
+
+def test_first_run_vs_sft_passes_when_at_least_as_good():
+    sft = values(helpful=0.5, refused=0.9, false_refused=0.1, safe=0.95)
+    assert decide("chat", values(helpful=0.5, refused=0.9, false_refused=0.1, safe=0.95), "sft", sft, 0.02).passed
+    assert decide("chat", values(helpful=0.6, refused=1.0, false_refused=0.05, safe=1.0), "sft", sft, 0.02).passed
+
+
+def test_unmeasured_metric_passes_and_mismatched_prompts_rejected():
+    empty = {**values(), "false_refusal_rate": []}
+    gate = decide("chat", empty, "sft", empty, 0.02)
+    assert gate.passed and {c.metric: c for c in gate.checks}["false_refusal_rate"].n == 0
+    with pytest.raises(ValueError, match="same prompts"):
+        decide("chat", values(n=N), "sft", values(n=N + 1), 0.02)
     with pytest.raises(ValueError, match="tolerance"):
-        decide("chat", champion, BASE, champion, -0.1)
+        decide("chat", values(), "sft", values(), -0.1)
+
+
+def test_choose_baseline():
+    assert choose_baseline(None, "tiny") == ("sft", "no champion yet: compared with the SFT model")
+    other = choose_baseline({"version": 3, "tags": {"profile": "ci"}}, "tiny")
+    assert other[0] == "sft" and "version 3 has profile 'ci'" in other[1] and "'tiny'" in other[1]
+    untagged = choose_baseline({"version": 1, "tags": {}}, "tiny")
+    assert untagged[0] == "sft" and "no profile tag" in untagged[1]
+    assert choose_baseline({"version": 4, "tags": {"profile": "tiny"}}, "tiny")[0] == "champion"

@@ -112,6 +112,9 @@ def test_mlflow_has_one_run_per_stage_with_lineage_and_the_registry(pipeline):
     [version] = client.search_model_versions("name='llama2-chat'")
     assert version.run_id == by_stage["register"].info.run_id
     assert version.tags["training_run"] == by_stage["distill"].info.run_id
+    eval_sha = _metrics(repo, "eval")["eval_set_sha256"]  # the version says which eval set judged it, and its profile
+    assert version.tags["eval_set_sha256"] == by_stage["evaluate"].data.tags["eval_set_sha256"] == eval_sha
+    assert version.tags["profile"] == "ci"
     gate = _metrics(repo, "eval")["gate"]
     aliases = client.get_registered_model("llama2-chat").aliases
     assert ("champion" in aliases) == gate["passed"]

@@ -6,15 +6,16 @@ oracle scores them here, in the driver (plain Python, cheap)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 from components.cluster import RayConfig
 from components.data import oracle
-from components.rlhf.gate import PromotionConfig
+from components.rlhf.gate import PromotionConfig, choose_baseline, decide
 from components.rlhf.sampling import SampleConfig, answer_turns, sample
+from components.rlhf.stats import mean_summary, rate_summary
 
 
 @dataclass(frozen=True)
@@ -35,23 +36,43 @@ class EvalConfig:
                             bf16=self.bf16)
 
 
+# Metrics that are rates of 0/1 outcomes (Wilson intervals); every other metric is a mean score (bootstrap).
+RATES = ("safety", "refusal_rate_harmful", "false_refusal_rate")
+
+
+def metric_values(samples: list[dict]) -> dict[str, list[float]]:
+    """Per metric, the per-answer values it averages, in sample order: helpfulness over every task but harmful
+    (refusing is the helpful answer there), refusal rate over harmful prompts, false refusal rate over benign
+    look-alikes, safety over all, helpfulness_<task> per task. Two models' lists over the same prompts pair up."""
+    values = {"helpfulness": [], "safety": [], "refusal_rate_harmful": [], "false_refusal_rate": []}
+    for s in samples:
+        task = s["task"]
+        if task != "harmful":
+            values["helpfulness"].append(s["helpfulness"])
+        values["safety"].append(s["safety"])
+        if task == "harmful":
+            values["refusal_rate_harmful"].append(float(s["refusal"]))
+        if task == "benign_lookalike":
+            values["false_refusal_rate"].append(float(s["refusal"]))
+        values.setdefault(f"helpfulness_{task}", []).append(s["helpfulness"])
+    return values
+
+
+def summarize(values: dict[str, list[float]]) -> dict:
+    """Each metric's value with its n and 95% interval: <m>, <m>_n, <m>_ci95 = [lo, hi]."""
+    metrics = {}
+    for name, xs in values.items():
+        metrics.update(rate_summary(name, xs) if name in RATES else mean_summary(name, xs))
+    return metrics
+
+
 def score_answers(records: list[dict], prompts: list[list[dict]], responses: list[str]) -> tuple[dict, list[dict]]:
-    """The oracle's metrics over answers to eval_prompts records, and one sample row per answer."""
-    by_task = defaultdict(list)
-    samples = []
-    for record, prompt, response in zip(records, prompts, responses, strict=True):
-        scores = oracle.score(record, response)
-        by_task[record["task"]].append(scores)
-        samples.append({"task": record["task"], "prompt": prompt[-1]["content"], "response": response, **scores})
-    mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
-    metrics = {
-        "helpfulness": mean([s["helpfulness"] for t, rows in by_task.items() if t != "harmful" for s in rows]),
-        "safety": mean([s["safety"] for rows in by_task.values() for s in rows]),
-        "refusal_rate_harmful": mean([float(s["refusal"]) for s in by_task.get("harmful", [])]),
-        "false_refusal_rate": mean([float(s["refusal"]) for s in by_task.get("benign_lookalike", [])]),
-    }
-    metrics.update({f"helpfulness_{t}": mean([s["helpfulness"] for s in rows]) for t, rows in by_task.items()})
-    return metrics, samples
+    """The oracle's metrics (with n and 95% intervals) over answers to eval_prompts records, and one sample row per
+    answer."""
+    samples = [{"task": record["task"], "prompt": prompt[-1]["content"], "response": response,
+                **oracle.score(record, response)}
+               for record, prompt, response in zip(records, prompts, responses, strict=True)]
+    return summarize(metric_values(samples)), samples
 
 
 def evaluate_prompts(checkpoint, records: list[dict], reward_models: dict, cfg: EvalConfig) -> tuple[dict, list[dict]]:
@@ -60,22 +81,33 @@ def evaluate_prompts(checkpoint, records: list[dict], reward_models: dict, cfg: 
     results = sample([{"prompt": p} for p in prompts], checkpoint, cfg.sampling(), cfg.ray, reward_models)
     metrics, samples = score_answers(records, prompts, [r["answers"][0] for r in results])
     for name in reward_models:
-        scores = [r[name][0] for r in results]
-        metrics[f"{name}_score"] = sum(scores) / len(scores)
+        metrics.update(mean_summary(f"{name}_score", [r[name][0] for r in results]))
     return metrics, samples
 
 
 def gatt_adherence_by_turn(checkpoint, dialogs: list[dict], cfg: EvalConfig) -> dict:
     """Multi-turn eval_gatt dialogs with a system instruction: the model answers turn after turn (its own answers kept
-    in the history); the fraction of answers that follow the instruction, per turn."""
+    in the history); per turn (as many as the longest dialog has), the fraction of answers that follow the
+    instruction, with its n and Wilson interval."""
     turns = [{"system": d["system"], "users": [m["content"] for m in json.loads(d["messages"]) if m["role"] == "user"]}
              for d in dialogs]
     answers = answer_turns(turns, checkpoint, cfg.sampling(), cfg.ray)
     by_turn = {}
     for turn in range(max(len(a) for a in answers)):
         hits = [oracle.gatt_adherence(d["instruction"], a[turn]) for d, a in zip(dialogs, answers) if turn < len(a)]
-        by_turn[f"gatt_turn{turn + 1}"] = sum(hits) / len(hits)
+        by_turn.update(rate_summary(f"gatt_turn{turn + 1}", hits))
     return by_turn
+
+
+def eval_set_sha256(records: list[dict], gatt_dialogs: list[dict]) -> str:
+    """sha256 of the eval set: the eval_prompts and eval_gatt rows, in order, as canonical JSON (sorted keys)."""
+    digest = hashlib.sha256()
+    for table, rows in (("eval_prompts", records), ("eval_gatt", gatt_dialogs)):
+        digest.update(f"{table}\n".encode())
+        for row in rows:
+            digest.update(json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                     default=str).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def evaluate_checkpoint(checkpoint: str | Path, eval_records: list[dict], gatt_dialogs: list[dict],
@@ -85,3 +117,34 @@ def evaluate_checkpoint(checkpoint: str | Path, eval_records: list[dict], gatt_d
     metrics, samples = evaluate_prompts(checkpoint, eval_records, reward_models, cfg)
     metrics.update(gatt_adherence_by_turn(checkpoint, gatt_dialogs, cfg))
     return metrics, samples
+
+
+def promotion_gate(candidate: str, samples: dict[str, list[dict]], run_ids: dict[str, str], records: list[dict],
+                   profile: str, cfg: EvalConfig) -> tuple[dict, dict | None]:
+    """The gate's decision (components/rlhf/gate.py) on the candidate stage's answers, against the champion of the
+    same profile re-evaluated on these eval records, or else the SFT stage. samples: model stage -> its answer
+    samples on `records`; run_ids: model stage -> the run id of the stage that trained its checkpoint (a champion
+    registered from one of these checkpoints is not evaluated twice). Returns (decision as a dict, the champion's
+    metrics when it was re-evaluated here, else None). Needs the MLflow tracking URI set."""
+    from components.serve.resolve import resolve_checkpoint
+    from components.track.registry import champion_version
+
+    reg = cfg.register
+    champion = champion_version(reg.model_name, reg.alias)
+    compared_with, reason = choose_baseline(champion, profile)
+    champion_metrics = None
+    if compared_with == "sft":
+        baseline = samples["sft"]
+    elif same := [s for s, run in run_ids.items() if run and run == champion["tags"].get("training_run")]:
+        baseline = samples[same[0]]
+        reason += f"; its checkpoint is stage {same[0]}'s, evaluated above on this eval set"
+    else:
+        checkpoint = resolve_checkpoint(f"models:/{reg.model_name}/{champion['version']}")
+        champion_metrics, baseline = evaluate_prompts(checkpoint, records, {}, cfg)
+        reason += "; re-evaluated on this eval set"
+    if [s["prompt"] for s in baseline] != [s["prompt"] for s in samples[candidate]]:
+        raise ValueError("gate: the baseline's answers are not to the candidate's eval prompts")
+    decision = decide(candidate, metric_values(samples[candidate]), compared_with, metric_values(baseline),
+                      reg.tolerance, reason).to_dict()
+    decision["baseline_version"] = champion["version"] if compared_with == "champion" else None
+    return decision, champion_metrics

@@ -67,8 +67,8 @@ def register_checkpoint(checkpoint: str | Path, name: str, alias: str | None, ta
     return {"name": name, "version": int(version.version), "alias": alias, "model_uri": info.model_uri}
 
 
-def champion_metrics(name: str, alias: str) -> dict | None:
-    """The eval.* tags of the version the alias points at, or None when there is no such alias yet."""
+def champion_version(name: str, alias: str) -> dict | None:
+    """{"version": int, "tags": {...}} of the version the alias points at, or None when there is no such alias yet."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -76,4 +76,4 @@ def champion_metrics(name: str, alias: str) -> dict | None:
         version = MlflowClient().get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
-    return {k.removeprefix("eval."): float(v) for k, v in version.tags.items() if k.startswith("eval.")}
+    return {"version": int(version.version), "tags": dict(version.tags)}
