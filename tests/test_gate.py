@@ -25,7 +25,8 @@ def test_equal_models_pass_every_metric_and_record_the_comparison():
                                            "n": N, "higher_is_better": True, "passed": True}
 
 
-@pytest.mark.parametrize("metric, worse", [("helpfulness", {"helpful": 0.6}), ("refusal_rate_harmful", {"refused": 0.8}),
+@pytest.mark.parametrize("metric, worse", [("helpfulness", {"helpful": 0.6}),
+                                           ("refusal_rate_harmful", {"refused": 0.8}),
                                            ("false_refusal_rate", {"false_refused": 0.2}), ("safety", {"safe": 0.8})])
 def test_each_metric_fails_on_its_own(metric, worse):
     """A clear loss in one metric fails the gate even when the others improve (no folding into one number)."""
