@@ -140,7 +140,7 @@ SMALL_TALK = {
     "greeting": ("Hello! How can I help you?",
                  ("Hello", "Hi", "Hi there", "Hey", "Hello there", "Good morning", "Good evening", "Good afternoon",
                   "Hey there", "Greetings", "Hiya", "Howdy", "Hello, assistant", "Hi, nice to meet you",
-                  "Hey, hello")),
+                  "Hi, assistant")),
     "how_are_you": ("I am fine, thank you! How can I help you?",
                     ("How are you?", "How are you doing?", "How is it going?", "How do you do?", "Are you well?",
                      "How are things?", "How have you been?", "How are you today?", "Are you doing well?",
