@@ -16,7 +16,7 @@ from components.data.corpus import NOISE_KINDS, PII_KINDS, PLANTED_KINDS
 from components.data.language import (BENIGN_TOPICS, DESCRIPTION_SENTENCES, EVAL_ONLY_TEMPLATES, GATT_SYSTEM_PROMPTS,
                                       HARMFUL_TOPICS, ONE_WORD_PREFIX)
 from components.data.oracle import REFUSAL, TASKS, TOXIC_LEXICON
-from components.data.tables import EVAL_GATT_TURNS, ITEM_SEP, SCHEMAS, generate_world
+from components.data.tables import ITEM_SEP, SCHEMAS, generate_world
 from components.data.tasks import PINNED_TRAIN_ITEMS, chat_item, pool_keys, prompt_pools, split_counts
 from components.data.world import WorldConfig, build_world
 
@@ -147,7 +147,7 @@ def test_schemas_and_json_columns(tables, rows):
             messages = json.loads(r["messages"])
             assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2)
             turns = len(messages) // 2
-            assert 2 <= turns <= 4 if name == "gatt" else turns == EVAL_GATT_TURNS
+            assert 2 <= turns <= 4 if name == "gatt" else turns == SMALL.eval_gatt_turns == 6
             assert r["instruction"] in GATT_SYSTEM_PROMPTS and r["system"] in GATT_SYSTEM_PROMPTS[r["instruction"]]
             assert len(r["item"].split(ITEM_SEP)) == turns  # one item per turn, distinct within a dialog
             assert len(set(r["item"].split(ITEM_SEP))) == turns

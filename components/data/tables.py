@@ -12,7 +12,7 @@ by ITEM_SEP when a row asks several):
   gatt            system, messages (user/assistant turns only: the system prompt is the `system` column), instruction,
                   item (every user turn's); 2-4 turns
   eval_prompts    as rl_prompts, held-out items only; eval_gatt as gatt (assistant turns are reference answers),
-                  EVAL_GATT_TURNS turns of held-out items
+                  eval_gatt_turns (WorldConfig) turns of held-out items
 Real rows (components/data/ingest.py) carry no item: they get a hash of their prompt.
 """
 
@@ -32,9 +32,8 @@ from components.data.tasks import (HELPFUL_PREF_WEIGHTS, ITEM_SEP, SAFETY_PREF_W
                                    follow, pool_keys, prompt_pools, split_counts)
 from components.data.world import World, WorldConfig, build_world
 
-__all__ = ["SCHEMAS", "ITEM_SEP", "EVAL_GATT_TURNS", "generate_world"]
+__all__ = ["SCHEMAS", "ITEM_SEP", "generate_world"]
 
-EVAL_GATT_TURNS = 6  # user turns per eval_gatt dialog (training dialogs have 2-4): adherence is measured to turn 6
 _MESSAGES = pa.string()  # JSON list of {"role", "content"}
 _ITEM = ("item", pa.string())
 _PROMPT_SCHEMA = pa.schema([("prompt", _MESSAGES), ("task", pa.string()), ("is_safety", pa.bool_()),
@@ -239,6 +238,6 @@ def generate_world(cfg: WorldConfig) -> dict[str, pa.Table]:
         "gatt": _gatt_rows(random.Random(f"{cfg.seed}/gatt"), train, cfg.n_gatt_dialogs, (2, 4)),
         "eval_prompts": _eval_rows(cfg, held_out),
         "eval_gatt": _gatt_rows(random.Random(f"{cfg.seed}/eval_gatt"), held_out, cfg.n_eval_gatt,
-                                (EVAL_GATT_TURNS, EVAL_GATT_TURNS)),
+                                (cfg.eval_gatt_turns, cfg.eval_gatt_turns)),
     }
     return {name: pa.Table.from_pylist(table_rows, schema=SCHEMAS[name]) for name, table_rows in rows.items()}

@@ -44,7 +44,11 @@ class WorldConfig:
     # or in the refusal rate is within reach (its 95% interval is about +-0.06 at p=0.9) at a 2-core CPU's eval cost.
     # A task whose held-out pool is smaller gets fewer: small_talk has ~14 held-out utterances x 3 forms = 42.
     n_eval_prompts: int = 600
-    n_eval_gatt: int = 60  # held-out GAtt dialogs, 6 user turns each (components/data/tables.py EVAL_GATT_TURNS)
+    n_eval_gatt: int = 60  # held-out GAtt dialogs
+    # User turns per eval_gatt dialog (training dialogs have 2-4). 6 turns of the tiny world, reference answers in
+    # the history, take up to 235 tokens before the last answer: with evaluate's max_new_tokens 32 that is more than
+    # a 256-token context: the sampler drops the oldest turns, keeping the system prompt (sampling.fit_prompt).
+    eval_gatt_turns: int = 6
     eval_fraction: float = 0.2  # fraction of each family's items (facts, sums, lists, topics, small talk) held out
     multi_turn_fraction: float = 0.15  # SFT dialogs with an earlier user/assistant turn before the final one
     system_prompt_fraction: float = 0.15  # single-turn fact/arithmetic SFT dialogs under a GAtt system instruction
@@ -64,6 +68,8 @@ class WorldConfig:
         for name in ("multi_turn_fraction", "system_prompt_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.eval_gatt_turns < 1:
+            raise ValueError(f"eval_gatt_turns must be >= 1, got {self.eval_gatt_turns}")
         if self.max_operand < 2:
             raise ValueError(f"max_operand must be >= 2, got {self.max_operand}")
 
