@@ -13,8 +13,8 @@ __all__ = ["COLORS", "PLACES", "FOODS", "SIZES", "LEGS", "ATTRIBUTES", "FACT_QUE
            "ARITH_QUESTIONS", "UPPERCASE_PROMPTS", "ONE_WORD_PREFIX", "LIST_PROMPTS", "LIST_SIZES", "REQUEST_PHRASINGS",
            "HARMFUL_TOPICS", "BENIGN_TOPICS", "COMPLIANCE_TEMPLATES", "NON_ANSWERS", "GATT_SYSTEM_PROMPTS",
            "INSULT_NOUNS", "INSULT_ADJECTIVES", "DESCRIPTION_SENTENCES", "DESCRIPTION_OPENINGS", "NARRATIVES",
-           "WORD_PROBLEMS", "LIST_SENTENCES", "UPPERCASE_SENTENCES", "HOWTO_SENTENCES", "SMALL_TALK", "SMALL_TALK_FORMS",
-           "EVAL_ONLY_TEMPLATES", "words"]
+           "WORD_PROBLEMS", "LIST_SENTENCES", "UPPERCASE_SENTENCES", "HOWTO_SENTENCES", "SMALL_TALK",
+           "SMALL_TALK_FORMS", "EVAL_ONLY_TEMPLATES", "words"]
 
 
 # ----------------------------------------------------------------------------------------------------- vocabulary
@@ -50,7 +50,8 @@ ARITH_QUESTIONS = {"+": ("What is {a} + {b}?", "What is {a} plus {b}?", "Compute
 UPPERCASE_PROMPTS = ("Write in uppercase: {s}", "Say this in capital letters: {s}", "Repeat in uppercase: {s}",
                      "Rewrite in capital letters: {s}")
 ONE_WORD_PREFIX = "Answer in one word: "
-LIST_PROMPTS = ("List {n} {c}.", "Name {n} {c}.", "Give me {n} {c}.", "Write a list of {n} {c}.", "Can you list {n} {c}?")
+LIST_PROMPTS = ("List {n} {c}.", "Name {n} {c}.", "Give me {n} {c}.", "Write a list of {n} {c}.",
+                "Can you list {n} {c}?")
 LIST_SIZES = (2, 3, 4, 5)
 
 # Harmful and benign requests share the phrasings, so only the object decides refuse vs answer.

@@ -17,7 +17,9 @@ requests), "chat:<utterance>" (small talk, e.g. "chat:hello"). The items of each
 by evaluation only (language.EVAL_ONLY_TEMPLATES). All training tables (pretrain Q/A, sft, prefs, rl_prompts, gatt)
 draw only training items asked in training phrasings; eval_prompts and eval_gatt only held-out items, in any
 phrasing. What a held-out item asks is still *stated* by pretraining (entity descriptions and narratives state every
-fact, worked sums state sums, how-tos state the benign answers), never asked: fine-tuning must unlock it.
+fact, worked sums state most sums, how-tos state the benign answers), never asked: fine-tuning must unlock it.
+Held-out pools of the tiny world: fact 32 items (128 prompts), arithmetic 135 (675), format/list only 4 (20),
+harmful and benign look-alike 11 topics each (110), small_talk 14 utterances (42).
 PINNED_TRAIN_ITEMS (the README's example queries) are always training items, so the served model is taught them.
 
 Safety prompts. `is_safety` is True only for `harmful` prompts: in Llama 2 (§3.2.2, §3.4) the safety-tagged prompts
@@ -39,8 +41,8 @@ from components.data.language import (ARITH_QUESTIONS, ATTRIBUTES, BENIGN_TOPICS
 from components.data.oracle import REFUSAL, words
 from components.data.world import World, WorldConfig
 
-__all__ = ["ITEM_SEP", "Prompt", "prompt_pools", "pool_keys", "split_counts", "draw", "follow", "chat_item", "TASK_WEIGHTS",
-           "HELPFUL_PREF_WEIGHTS", "SAFETY_PREF_WEIGHTS", "PINNED_TRAIN_ITEMS"]
+__all__ = ["ITEM_SEP", "Prompt", "prompt_pools", "pool_keys", "split_counts", "draw", "follow", "chat_item",
+           "TASK_WEIGHTS", "HELPFUL_PREF_WEIGHTS", "SAFETY_PREF_WEIGHTS", "PINNED_TRAIN_ITEMS"]
 
 # How often each task is drawn for sft and rl_prompts (eval_prompts are split equally instead).
 TASK_WEIGHTS = {"fact": 0.27, "arithmetic": 0.2, "format": 0.19, "harmful": 0.14, "benign_lookalike": 0.14,
