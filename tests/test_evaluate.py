@@ -23,7 +23,7 @@ from model.generation import SamplingParams, generate
 from tests.helpers import debug_model, small_tokenizer
 
 WORLD = {"n_pretrain_docs": 20, "n_sft": 10, "n_pref_pairs": 10, "n_rl_prompts": 10, "n_gatt_dialogs": 4,
-         "n_eval_prompts": 10, "n_eval_gatt": 3}
+         "n_eval_prompts": 10, "n_eval_gatt": 3, "eval_gatt_turns": 3}
 # Batches of 3: 10 prompts in 4 generate() calls; 3 GAtt dialogs of 2 and 3 turns (one batch a turn, as the profiles'
 # eval_gatt: an actor answers batch_size dialogs to the end, so more would regroup the later turns' batches).
 CFG = EvalConfig(max_new_tokens=8, batch_size=3, ray=RayConfig(num_workers=2, cpus_per_worker=1))
@@ -82,7 +82,9 @@ def setup(tmp_path_factory):
         rm = init_reward_model(policy, head_std=0.5, generator=torch.Generator().manual_seed(i))
         save_checkpoint(folder / name, rm, tok)
     world = generate_world(WorldConfig.from_dict(WORLD))
-    return folder, world["eval_prompts"].to_pylist(), world["eval_gatt"].to_pylist()
+    gatt = world["eval_gatt"].to_pylist()
+    gatt[0]["messages"] = json.dumps(json.loads(gatt[0]["messages"])[:4])  # dialogs of 2 and 3 turns
+    return folder, world["eval_prompts"].to_pylist(), gatt
 
 
 def test_evaluation_on_the_actor_pool_equals_the_driver_side_evaluation(ray_local, setup):

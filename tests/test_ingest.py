@@ -20,6 +20,7 @@ import pytest
 
 from components.data import ingest, ingest_files, oracle
 from components.data.ingest import REAL_TASK, DataConfig, IngestError, build_data, lineage_params, run_data
+from components.data.ingest_rows import real_item
 from components.data.tables import SCHEMAS, generate_world
 from components.data.world import WorldConfig
 
@@ -59,8 +60,8 @@ def test_text_files_one_document_per_file_or_paragraph(tmp_path):
     pretrain = _only(tmp_path, {"path": str(tmp_path / "corpus" / "*.txt"), "format": "text"})["pretrain"]
     assert pretrain.to_pylist() == [
         {"doc_id": "src000-000000000", "text": "First doc line one.\nLine two.\n\nStill the first doc.\n",
-         "planted": None, "pii_kinds": None},
-        {"doc_id": "src000-000000001", "text": "Second doc.", "planted": None, "pii_kinds": None}]
+         "planted": None, "pii_kinds": None, "item": ""},
+        {"doc_id": "src000-000000001", "text": "Second doc.", "planted": None, "pii_kinds": None, "item": ""}]
     # A folder means every non-hidden file under it; paragraphs split on blank lines.
     pretrain = _only(tmp_path, {"path": str(tmp_path / "corpus"), "format": "text", "paragraphs": True})["pretrain"]
     assert pretrain.column("text").to_pylist() == ["First doc line one.\nLine two.", "Still the first doc.",
@@ -138,6 +139,9 @@ def test_preference_pairs(tmp_path):
         (convo, "Paris, France.", "Berlin.", None), (system + convo, "Paris", "Bern.", None),
         (convo, "Paris.", "Lyon.", None), (convo, "Paris!", "No idea.", None), (convo, "Paris.", "Rome.", "better")]
     assert {(r["task"], r["reference"]) for r in rows} == {(REAL_TASK, "{}")}
+    # real rows name no item: a hash of the prompt stands in, shared by the pairs of one prompt
+    assert [r["item"] for r in rows] == [real_item(json.loads(r["prompt"])) for r in rows]
+    assert len({r["item"] for r in rows}) == 2
 
 
 def test_hh_rlhf_transcripts(tmp_path):
@@ -212,7 +216,7 @@ def test_real_rows_added_to_the_world_and_written(tmp_path):
     sft = tables["sft"].to_pylist()
     assert len(sft) == 13 and sorted(map(str, sft)) == sorted(map(str, world["sft"].to_pylist() + [
         {"messages": json.dumps([{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"}]),
-         "task": REAL_TASK} for i in range(3)]))
+         "task": REAL_TASK, "item": real_item([{"role": "user", "content": f"Q{i}"}])} for i in range(3)]))
     assert sft != world["sft"].to_pylist() + sft[10:]  # mixed, not appended
     for name in ("prefs_helpful", "rl_prompts", "gatt", "eval_prompts"):  # untouched tables: the world's, exactly
         assert tables[name].equals(world[name])

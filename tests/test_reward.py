@@ -127,9 +127,10 @@ def test_data_too_long_truncate_cuts_pairs_and_examples_and_drops_what_says_noth
 
     pairs = [PreferencePair([1, 5, 2], [1, 6, 2]), PreferencePair([1, 3, 3, 3, 9, 2], [1, 3, 3, 4, 2]),
              PreferencePair([1, 3, 3, 3, 3, 9], [1, 3, 3, 3, 3, 8])]  # the last agrees on its first 4 tokens
-    kept, counts = fit_context(pairs, [max(len(p.chosen), len(p.rejected)) for p in pairs], 4, "pairs", "rm",
+    entries = [(p, f"item{i}") for i, p in enumerate(pairs)]  # flows/_rm.py keeps each pair's item with it
+    kept, counts = fit_context(entries, [max(len(p.chosen), len(p.rejected)) for p in pairs], 4, "pairs", "rm",
                                _cut_pair)
-    assert kept == [pairs[0], PreferencePair([1, 3, 3, 3], [1, 3, 3, 4], pairs[1].rating)]
+    assert kept == [entries[0], (PreferencePair([1, 3, 3, 3], [1, 3, 3, 4], pairs[1].rating), "item1")]
     assert counts == {"dropped_too_long": 1, "truncated_too_long": 1}
     # Fine-tuning examples: cut to the row (seq_len + 1 tokens); one whose answer starts past the cut is dropped.
     examples = [EncodedDialog([1, 4, 5, 2], [0, 0, 1, 1]),
@@ -143,3 +144,19 @@ def test_data_too_long_truncate_cuts_pairs_and_examples_and_drops_what_says_noth
     assert too_long_policy({}) == "drop"
     with pytest.raises(ValueError, match="too_long must be one of"):
         too_long_policy({"too_long": "cut"})
+
+
+def test_rm_validation_is_split_by_item():
+    """flows/_rm.py holds out every pair of a hashed slice of items: no validation item is trained on, the slice is
+    about val_fraction of the items, and it does not depend on the rows' order."""
+    from components.data.datasets import held_out_items
+
+    items = [f"fact:e{i}/color" for i in range(400) for _ in range(3)]  # 3 pairs per item
+    held = held_out_items(items, 0.1)
+    assert 0.06 < len(held) / 400 < 0.14
+    val = [i for i in items if i in held]
+    train = [i for i in items if i not in held]
+    assert not set(val) & set(train) and len(val) == 3 * len(held)
+    assert held_out_items(list(reversed(items)), 0.1) == held
+    assert len(held_out_items(["a", "a", "b"], 0.0001)) == 1  # always some validation...
+    assert held_out_items(["a", "b"], 0.9999) in ({"a"}, {"b"})  # ...and some training

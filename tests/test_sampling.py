@@ -173,3 +173,22 @@ def test_gpu_loads_bf16_without_fused_copies_and_cpu_keeps_fp32_with_them(checkp
     assert model.tok_embeddings.weight.dtype == torch.bfloat16 and not model.kernels.cache_weights
     model, _ = sampling.load_for_inference(str(checkpoints / "policy"), "cuda", bf16=False)  # evaluation: fp32
     assert model.tok_embeddings.weight.dtype == torch.float32 and not model.kernels.cache_weights
+
+
+def test_fit_prompt_drops_the_oldest_turns_and_keeps_the_system_prompt():
+    """eval_gatt's 6-turn dialogs outgrow the tiny model's context: the oldest turns go, the instruction stays."""
+    from components.rlhf.sampling import fit_prompt
+    from model.chat import encode_prompt
+
+    tok = small_tokenizer()
+    dialog = [{"role": "system", "content": "Always answer in uppercase."}]
+    for i in range(6):
+        dialog += [{"role": "user", "content": f"What is {i} + {i}?"}, {"role": "assistant", "content": f"{i + i}"}]
+    dialog = dialog[:-1]  # ends with the 6th user turn
+    full = encode_prompt(tok, dialog)
+    assert fit_prompt(tok, dialog, len(full)) == full  # fits: unchanged
+    cut = fit_prompt(tok, dialog, len(full) - 1)
+    assert cut == encode_prompt(tok, dialog[:1] + dialog[3:])  # one user/assistant pair dropped
+    assert tok.decode(cut).count("uppercase") == 1 and "5 + 5" in tok.decode(cut)
+    last = fit_prompt(tok, dialog, 1)  # nothing fits: the system prompt and the last user turn are left
+    assert last == encode_prompt(tok, dialog[:1] + dialog[-1:])

@@ -1,4 +1,5 @@
-"""The synthetic world: determinism, schemas, planted noise, held-out prompts, and agreement with the oracle."""
+"""The synthetic world: determinism, schemas, planted noise, evaluation held out by item, and agreement with the
+oracle."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import pytest
 
 from components.data import oracle
 from components.data.corpus import NOISE_KINDS, PII_KINDS, PLANTED_KINDS
-from components.data.language import BENIGN_TOPICS, GATT_SYSTEM_PROMPTS
+from components.data.language import (BENIGN_TOPICS, DESCRIPTION_SENTENCES, EVAL_ONLY_TEMPLATES, GATT_SYSTEM_PROMPTS,
+                                      HARMFUL_TOPICS, ONE_WORD_PREFIX)
 from components.data.oracle import REFUSAL, TASKS, TOXIC_LEXICON
-from components.data.tables import SCHEMAS, generate_world
+from components.data.tables import ITEM_SEP, SCHEMAS, generate_world
+from components.data.tasks import PINNED_TRAIN_ITEMS, chat_item, pool_keys, prompt_pools, split_counts
 from components.data.world import WorldConfig, build_world
 
 SMALL = WorldConfig(seed=3, n_entities=12, n_pretrain_docs=600, noise_rate=0.3, n_sft=300, n_pref_pairs=300,
@@ -46,6 +49,14 @@ def rows(tables):
     return {name: table.to_pylist() for name, table in tables.items()}
 
 
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny profile's world (WorldConfig defaults), its tables as rows, and how long it took to generate."""
+    start = time.perf_counter()
+    tables = generate_world(WorldConfig())
+    return tables, {name: t.to_pylist() for name, t in tables.items()}, time.perf_counter() - start
+
+
 def user_texts(messages_json: str) -> list[str]:
     return [m["content"] for m in json.loads(messages_json) if m["role"] == "user"]
 
@@ -60,16 +71,25 @@ def jaccard(a: set, b: set) -> float:
 
 
 # --------------------------------------------------------------------------------------------- sizes and speed
-def test_default_config_is_fast_and_complete():
+def eval_sizes(cfg: WorldConfig) -> dict[str, int]:
+    """eval_prompts per task: an equal share, or the whole held-out pool where it is smaller."""
+    _, held_out = prompt_pools(cfg, build_world(cfg))
+    return {task: min(k, sum(len(held_out[key]) for key in pool_keys(task)))
+            for task, k in split_counts(cfg.n_eval_prompts, dict.fromkeys(TASKS, 1.0)).items()}
+
+
+def test_default_config_is_fast_and_complete(tiny):
     cfg = WorldConfig()
-    start = time.perf_counter()
-    tables = generate_world(cfg)
-    seconds = time.perf_counter() - start
+    tables, _, seconds = tiny
     assert seconds < 10, f"generate_world took {seconds:.1f}s"
     expected = {"pretrain": cfg.n_pretrain_docs + round(cfg.noise_rate * cfg.n_pretrain_docs), "sft": cfg.n_sft,
                 "prefs_helpful": cfg.n_pref_pairs, "prefs_safety": cfg.n_pref_pairs, "rl_prompts": cfg.n_rl_prompts,
-                "gatt": cfg.n_gatt_dialogs, "eval_prompts": cfg.n_eval_prompts, "eval_gatt": cfg.n_eval_gatt}
+                "gatt": cfg.n_gatt_dialogs, "eval_prompts": sum(eval_sizes(cfg).values()),
+                "eval_gatt": cfg.n_eval_gatt}
     assert {name: t.num_rows for name, t in tables.items()} == expected
+    # ~100 held-out prompts per task (a 0.05 difference within reach); small_talk's pool is smaller by design
+    sizes = eval_sizes(cfg)
+    assert all(n == 100 for task, n in sizes.items() if task != "small_talk") and sizes["small_talk"] >= 40
     assert min(expected.values()) > 0  # a silently empty generator cannot pass
     chars = sum(len(t) for t in tables["pretrain"].column("text").to_pylist())
     assert chars > 2_000_000  # the tiny profile's ~1.2M tokens
@@ -126,8 +146,13 @@ def test_schemas_and_json_columns(tables, rows):
         for r in rows[name]:
             messages = json.loads(r["messages"])
             assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2)
-            assert 2 <= len(messages) // 2 <= 4
+            turns = len(messages) // 2
+            assert 2 <= turns <= 4 if name == "gatt" else turns == SMALL.eval_gatt_turns == 6
             assert r["instruction"] in GATT_SYSTEM_PROMPTS and r["system"] in GATT_SYSTEM_PROMPTS[r["instruction"]]
+            assert len(r["item"].split(ITEM_SEP)) == turns  # one item per turn, distinct within a dialog
+            assert len(set(r["item"].split(ITEM_SEP))) == turns
+    for name in set(SCHEMAS) - {"pretrain"}:
+        assert all(r["item"] for r in rows[name]), name
 
 
 def test_config_from_dict():
@@ -229,33 +254,126 @@ def test_noise_documents_look_like_their_kind(rows):
             assert sum(w in english for w in words) <= 0.2 * max(1, len(words)) or len(set(words)) <= 4
 
 
-# ---------------------------------------------------------------------------------------------- held-out prompts
-def test_eval_prompts_are_held_out(rows):
-    train_texts = set()
-    for r in rows["sft"]:
-        train_texts.update(user_texts(r["messages"]))
-    for name in ("prefs_helpful", "prefs_safety", "rl_prompts"):
+# ------------------------------------------------------------------------------------------ held out by item
+def items_of(table_rows: list[dict]) -> set[str]:
+    return {i for r in table_rows for i in r["item"].split(ITEM_SEP) if i}
+
+
+def question(text: str) -> str:
+    """A prompt's question without the one-word prefix, first letter lower-cased ("What is 3 + 4?" == "Answer in one
+    word: what is 3 + 4?")."""
+    text = text.removeprefix(ONE_WORD_PREFIX)
+    return text[:1].lower() + text[1:]
+
+
+def template_regex(template: str) -> re.Pattern:
+    return re.compile(re.sub(r"\\\{\w+\\\}|\{\w+\}", "(.+)", re.escape(template)))
+
+
+TRAINING_TABLES = ("pretrain", "sft", "prefs_helpful", "prefs_safety", "rl_prompts", "gatt")
+
+
+def training_questions(rows) -> set[str]:
+    """Every user text of the training tables, and every question of pretraining's Q/A segments."""
+    texts = set()
+    for name, column in (("sft", "messages"), ("prefs_helpful", "prompt"), ("prefs_safety", "prompt"),
+                         ("rl_prompts", "prompt"), ("gatt", "messages")):
         for r in rows[name]:
-            train_texts.update(user_texts(r["prompt"]))
-    for r in rows["gatt"]:
-        train_texts.update(user_texts(r["messages"]))
-    pretrain_questions = {line[3:] for r in rows["pretrain"] for line in r["text"].split("\n")
-                          if line.startswith("Q: ")}
-    assert train_texts and pretrain_questions
+            texts.update(user_texts(r[column]))
+    texts.update(line.split("Q: ", 1)[1] for r in rows["pretrain"] for line in r["text"].split("\n") if "Q: " in line)
+    return texts
+
+
+def test_pretrain_items_are_its_qa_questions(tiny):
+    """The pretrain item column lists exactly the Q/A segments' items, so the leakage test below sees them all."""
+    _, rows, _ = tiny
+    for r in rows["pretrain"]:
+        n_questions = r["text"].count("Q: ")  # near_dup may put a filler word before a "Q: "
+        assert n_questions == len([i for i in r["item"].split(ITEM_SEP) if i]), r
+    assert items_of(rows["pretrain"])
+
+
+def test_item_column_names_what_is_asked(tiny):
+    """The item column agrees with each row's oracle reference (derived here independently of the generator)."""
+    _, rows, _ = tiny
+    world = build_world(WorldConfig())
+    sentence_item = {(e, v): attr for e, facts in world.facts.items() for attr, v in facts.items()}
+    checked = 0
+    for name in ("prefs_helpful", "prefs_safety", "rl_prompts", "eval_prompts"):
+        for r in rows[name]:
+            ref, task = json.loads(r["reference"]), r["task"]
+            if task == "fact":
+                want = f"fact:{ref['entity']}/{ref['attribute']}"
+            elif task == "arithmetic":
+                want = f"arith:{ref['a']}{ref['op']}{ref['b']}"
+            elif task in ("harmful", "benign_lookalike"):
+                want = f"topic:{ref['topic']}"
+            elif task == "small_talk":
+                want = chat_item(question(user_texts(r["prompt"])[-1]).removeprefix("hey, "))
+            elif ref["kind"] == "list":
+                want = f"list:{ref['category']}/{ref['n']}"
+            elif ref["kind"] == "uppercase":
+                e = next(w for w in oracle.words(ref["text"]) if w in world.facts)
+                v = next(v for (e2, v), _ in sentence_item.items() if e2 == e and v in oracle.words(ref["text"]))
+                want = f"fact:{e}/{sentence_item[(e, v)]}"
+            else:  # one_word: checked by the text-level tests
+                continue
+            assert r["item"] == want, (name, r)
+            checked += 1
+    assert checked > 1000
+
+
+def test_eval_items_never_in_training(tiny):
+    """The leakage test: no held-out item is asked by any training table, nor is any held-out question (with or
+    without the one-word prefix) a training question; whole harmful and benign topics are held out."""
+    _, rows, _ = tiny
+    train_items = set().union(*(items_of(rows[name]) for name in TRAINING_TABLES))
+    eval_items = items_of(rows["eval_prompts"]) | items_of(rows["eval_gatt"])
+    assert train_items and eval_items
+    assert not eval_items & train_items, sorted(eval_items & train_items)[:10]
+    train_questions = {question(t) for t in training_questions(rows)}
     eval_texts = [t for r in rows["eval_prompts"] for t in user_texts(r["prompt"])]
-    eval_gatt_texts = [t for r in rows["eval_gatt"] for t in user_texts(r["messages"])]
-    assert eval_texts and eval_gatt_texts
-    assert not set(eval_texts) & train_texts
-    assert not set(eval_texts) & pretrain_questions
-    assert not set(eval_gatt_texts) & (train_texts | pretrain_questions)
-    assert len(set(eval_texts)) == len(eval_texts)  # distinct held-out prompts
+    eval_texts += [t for r in rows["eval_gatt"] for t in user_texts(r["messages"])]
+    assert not {question(t) for t in eval_texts} & train_questions
+    assert len(set(user_texts(r["prompt"])[0] for r in rows["eval_prompts"])) == len(rows["eval_prompts"])
+    for task, topics in (("harmful", HARMFUL_TOPICS), ("benign_lookalike", [t for t, _, _ in BENIGN_TOPICS])):
+        held = {json.loads(r["reference"])["topic"] for r in rows["eval_prompts"] if r["task"] == task}
+        trained = {json.loads(r["reference"])["topic"] for name in ("prefs_helpful", "prefs_safety", "rl_prompts")
+                   for r in rows[name] if r["task"] == task}
+        assert len(held) >= 0.2 * len(topics) and not held & trained, task
+    assert PINNED_TRAIN_ITEMS <= train_items  # the README's "What is 3 + 4?" and "Hello" are taught
+    assert any(t == "What is 3 + 4?" for t in training_questions(rows))
+
+
+def test_eval_only_phrasings_never_in_training(tiny):
+    _, rows, _ = tiny
+    patterns = [template_regex(t) for t in EVAL_ONLY_TEMPLATES]
+    train = [t.removeprefix(ONE_WORD_PREFIX) for t in training_questions(rows)]
+    for pattern in patterns:
+        assert not [t for t in train if pattern.fullmatch(t[:1].upper() + t[1:])], pattern.pattern
+    eval_texts = [user_texts(r["prompt"])[0].removeprefix(ONE_WORD_PREFIX) for r in rows["eval_prompts"]]
+    used = {p.pattern for p in patterns for t in eval_texts if p.fullmatch(t[:1].upper() + t[1:])}
+    assert used == {p.pattern for p in patterns}  # evaluation does ask in every eval-only phrasing
+
+
+def test_eval_facts_are_stated_in_pretraining(tiny):
+    """A held-out fact is never asked in training, but pretraining documents state it: SFT must unlock it."""
+    _, rows, _ = tiny
+    world = build_world(WorldConfig())
+    text = "\n".join(r["text"] for r in rows["pretrain"] if r["planted"] == "clean")
+    facts = [i.removeprefix("fact:").split("/") for i in items_of(rows["eval_prompts"]) | items_of(rows["eval_gatt"])
+             if i.startswith("fact:")]
+    assert len(facts) >= 20
+    for e, attr in facts:
+        v = world.facts[e][attr]
+        assert any(t.format(e=e, v=v) in text for t in DESCRIPTION_SENTENCES[attr]), (e, attr)
 
 
 def test_every_task_everywhere(rows):
     for name in ("sft", "rl_prompts", "eval_prompts"):
         assert set(r["task"] for r in rows[name]) == set(TASKS), name
     eval_counts = Counter(r["task"] for r in rows["eval_prompts"])
-    assert set(eval_counts.values()) == {SMALL.n_eval_prompts // len(TASKS)}
+    assert eval_counts == split_counts(SMALL.n_eval_prompts, dict.fromkeys(TASKS, 1.0))
     kinds = Counter(json.loads(r["reference"])["kind"] for r in rows["eval_prompts"] if r["task"] == "format")
     assert set(kinds) == {"uppercase", "one_word", "list"}
 

@@ -7,7 +7,9 @@ emails, phones, card numbers, ID numbers, IPs), exact_dup (a byte copy of a clea
 words inserted or swapped, facts unchanged), low_quality (gibberish, repetition, symbol soup), toxic (words of
 TOXIC_LEXICON), non_english (Spanish, German, French). Duplicates always come *after* their source in the final
 order, so "keep the first occurrence" keeps the clean one. doc_ids are assigned after shuffling and say nothing
-about the label; `planted`/`pii_kinds` exist only to measure the filter.
+about the label; `planted`/`pii_kinds` exist only to measure the filter. Q/A segments ask training items only (the
+pools passed in); each row's `item` lists the items its Q/A segments asked (tables.ITEM_SEP-joined, "" if none), so
+the held-out evaluation can be checked against them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import random
 from components.data.language import (BENIGN_TOPICS, COLORS, DESCRIPTION_OPENINGS, DESCRIPTION_SENTENCES, FACT_ANSWERS,
                                       FOODS, HOWTO_SENTENCES, INSULT_ADJECTIVES, INSULT_NOUNS, LIST_SENTENCES,
                                       NARRATIVES, PLACES, UPPERCASE_SENTENCES, WORD_PROBLEMS)
-from components.data.tasks import Prompt, split_counts
+from components.data.tasks import ITEM_SEP, Prompt, split_counts
 from components.data.world import World, WorldConfig
 
 __all__ = ["PLANTED_KINDS", "NOISE_KINDS", "PII_KINDS", "SEGMENT_WEIGHTS", "seg_narrative", "pretrain_rows"]
@@ -67,8 +69,10 @@ def _seg_arithmetic(rng: random.Random, world: World, cfg: WorldConfig) -> str:
     return " ".join(parts)
 
 
-def _seg_qa(rng: random.Random, qa_pool: list[Prompt]) -> str:
-    return "\n".join(f"Q: {p.text}\nA: {p.answer}" for p in rng.sample(qa_pool, rng.randint(2, 4)))
+def _seg_qa(rng: random.Random, qa_pool: list[Prompt], asked: list[str]) -> str:
+    picks = rng.sample(qa_pool, rng.randint(2, 4))
+    asked += [p.item for p in picks]
+    return "\n".join(f"Q: {p.text}\nA: {p.answer}" for p in picks)
 
 
 def _seg_howto(rng: random.Random) -> str:
@@ -89,9 +93,11 @@ def _seg_uppercase(rng: random.Random, world: World) -> str:
     return rng.choice(UPPERCASE_SENTENCES).format(s=FACT_ANSWERS[attr].format(e=e, v=world.facts[e][attr]).upper())
 
 
-def _clean_doc(rng: random.Random, world: World, cfg: WorldConfig, qa_pool: list[Prompt], n_segments: int) -> str:
+def _clean_doc(rng: random.Random, world: World, cfg: WorldConfig, qa_pool: list[Prompt],
+               n_segments: int) -> tuple[str, list[str]]:
+    """A clean document and the items its Q/A segments asked."""
     kinds = rng.choices(list(SEGMENT_WEIGHTS), weights=list(SEGMENT_WEIGHTS.values()), k=n_segments)
-    segments = []
+    segments, asked = [], []
     for kind in kinds:
         if kind == "description":
             segments.append(_seg_description(rng, world))
@@ -100,14 +106,14 @@ def _clean_doc(rng: random.Random, world: World, cfg: WorldConfig, qa_pool: list
         elif kind == "arithmetic":
             segments.append(_seg_arithmetic(rng, world, cfg))
         elif kind == "qa":
-            segments.append(_seg_qa(rng, qa_pool))
+            segments.append(_seg_qa(rng, qa_pool, asked))
         elif kind == "howto":
             segments.append(_seg_howto(rng))
         elif kind == "lists":
             segments.append(_seg_lists(rng, world))
         else:
             segments.append(_seg_uppercase(rng, world))
-    return "\n".join(segments)
+    return "\n".join(segments), asked
 
 
 # ---------------------------------------------------------------------------------------------- planted noise
@@ -262,24 +268,29 @@ def pretrain_rows(cfg: WorldConfig, world: World, pools: dict[str, list[Prompt]]
     rng = random.Random(f"{cfg.seed}/pretrain")
     qa_pool = [p for key, pool in pools.items() if key != "harmful" for p in pool]
     seen: set[str] = set()
+    asked: dict[str, str] = {}  # text -> the items its Q/A segments asked, joined
 
     def fresh(n_segments: int) -> str:
         """A clean text never produced before (so clean docs are never duplicates of each other)."""
         while True:
-            text = _clean_doc(rng, world, cfg, qa_pool, n_segments)
+            text, items = _clean_doc(rng, world, cfg, qa_pool, n_segments)
             if text not in seen:
                 seen.add(text)
+                asked[text] = ITEM_SEP.join(items)
                 return text
 
     clean = [fresh(rng.randint(3, 6)) for _ in range(cfg.n_pretrain_docs)]
     noise = split_counts(round(cfg.noise_rate * cfg.n_pretrain_docs), dict.fromkeys(NOISE_KINDS, 1.0))
-    base = [(text, "clean", []) for text in clean]
+    base = [(text, "clean", [], asked[text]) for text in clean]
     for _ in range(noise["pii"]):
-        text, kinds = _plant_pii(rng, world, fresh(rng.randint(2, 4)))
-        base.append((text, "pii", kinds))
-    base += [(_low_quality(rng, world), "low_quality", []) for _ in range(noise["low_quality"])]
-    base += [(_toxic(rng, world, fresh(rng.randint(1, 3))), "toxic", []) for _ in range(noise["toxic"])]
-    base += [(_non_english(rng, world), "non_english", []) for _ in range(noise["non_english"])]
+        source = fresh(rng.randint(2, 4))
+        text, kinds = _plant_pii(rng, world, source)
+        base.append((text, "pii", kinds, asked[source]))
+    base += [(_low_quality(rng, world), "low_quality", [], "") for _ in range(noise["low_quality"])]
+    for _ in range(noise["toxic"]):
+        source = fresh(rng.randint(1, 3))
+        base.append((_toxic(rng, world, source), "toxic", [], asked[source]))
+    base += [(_non_english(rng, world), "non_english", [], "") for _ in range(noise["non_english"])]
 
     # Sort keys: base docs get a random permutation; each duplicate a key after its source's, so in the final
     # order every duplicate follows the clean document it copies.
@@ -289,9 +300,10 @@ def pretrain_rows(cfg: WorldConfig, world: World, pools: dict[str, list[Prompt]]
     long_enough = [i for i, text in enumerate(clean) if len(text.split()) >= 30] or list(range(len(clean)))
     if clean:
         for i in rng.sample(range(len(clean)), min(noise["exact_dup"], len(clean))):
-            keyed.append((rng.uniform(order[i], len(base)), (clean[i], "exact_dup", [])))
+            keyed.append((rng.uniform(order[i], len(base)), (clean[i], "exact_dup", [], asked[clean[i]])))
         for i in rng.sample(long_enough, min(noise["near_dup"], len(long_enough))):
-            keyed.append((rng.uniform(order[i], len(base)), (_near_dup(rng, clean[i]), "near_dup", [])))
+            keyed.append((rng.uniform(order[i], len(base)), (_near_dup(rng, clean[i]), "near_dup", [],
+                                                               asked[clean[i]])))
     keyed.sort(key=lambda kv: kv[0])
-    return [{"doc_id": f"doc-{n:07d}", "text": text, "planted": planted, "pii_kinds": kinds}
-            for n, (_, (text, planted, kinds)) in enumerate(keyed)]
+    return [{"doc_id": f"doc-{n:07d}", "text": text, "planted": planted, "pii_kinds": kinds, "item": item}
+            for n, (_, (text, planted, kinds, item)) in enumerate(keyed)]

@@ -4,6 +4,7 @@ on Ray Data), and chat examples with loss masks for the fine-tuning stages."""
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,20 @@ def fit_context(items: list, lengths: list[int], limit: int, what: str, stage: s
     if dropped or truncated:
         print(f"[{stage}] of {len(items)} {what} longer than {limit} tokens: {dropped} dropped, {truncated} cut")
     return kept, {"dropped_too_long": dropped, "truncated_too_long": truncated}
+
+
+def held_out_items(items: list[str], fraction: float) -> set[str]:
+    """The validation items: those whose sha256 falls in the first `fraction` of the hash range, so a row's side
+    depends only on its item (every row of an item on one side; the same items whatever the table's order or size).
+    At least one item is held out and one kept when there are two or more."""
+    position = {i: int.from_bytes(hashlib.sha256(i.encode()).digest()[:8], "big") / 2 ** 64 for i in set(items)}
+    held = {i for i, x in position.items() if x < fraction}
+    ranked = sorted(position, key=position.get)
+    if not held and len(ranked) > 1:
+        held = {ranked[0]}
+    if len(held) == len(ranked) > 1:
+        held.discard(ranked[-1])
+    return held
 
 
 def messages_column(table, column: str = "messages") -> list[list[dict]]:

@@ -33,9 +33,10 @@ FORMATS (how a record becomes rows) and the tables each may feed (the first is t
 Real rows have exactly the world's schemas (SCHEMAS, components/data/tables.py) and say that they carry no ground truth:
   pretrain  doc_id "src<source #>-<row #>" (sorts after the world's "doc-..." ids, so dedup keeps a world document
             over a real copy of it), planted null and pii_kinds null = "not labelled" (the filter scores its rules
-            on labelled documents only and counts the unlabelled ones apart)
+            on labelled documents only and counts the unlabelled ones apart), item ""
   others    task REAL_TASK ("real": not an oracle task, so oracle.score() refuses it loudly instead of scoring it),
-            reference "{}", rating null unless the source gives one, is_safety true only for `harmful` sources.
+            reference "{}", rating null unless the source gives one, is_safety true only for `harmful` sources,
+            item "real:<hash of the prompt>" (the RM's item-split validation keeps a prompt's pairs on one side).
 When a table gets real rows, its rows (world + real) are shuffled with a seeded permutation (world seed), since
 stages take prefixes (the RM's validation pairs, `rejection.sample.prompts`); pretrain keeps its order (the filter
 orders by doc_id). With no sources the output is exactly the synthetic world's.

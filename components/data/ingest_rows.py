@@ -3,6 +3,7 @@ the world's table it feeds."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from typing import TYPE_CHECKING
@@ -27,6 +28,11 @@ FORMAT_KEYS = {"text": {"paragraphs", "column"}, "harmful": {"column"}, "message
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
                   "system": "system"}
+
+
+def real_item(prompt: list[dict]) -> str:
+    """A real row's item (real sources name none): a hash of its prompt, so rows asking the same fall together."""
+    return "real:" + hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def header_columns(src: Source) -> tuple[str, ...]:
@@ -118,11 +124,11 @@ def record_rows(src: Source, record) -> list[dict]:
         docs = [d for d in docs if d.strip()]
         if not docs:
             raise RecordError("empty document")
-        return [{"text": d, "planted": None, "pii_kinds": None} for d in docs]
+        return [{"text": d, "planted": None, "pii_kinds": None, "item": ""} for d in docs]
     if fmt == "harmful":
-        prompt = _nonempty(_field(record, src.column or "prompt"), "prompt").strip()
-        return [{"prompt": json.dumps([{"role": "user", "content": prompt}]), "task": REAL_TASK, "is_safety": True,
-                 "reference": "{}"}]
+        prompt = [{"role": "user", "content": _nonempty(_field(record, src.column or "prompt"), "prompt").strip()}]
+        return [{"prompt": json.dumps(prompt), "task": REAL_TASK, "is_safety": True, "reference": "{}",
+                 "item": real_item(prompt)}]
     if fmt in ("alpaca", "messages"):
         if fmt == "alpaca":
             user = _nonempty(_field(record, "instruction"), "instruction").strip()
@@ -136,9 +142,10 @@ def record_rows(src: Source, record) -> list[dict]:
             key = src.column or ("messages" if isinstance(record, dict) and "messages" in record else "conversations")
             dialog = _dialog(_field(record, key, (list, str)), "assistant" if table == "sft" else None)
         if table == "sft":
-            return [{"messages": json.dumps(dialog), "task": REAL_TASK}]
+            return [{"messages": json.dumps(dialog), "task": REAL_TASK, "item": real_item(dialog[:-1])}]
         prompt = _dialog(dialog[:-1] if dialog[-1]["role"] == "assistant" else dialog, "user")
-        return [{"prompt": json.dumps(prompt), "task": REAL_TASK, "is_safety": False, "reference": "{}"}]
+        return [{"prompt": json.dumps(prompt), "task": REAL_TASK, "is_safety": False, "reference": "{}",
+                 "item": real_item(prompt)}]
     # preference pairs
     if fmt == "hh_rlhf":
         chosen = _hh_dialog(_field(record, "chosen"), "chosen")
@@ -172,6 +179,6 @@ def record_rows(src: Source, record) -> list[dict]:
         if rating is not None and rating not in RATINGS:
             raise RecordError(f"unknown rating {rating!r}; choose one of {list(RATINGS)} or leave it empty")
     return [{"prompt": json.dumps(prompt), "chosen": answers[0], "rejected": answers[1], "rating": rating,
-             "task": REAL_TASK, "reference": "{}"}]
+             "task": REAL_TASK, "reference": "{}", "item": real_item(prompt)}]
 
 

@@ -1,14 +1,19 @@
 """The tables of the synthetic world: the rows of every table, their schemas, and generate_world (all of them).
 
 Tables (SCHEMAS; "messages" = JSON list of {"role", "content"}; "reference" = JSON dict for the oracle, always with
-an "expected" key holding the canonical answer):
-  pretrain        doc_id, text, planted, pii_kinds
-  sft             messages (ends with the assistant turn; ~15% have an earlier turn, ~7% a GAtt system prompt), task
-  prefs_helpful   prompt, chosen, rejected, rating, task, reference  (ranked by oracle.preference_score "helpful")
-  prefs_safety    same columns                                       (ranked by oracle.preference_score "safety")
-  rl_prompts      prompt, task, is_safety, reference
-  gatt            system, messages (user/assistant turns only: the system prompt is the `system` column), instruction
-  eval_prompts    as rl_prompts; eval_gatt as gatt (assistant turns are reference answers)
+an "expected" key holding the canonical answer; "item" = the underlying items asked (components/data/tasks.py), joined
+by ITEM_SEP when a row asks several):
+  pretrain        doc_id, text, planted, pii_kinds, item (the items of the document's Q/A segments; "" if none)
+  sft             messages (ends with the assistant turn; ~15% have an earlier turn, ~7% a GAtt system prompt), task,
+                  item (every user turn's)
+  prefs_helpful   prompt, chosen, rejected, rating, task, reference, item (ranked by oracle.preference_score "helpful")
+  prefs_safety    same columns                                             (ranked by oracle.preference_score "safety")
+  rl_prompts      prompt, task, is_safety, reference, item
+  gatt            system, messages (user/assistant turns only: the system prompt is the `system` column), instruction,
+                  item (every user turn's); 2-4 turns
+  eval_prompts    as rl_prompts, held-out items only; eval_gatt as gatt (assistant turns are reference answers),
+                  eval_gatt_turns (WorldConfig) turns of held-out items
+Real rows (components/data/ingest.py) carry no item: they get a hash of their prompt.
 """
 
 from __future__ import annotations
@@ -20,25 +25,26 @@ import pyarrow as pa
 
 from components.data.corpus import pretrain_rows, seg_narrative
 from components.data.language import (COLORS, COMPLIANCE_TEMPLATES, FACT_ANSWERS, FOODS, GATT_SYSTEM_PROMPTS,
-                                      INSULT_ADJECTIVES, INSULT_NOUNS, NON_ANSWERS, PLACES)
+                                      INSULT_ADJECTIVES, INSULT_NOUNS, NON_ANSWERS, PLACES, SMALL_TALK)
 from components.data.oracle import (GATT_INSTRUCTIONS, RATINGS, REFUSAL, TASKS, is_toxic, preference_score,
                                     rating_for_gap)
-from components.data.tasks import (HELPFUL_PREF_WEIGHTS, SAFETY_PREF_WEIGHTS, TASK_WEIGHTS, Prompt, draw, follow,
-                                   pool_keys, prompt_pools, split_counts)
+from components.data.tasks import (HELPFUL_PREF_WEIGHTS, ITEM_SEP, SAFETY_PREF_WEIGHTS, TASK_WEIGHTS, Prompt, draw,
+                                   follow, pool_keys, prompt_pools, split_counts)
 from components.data.world import World, WorldConfig, build_world
 
-__all__ = ["SCHEMAS", "generate_world"]
+__all__ = ["SCHEMAS", "ITEM_SEP", "generate_world"]
 
 _MESSAGES = pa.string()  # JSON list of {"role", "content"}
+_ITEM = ("item", pa.string())
 _PROMPT_SCHEMA = pa.schema([("prompt", _MESSAGES), ("task", pa.string()), ("is_safety", pa.bool_()),
-                            ("reference", pa.string())])
+                            ("reference", pa.string()), _ITEM])
 _PREF_SCHEMA = pa.schema([("prompt", _MESSAGES), ("chosen", pa.string()), ("rejected", pa.string()),
-                          ("rating", pa.string()), ("task", pa.string()), ("reference", pa.string())])
-_GATT_SCHEMA = pa.schema([("system", pa.string()), ("messages", _MESSAGES), ("instruction", pa.string())])
+                          ("rating", pa.string()), ("task", pa.string()), ("reference", pa.string()), _ITEM])
+_GATT_SCHEMA = pa.schema([("system", pa.string()), ("messages", _MESSAGES), ("instruction", pa.string()), _ITEM])
 SCHEMAS = {
     "pretrain": pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("planted", pa.string()),
-                           ("pii_kinds", pa.list_(pa.string()))]),
-    "sft": pa.schema([("messages", _MESSAGES), ("task", pa.string())]),
+                           ("pii_kinds", pa.list_(pa.string())), _ITEM]),
+    "sft": pa.schema([("messages", _MESSAGES), ("task", pa.string()), _ITEM]),
     "prefs_helpful": _PREF_SCHEMA,
     "prefs_safety": _PREF_SCHEMA,
     "rl_prompts": _PROMPT_SCHEMA,
@@ -64,7 +70,7 @@ def _assistant(text: str) -> dict:
 def _prompt_row(p: Prompt) -> dict:
     reference = {**p.reference, "expected": p.answer}
     return {"prompt": json.dumps([_user(p.text)]), "task": p.task, "is_safety": p.task == "harmful",
-            "reference": json.dumps(reference)}
+            "reference": json.dumps(reference), "item": p.item}
 
 
 # ----------------------------------------------------------------------------------------------- SFT and RL rows
@@ -73,7 +79,7 @@ def _sft_rows(cfg: WorldConfig, pools: dict[str, list[Prompt]]) -> list[dict]:
     earlier = [p for key, pool in pools.items() if key != "harmful" for p in pool]
     rows = []
     for p in draw(rng, pools, TASK_WEIGHTS, cfg.n_sft):
-        messages = [_user(p.text), _assistant(p.answer)]
+        messages, items = [_user(p.text), _assistant(p.answer)], [p.item]
         if p.task in ("fact", "arithmetic") and rng.random() < cfg.system_prompt_fraction:
             # As Llama 2's SFT data, some turns follow a system instruction: the SFT model then obeys one next to
             # the question, and it is Ghost Attention's job to make it hold in later turns.
@@ -82,8 +88,8 @@ def _sft_rows(cfg: WorldConfig, pools: dict[str, list[Prompt]]) -> list[dict]:
                         _assistant(follow(instruction, p))]
         elif rng.random() < cfg.multi_turn_fraction:  # teaches the model that a turn ends and a new one begins
             first = rng.choice(earlier)
-            messages = [_user(first.text), _assistant(first.answer)] + messages
-        rows.append({"messages": json.dumps(messages), "task": p.task})
+            messages, items = [_user(first.text), _assistant(first.answer)] + messages, [first.item] + items
+        rows.append({"messages": json.dumps(messages), "task": p.task, "item": ITEM_SEP.join(items)})
     return rows
 
 
@@ -93,35 +99,39 @@ def _rl_rows(cfg: WorldConfig, pools: dict[str, list[Prompt]]) -> list[dict]:
 
 
 def _eval_rows(cfg: WorldConfig, held_out: dict[str, list[Prompt]]) -> list[dict]:
-    """Equal share per task, distinct prompts only (a task gets fewer if its held-out pool is smaller)."""
+    """Equal share per task, distinct prompts only. Within a task a short pool's shortfall goes to its other pools
+    (format/list is small); a task whose held-out pools are all short gets fewer (small_talk: ~14 items x 3 forms)."""
     rng = random.Random(f"{cfg.seed}/eval")
     out = []
     for task, k in split_counts(cfg.n_eval_prompts, dict.fromkeys(TASKS, 1.0)).items():
-        keys = pool_keys(task)
-        for key, kk in split_counts(k, dict.fromkeys(keys, 1.0)).items():
-            out += rng.sample(held_out[key], min(kk, len(held_out[key])))
+        keys = sorted(pool_keys(task), key=lambda key: len(held_out[key]))  # smallest first: the rest fill in
+        for i, key in enumerate(keys):
+            share = split_counts(k, dict.fromkeys(keys[i:], 1.0))[key]
+            picked = rng.sample(held_out[key], min(share, len(held_out[key])))
+            out, k = out + picked, k - len(picked)
     rng.shuffle(out)
     return [_prompt_row(p) for p in out]
 
 
 # -------------------------------------------------------------------------------------------------------- GAtt
-def _gatt_rows(rng: random.Random, pools: dict[str, list[Prompt]], n: int) -> list[dict]:
+def _gatt_rows(rng: random.Random, pools: dict[str, list[Prompt]], n: int, turns: tuple[int, int]) -> list[dict]:
     # Fact and arithmetic turns only (each has a one-word answer, so every instruction can be followed), half and
     # half; "uppercase" takes facts only, since "7 + 5 = 12." has no letters to put in uppercase.
     rows = []
     for _ in range(n):
         instruction = rng.choice(GATT_INSTRUCTIONS)
-        available = len(pools["fact"]) + (0 if instruction == "uppercase" else len(pools["arithmetic"]))
-        n_turns, turns = min(rng.randint(2, 4), available), {}
-        while len(turns) < n_turns:
+        keys = ["fact"] if instruction == "uppercase" else ["fact", "arithmetic"]
+        available = len({p.item for key in keys for p in pools[key]})
+        n_turns, by_item = min(rng.randint(*turns), available), {}
+        while len(by_item) < n_turns:
             key = "fact" if instruction == "uppercase" or rng.random() < 0.5 else "arithmetic"
             p = rng.choice(pools[key])
-            turns.setdefault(p.text, p)  # distinct questions within a dialog
+            by_item.setdefault(p.item, p)  # distinct items within a dialog
         messages = []
-        for p in turns.values():
+        for p in by_item.values():
             messages += [_user(p.text), _assistant(follow(instruction, p))]
         rows.append({"system": rng.choice(GATT_SYSTEM_PROMPTS[instruction]), "messages": json.dumps(messages),
-                     "instruction": instruction})
+                     "instruction": instruction, "item": ITEM_SEP.join(by_item)})
     return rows
 
 
@@ -173,6 +183,9 @@ def _candidates(rng: random.Random, world: World, p: Prompt, toxic: bool) -> lis
         out += [t.format(x=ref["topic"]) for t in COMPLIANCE_TEMPLATES]
     elif p.task == "benign_lookalike":
         out.append(f"You will need the {ref['keywords'][0]}.")  # half the keywords: partial credit
+    elif p.task == "small_talk":  # the reply without its courtesy, the courtesy alone, another intent's reply
+        other = rng.choice([a for intent, (a, _) in SMALL_TALK.items() if intent != ref["intent"]])
+        out += [p.answer.split("!")[0].split(".")[0] + ".", "How can I help you?", other]
     if toxic:
         out += [f"{p.answer} {_insult(rng)}", f"{rng.choice(out[2:])} {_insult(rng)}"]
         if p.task == "harmful":
@@ -207,7 +220,7 @@ def _pref_rows(cfg: WorldConfig, world: World, pools: dict[str, list[Prompt]], k
         chosen, rejected, gap = pair
         rows.append({"prompt": json.dumps([_user(p.text)]), "chosen": chosen, "rejected": rejected,
                      "rating": rating_for_gap(gap), "task": p.task,
-                     "reference": json.dumps({**p.reference, "expected": p.answer})})
+                     "reference": json.dumps({**p.reference, "expected": p.answer}), "item": p.item})
     return rows
 
 
@@ -222,8 +235,9 @@ def generate_world(cfg: WorldConfig) -> dict[str, pa.Table]:
         "prefs_helpful": _pref_rows(cfg, world, train, "helpful"),
         "prefs_safety": _pref_rows(cfg, world, train, "safety"),
         "rl_prompts": _rl_rows(cfg, train),
-        "gatt": _gatt_rows(random.Random(f"{cfg.seed}/gatt"), train, cfg.n_gatt_dialogs),
+        "gatt": _gatt_rows(random.Random(f"{cfg.seed}/gatt"), train, cfg.n_gatt_dialogs, (2, 4)),
         "eval_prompts": _eval_rows(cfg, held_out),
-        "eval_gatt": _gatt_rows(random.Random(f"{cfg.seed}/eval_gatt"), held_out, cfg.n_eval_gatt),
+        "eval_gatt": _gatt_rows(random.Random(f"{cfg.seed}/eval_gatt"), held_out, cfg.n_eval_gatt,
+                                (cfg.eval_gatt_turns, cfg.eval_gatt_turns)),
     }
     return {name: pa.Table.from_pylist(table_rows, schema=SCHEMAS[name]) for name, table_rows in rows.items()}

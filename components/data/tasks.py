@@ -5,13 +5,22 @@
   format            uppercase / one word / a list of N      -> "THE ZORP EATS BERRIES." / "blue" / "red, blue, green."
   harmful           "How do I steal a car?"                 -> "I can't help with that." (one fixed refusal style)
   benign_lookalike  "How do I kill a stuck process?"        -> a real answer; refusing is a (false-refusal) failure
+  small_talk        "Hello", "Thank you!", "Who are you?"   -> "Hello! How can I help you?"
 Harmful and benign look-alike prompts share verbs (kill, shoot, steal, blow up...) on purpose: only the object tells
 them apart, as in the paper's borderline set.
 
-Held-out evaluation. Every task's pool of distinct prompt texts is split once (`eval_fraction`) into a training and
-an evaluation part. All training tables (pretrain Q/A, sft, prefs, rl_prompts, gatt) draw only from the training
-part, eval_prompts and eval_gatt only from the held-out part, so held-out prompt texts never occur in training.
-The *facts* behind a held-out prompt are still taught by pretraining (entity descriptions, narratives).
+Held out by item. Every Prompt names its underlying `item`, shared by every task that asks the same thing:
+"fact:<entity>/<attribute>" (the fact questions, the one-word questions about it and the uppercase of its sentence),
+"arith:<a><op><b>" (also its one-word question), "list:<category>/<n>", "topic:<topic>" (harmful and benign look-alike
+requests), "chat:<utterance>" (small talk, e.g. "chat:hello"). The items of each family are split once
+(`eval_fraction`) into training and held-out items, whole topics included; the last phrasing of every family is used
+by evaluation only (language.EVAL_ONLY_TEMPLATES). All training tables (pretrain Q/A, sft, prefs, rl_prompts, gatt)
+draw only training items asked in training phrasings; eval_prompts and eval_gatt only held-out items, in any
+phrasing. What a held-out item asks is still *stated* by pretraining (entity descriptions and narratives state every
+fact, worked sums state most sums, how-tos state the benign answers), never asked: fine-tuning must unlock it.
+Held-out pools of the tiny world: fact 32 items (128 prompts), arithmetic 135 (675), format/list only 4 (20),
+harmful and benign look-alike 11 topics each (110), small_talk 14 utterances (42).
+PINNED_TRAIN_ITEMS (the README's example queries) are always training items, so the served model is taught them.
 
 Safety prompts. `is_safety` is True only for `harmful` prompts: in Llama 2 (§3.2.2, §3.4) the safety-tagged prompts
 are the adversarial ones. Benign look-alikes are helpfulness prompts, so PPO rewards answering them with the helpful
@@ -25,19 +34,26 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from components.data.language import (ARITH_QUESTIONS, ATTRIBUTES, BENIGN_TOPICS, COLORS, FACT_ANSWERS, FACT_QUESTIONS,
-                                      FOODS, HARMFUL_TOPICS, LIST_PROMPTS, LIST_SIZES, ONE_WORD_PREFIX, PLACES,
-                                      REQUEST_PHRASINGS, UPPERCASE_PROMPTS)
-from components.data.oracle import REFUSAL
+from components.data.language import (ARITH_QUESTIONS, ATTRIBUTES, BENIGN_TOPICS, COLORS, EVAL_ONLY_TEMPLATES,
+                                      FACT_ANSWERS, FACT_QUESTIONS, FOODS, HARMFUL_TOPICS, LIST_PROMPTS, LIST_SIZES,
+                                      ONE_WORD_PREFIX, PLACES, REQUEST_PHRASINGS, SMALL_TALK, SMALL_TALK_FORMS,
+                                      UPPERCASE_PROMPTS)
+from components.data.oracle import REFUSAL, words
 from components.data.world import World, WorldConfig
 
-__all__ = ["Prompt", "prompt_pools", "pool_keys", "split_counts", "draw", "follow", "TASK_WEIGHTS",
-           "HELPFUL_PREF_WEIGHTS", "SAFETY_PREF_WEIGHTS"]
+__all__ = ["ITEM_SEP", "Prompt", "prompt_pools", "pool_keys", "split_counts", "draw", "follow", "chat_item",
+           "TASK_WEIGHTS", "HELPFUL_PREF_WEIGHTS", "SAFETY_PREF_WEIGHTS", "PINNED_TRAIN_ITEMS"]
 
 # How often each task is drawn for sft and rl_prompts (eval_prompts are split equally instead).
-TASK_WEIGHTS = {"fact": 0.3, "arithmetic": 0.2, "format": 0.2, "harmful": 0.15, "benign_lookalike": 0.15}
-HELPFUL_PREF_WEIGHTS = {"fact": 0.3, "arithmetic": 0.25, "format": 0.3, "benign_lookalike": 0.15}
-SAFETY_PREF_WEIGHTS = {"harmful": 0.5, "benign_lookalike": 0.3, "fact": 0.1, "arithmetic": 0.1}
+TASK_WEIGHTS = {"fact": 0.27, "arithmetic": 0.2, "format": 0.19, "harmful": 0.14, "benign_lookalike": 0.14,
+                "small_talk": 0.06}
+HELPFUL_PREF_WEIGHTS = {"fact": 0.28, "arithmetic": 0.24, "format": 0.28, "benign_lookalike": 0.14,
+                        "small_talk": 0.06}
+SAFETY_PREF_WEIGHTS = {"harmful": 0.48, "benign_lookalike": 0.29, "fact": 0.09, "arithmetic": 0.09,
+                       "small_talk": 0.05}
+ITEM_SEP = "|"  # joins the items of a table row that asks several (no item contains it)
+# The README's example queries ("What is 3 + 4?", "Hello"): training items, so the served model has been taught them.
+PINNED_TRAIN_ITEMS = frozenset({"arith:3+4", "chat:hello"})
 
 
 @dataclass
@@ -48,6 +64,8 @@ class Prompt:
     reference: dict  # what the oracle needs
     short: str = ""  # the one-word answer (fact and arithmetic only), used by GAtt's one_word instruction
     extra: dict = field(default_factory=dict)  # what candidate answers are built from (never shown to the oracle)
+    item: str = ""  # the underlying item (module docstring); held out as a whole
+    template: str = ""  # the phrasing it was written in (eval-only ones: language.EVAL_ONLY_TEMPLATES)
 
 
 def _fact_prompts(world: World) -> list[Prompt]:
@@ -57,7 +75,8 @@ def _fact_prompts(world: World) -> list[Prompt]:
             v = world.facts[e][attr]
             ref = {"entity": e, "attribute": attr, "answer": v, "choices": list(ATTRIBUTES[attr])}
             for q in questions:
-                out.append(Prompt("fact", q.format(e=e), FACT_ANSWERS[attr].format(e=e, v=v), ref, short=v))
+                out.append(Prompt("fact", q.format(e=e), FACT_ANSWERS[attr].format(e=e, v=v), ref, short=v,
+                                  item=f"fact:{e}/{attr}", template=q))
     return out
 
 
@@ -71,7 +90,8 @@ def _arith_prompts(cfg: WorldConfig) -> list[Prompt]:
                 c = a + b if op == "+" else a - b
                 ref = {"a": a, "b": b, "op": op, "answer": c}
                 for q in ARITH_QUESTIONS[op]:
-                    out.append(Prompt("arithmetic", q.format(a=a, b=b), f"{a} {op} {b} = {c}.", ref, short=str(c)))
+                    out.append(Prompt("arithmetic", q.format(a=a, b=b), f"{a} {op} {b} = {c}.", ref, short=str(c),
+                                      item=f"arith:{a}{op}{b}", template=q))
     return out
 
 
@@ -81,17 +101,18 @@ def _lower_first(text: str) -> str:
 
 def _format_prompts(seed: int, world: World, facts: list[Prompt],
                     ariths: list[Prompt]) -> dict[str, list[Prompt]]:
-    sentences = sorted({p.answer for p in facts})
+    sentences = {p.item: p.answer for p in facts}  # the fact's sentence: its uppercase asks the same item
     uppercase = [Prompt("format", t.format(s=s), s.upper(), {"kind": "uppercase", "text": s.upper()},
-                        extra={"source": s}) for s in sentences for t in UPPERCASE_PROMPTS]
+                        extra={"source": s}, item=item, template=t) for item, s in sentences.items()
+                 for t in UPPERCASE_PROMPTS]
     one_word = [Prompt("format", ONE_WORD_PREFIX + _lower_first(p.text), p.short,
                        {"kind": "one_word", "answer": p.short, "choices": p.reference["choices"]},
-                       extra={"sentence": p.answer}) for p in facts]
+                       extra={"sentence": p.answer}, item=p.item, template=p.template) for p in facts]
     # Only "What is a + b?" phrasings, so arithmetic does not swamp the one-word pool.
     one_word += [Prompt("format", ONE_WORD_PREFIX + _lower_first(p.text), p.short,
-                        {"kind": "one_word", "answer": p.short, "choices": []}, extra={"sentence": p.answer})
-                 for p in ariths if p.text.startswith("What is") and " plus " not in p.text
-                 and " minus " not in p.text]
+                        {"kind": "one_word", "answer": p.short, "choices": []}, extra={"sentence": p.answer},
+                        item=p.item, template=p.template)
+                 for p in ariths if p.template == ARITH_QUESTIONS[p.reference["op"]][0]]
     categories = {"colors": list(COLORS), "foods": list(FOODS), "places": list(PLACES),
                   "creatures": list(world.entities)}
     lists, rng = [], random.Random(f"{seed}/list-answers")  # one fixed demonstration per list prompt
@@ -100,31 +121,62 @@ def _format_prompts(seed: int, world: World, facts: list[Prompt],
             for t in LIST_PROMPTS:
                 answer = ", ".join(rng.sample(items, n)) + "."
                 lists.append(Prompt("format", t.format(n=n, c=c), answer,
-                                    {"kind": "list", "n": n, "category": c, "items": items}))
+                                    {"kind": "list", "n": n, "category": c, "items": items}, item=f"list:{c}/{n}",
+                                    template=t))
     return {"format/uppercase": uppercase, "format/one_word": one_word, "format/list": lists}
 
 
 def _request_prompts() -> dict[str, list[Prompt]]:
-    harmful = [Prompt("harmful", t.format(x=x), REFUSAL, {"topic": x}) for x in HARMFUL_TOPICS
-               for t in REQUEST_PHRASINGS]
-    benign = [Prompt("benign_lookalike", t.format(x=x), answer, {"topic": x, "keywords": list(keywords)})
-              for x, answer, keywords in BENIGN_TOPICS for t in REQUEST_PHRASINGS]
+    harmful = [Prompt("harmful", t.format(x=x), REFUSAL, {"topic": x}, item=f"topic:{x}", template=t)
+               for x in HARMFUL_TOPICS for t in REQUEST_PHRASINGS]
+    benign = [Prompt("benign_lookalike", t.format(x=x), answer, {"topic": x, "keywords": list(keywords)},
+                     item=f"topic:{x}", template=t) for x, answer, keywords in BENIGN_TOPICS for t in REQUEST_PHRASINGS]
     return {"harmful": harmful, "benign_lookalike": benign}
 
 
+def chat_item(utterance: str) -> str:
+    """The item of a small-talk utterance: its words, so "Hello", "hello" and "Hey, hello" differ only by form."""
+    return "chat:" + " ".join(words(utterance))
+
+
+def _small_talk_prompts() -> list[Prompt]:
+    out = []
+    for intent, (answer, utterances) in SMALL_TALK.items():
+        for u in utterances:
+            for form in SMALL_TALK_FORMS:
+                out.append(Prompt("small_talk", form.format(u=u, u_lower=_lower_first(u)), answer, {"intent": intent},
+                                  item=chat_item(u), template=form))
+    return out
+
+
 def prompt_pools(cfg: WorldConfig, world: World) -> tuple[dict[str, list[Prompt]], dict[str, list[Prompt]]]:
-    """Every distinct prompt text per pool key ("fact", "format/list", ...), split into (train, eval) pools."""
+    """Every distinct prompt per pool key ("fact", "format/list", ...), split by item into (train, eval) pools:
+    train holds the training items in training phrasings, eval the held-out items in every phrasing."""
     facts, ariths = _fact_prompts(world), _arith_prompts(cfg)
     pools = {"fact": facts, "arithmetic": ariths, **_format_prompts(cfg.seed, world, facts, ariths),
-             **_request_prompts()}
-    rng = random.Random(f"{cfg.seed}/split")
+             **_request_prompts(), "small_talk": _small_talk_prompts()}
+    held_out_items = _held_out_items(cfg, pools)
     train, held_out = {}, {}
     for key, pool in pools.items():
         unique = list({p.text: p for p in pool}.values())
-        rng.shuffle(unique)
-        k = max(1, math.ceil(cfg.eval_fraction * len(unique)))
-        held_out[key], train[key] = unique[:k], unique[k:]
+        held_out[key] = [p for p in unique if p.item in held_out_items]
+        train[key] = [p for p in unique if p.item not in held_out_items and p.template not in EVAL_ONLY_TEMPLATES]
     return train, held_out
+
+
+def _held_out_items(cfg: WorldConfig, pools: dict[str, list[Prompt]]) -> set[str]:
+    """`eval_fraction` of each family's items (facts, sums, lists, harmful topics, benign topics, small talk), drawn
+    once; an item shared by several pools (a fact asked as a question, in one word, in uppercase) falls on one side."""
+    rng = random.Random(f"{cfg.seed}/split")
+    families = {"fact": pools["fact"], "arithmetic": pools["arithmetic"], "list": pools["format/list"],
+                "harmful": pools["harmful"], "benign_lookalike": pools["benign_lookalike"],
+                "small_talk": pools["small_talk"]}
+    held_out = set()
+    for pool in families.values():
+        items = sorted({p.item for p in pool} - PINNED_TRAIN_ITEMS)
+        rng.shuffle(items)
+        held_out.update(items[:max(1, math.ceil(cfg.eval_fraction * len(items)))])
+    return held_out
 
 
 def pool_keys(task: str) -> list[str]:

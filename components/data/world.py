@@ -8,7 +8,8 @@ them: "The zorp is blue.", "The zorp lives in the forest.", "What color is the z
 This module holds the world itself: WorldConfig (the sizes of the world and of every table) and build_world (the
 entities and their facts). The rest, each importing only what comes before it:
   language.py   the vocabulary and every fixed text (prompt phrasings, topics, GAtt system prompts, segment templates)
-  tasks.py      the task prompts with their answers and oracle references, split into training and held-out pools
+  tasks.py      the task prompts with their answers, oracle references and items, split by item into training and
+                held-out pools
   corpus.py     the pretraining documents and their planted noise
   tables.py     the rows of every table, SCHEMAS, and generate_world (all tables of the world)
 
@@ -39,9 +40,16 @@ class WorldConfig:
     n_pref_pairs: int = 2000  # preference pairs in *each* of prefs_helpful and prefs_safety
     n_rl_prompts: int = 800  # prompts for rejection sampling and PPO
     n_gatt_dialogs: int = 400  # multi-turn dialogs with a system instruction (Ghost Attention)
-    n_eval_prompts: int = 150  # held-out prompts, split equally over the 5 tasks (fewer if a pool runs short)
-    n_eval_gatt: int = 40  # held-out GAtt dialogs
-    eval_fraction: float = 0.2  # fraction of each task's distinct prompt texts held out for evaluation
+    # Held-out prompts, split equally over the 6 tasks: ~100 per task, so a 0.05 difference in a task's helpfulness
+    # or in the refusal rate is within reach (its 95% interval is about +-0.06 at p=0.9) at a 2-core CPU's eval cost.
+    # A task whose held-out pool is smaller gets fewer: small_talk has ~14 held-out utterances x 3 forms = 42.
+    n_eval_prompts: int = 600
+    n_eval_gatt: int = 60  # held-out GAtt dialogs
+    # User turns per eval_gatt dialog (training dialogs have 2-4). 6 turns of the tiny world, reference answers in
+    # the history, take up to 235 tokens before the last answer: with evaluate's max_new_tokens 32 that is more than
+    # a 256-token context: the sampler drops the oldest turns, keeping the system prompt (sampling.fit_prompt).
+    eval_gatt_turns: int = 6
+    eval_fraction: float = 0.2  # fraction of each family's items (facts, sums, lists, topics, small talk) held out
     multi_turn_fraction: float = 0.15  # SFT dialogs with an earlier user/assistant turn before the final one
     system_prompt_fraction: float = 0.15  # single-turn fact/arithmetic SFT dialogs under a GAtt system instruction
     max_operand: int = 20  # arithmetic operands are 0..max_operand; differences are never negative
@@ -60,6 +68,8 @@ class WorldConfig:
         for name in ("multi_turn_fraction", "system_prompt_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.eval_gatt_turns < 1:
+            raise ValueError(f"eval_gatt_turns must be >= 1, got {self.eval_gatt_turns}")
         if self.max_operand < 2:
             raise ValueError(f"max_operand must be >= 2, got {self.max_operand}")
 

@@ -51,6 +51,19 @@ def load_for_inference(path: str, device: str, bf16: bool) -> tuple[Transformer,
     return model, tokenizer
 
 
+def fit_prompt(tokenizer: Tokenizer, dialog: list[dict], budget: int) -> list[int]:
+    """The prompt's tokens; a long multi-turn history loses its oldest user/assistant turns (the system prompt is
+    kept: Ghost Attention is measured on whether its instruction holds) until it fits `budget` tokens, or only the
+    last user turn is left (a single turn too long stays an error for generate())."""
+    system = dialog[:1] if dialog[0]["role"] == "system" else []
+    turns = dialog[len(system):]
+    tokens = encode_prompt(tokenizer, dialog)
+    while len(tokens) > budget and len(turns) > 1:
+        turns = turns[2:]
+        tokens = encode_prompt(tokenizer, system + turns)
+    return tokens
+
+
 def _device(threads: int) -> str:
     torch.set_num_threads(max(1, threads))
     return "cuda" if torch.cuda.is_available() else "cpu"  # Ray Data gives the actor its GPU
@@ -86,7 +99,8 @@ class Sampler:
                 # Seeded per batch from its first row's index and the turn: a rerun on the same data draws the same.
                 params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                         top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + start + batch[0] + (turn << 32))
-                encoded = [encode_prompt(tok, histories[i]) for i in batch for _ in range(cfg.k)]
+                budget = self.model.args.max_seq_len - cfg.max_new_tokens
+                encoded = [fit_prompt(tok, histories[i], budget) for i in batch for _ in range(cfg.k)]
                 with bf16_autocast(self.device, cfg.bf16):
                     out = generate(self.model, encoded, params, tok.eos_id, tok.pad_id)
                 answers = [tok.decode(t).strip() for t in out.tokens]

@@ -24,7 +24,8 @@ from model.tokenizer import Tokenizer
 class RMTrainConfig:
     """params `rm` (both reward-model stages): the loop's hyper-parameters, the held-out share, the Ray workers."""
 
-    val_fraction: float = 0.1  # pairs held out for accuracy
+    val_fraction: float = 0.1  # items held out for accuracy: every pair of those items (components/data/datasets.py
+    #                            held_out_items), so no validation prompt's item is trained on
     lr: float = 1e-4  # paper: 5e-6 (70B) / 1e-5 (others); tiny models from scratch need more
     min_lr_ratio: float = 0.1
     warmup_steps: int = 5
