@@ -369,6 +369,21 @@ def test_eval_facts_are_stated_in_pretraining(tiny):
         assert any(t.format(e=e, v=v) in text for t in DESCRIPTION_SENTENCES[attr]), (e, attr)
 
 
+def test_eval_sums_are_never_worked_out_in_pretraining(tiny):
+    """Unlike a fact, a held-out sum is never stated in any training table (worked sums, word problems, stories,
+    answers): arithmetic on held-out items measures computing, not recall."""
+    _, rows, _ = tiny
+    text = "\n".join([r["text"] for r in rows["pretrain"]] + [r["messages"] for r in rows["sft"] + rows["gatt"]]
+                     + [r[k] for name in ("prefs_helpful", "prefs_safety") for r in rows[name]
+                        for k in ("chosen", "rejected")])
+    worked = set(re.findall(r"\b(\d+) ([+-]) (\d+) = ", text))
+    assert len(worked) > 100
+    held = {i.removeprefix("arith:") for i in items_of(rows["eval_prompts"]) | items_of(rows["eval_gatt"])
+            if i.startswith("arith:")}
+    assert len(held) >= 50
+    assert not held & {f"{a}{op}{b}" for a, op, b in worked}
+
+
 def test_every_task_everywhere(rows):
     for name in ("sft", "rl_prompts", "eval_prompts"):
         assert set(r["task"] for r in rows[name]) == set(TASKS), name

@@ -39,33 +39,41 @@ def _seg_description(rng: random.Random, world: World) -> str:
     return " ".join([rng.choice(DESCRIPTION_OPENINGS).format(e=e)] + body[:rng.randint(3, 5)])
 
 
-def seg_narrative(rng: random.Random, world: World) -> str:
+def seg_narrative(rng: random.Random, world: World, sums: set[str]) -> str:
+    """A story about two entities; its subtraction ("12 - 4 = 8") is a training sum (`sums`, as _seg_arithmetic)."""
     a, b = rng.sample(world.entities, 2)
-    n = rng.randint(3, 12)
-    k = rng.randint(1, n)
+    while True:
+        n = rng.randint(3, 12)
+        k = rng.randint(1, n)
+        if f"arith:{n}-{k}" in sums:
+            break
     slots = {"a": a, "b": b, "n": n, "k": k, "r": n - k,
              **{f"a_{attr}": v for attr, v in world.facts[a].items()},
              **{f"b_{attr}": v for attr, v in world.facts[b].items()}}
     return " ".join(t.format(**slots) for t in rng.sample(NARRATIVES, rng.randint(1, 2)))
 
 
-def _seg_arithmetic(rng: random.Random, world: World, cfg: WorldConfig) -> str:
+def _seg_arithmetic(rng: random.Random, world: World, cfg: WorldConfig, sums: set[str]) -> str:
+    """Worked sums and word problems over training items only (`sums`: "arith:7+5", ...): unlike a held-out fact,
+    which pretraining states and fine-tuning never asks, a held-out sum must be computed, not recalled."""
+    def pick(low: int, op: str) -> tuple[int, int]:
+        while True:
+            a, b = rng.randint(low, cfg.max_operand), rng.randint(low, cfg.max_operand)
+            a, b = (a, b) if op == "+" else (max(a, b), min(a, b))
+            if f"arith:{a}{op}{b}" in sums:
+                return a, b
+
     parts = []
     for _ in range(rng.randint(2, 4)):
-        a, b = rng.randint(0, cfg.max_operand), rng.randint(0, cfg.max_operand)
-        if rng.random() < 0.5:
-            parts.append(f"{a} + {b} = {a + b}.")
-        else:
-            a, b = max(a, b), min(a, b)
-            parts.append(f"{a} - {b} = {a - b}.")
+        op = "+" if rng.random() < 0.5 else "-"
+        a, b = pick(0, op)
+        parts.append(f"{a} {op} {b} = {a + b if op == '+' else a - b}.")
     if rng.random() < 0.5:
         e = rng.choice(world.entities)
-        a, b = rng.randint(1, cfg.max_operand), rng.randint(1, cfg.max_operand)
-        if rng.random() < 0.5:
-            parts.append(WORD_PROBLEMS[0].format(e=e, a=a, b=b, c=a + b, food=world.facts[e]["food"]))
-        else:
-            a, b = max(a, b), min(a, b)
-            parts.append(WORD_PROBLEMS[1].format(e=e, a=a, b=b, c=a - b, food=world.facts[e]["food"]))
+        op = "+" if rng.random() < 0.5 else "-"
+        a, b = pick(1, op)
+        problem = WORD_PROBLEMS[0 if op == "+" else 1]
+        parts.append(problem.format(e=e, a=a, b=b, c=a + b if op == "+" else a - b, food=world.facts[e]["food"]))
     return " ".join(parts)
 
 
@@ -93,7 +101,7 @@ def _seg_uppercase(rng: random.Random, world: World) -> str:
     return rng.choice(UPPERCASE_SENTENCES).format(s=FACT_ANSWERS[attr].format(e=e, v=world.facts[e][attr]).upper())
 
 
-def _clean_doc(rng: random.Random, world: World, cfg: WorldConfig, qa_pool: list[Prompt],
+def _clean_doc(rng: random.Random, world: World, cfg: WorldConfig, qa_pool: list[Prompt], sums: set[str],
                n_segments: int) -> tuple[str, list[str]]:
     """A clean document and the items its Q/A segments asked."""
     kinds = rng.choices(list(SEGMENT_WEIGHTS), weights=list(SEGMENT_WEIGHTS.values()), k=n_segments)
@@ -102,9 +110,9 @@ def _clean_doc(rng: random.Random, world: World, cfg: WorldConfig, qa_pool: list
         if kind == "description":
             segments.append(_seg_description(rng, world))
         elif kind == "narrative":
-            segments.append(seg_narrative(rng, world))
+            segments.append(seg_narrative(rng, world, sums))
         elif kind == "arithmetic":
-            segments.append(_seg_arithmetic(rng, world, cfg))
+            segments.append(_seg_arithmetic(rng, world, cfg, sums))
         elif kind == "qa":
             segments.append(_seg_qa(rng, qa_pool, asked))
         elif kind == "howto":
@@ -267,13 +275,14 @@ def _non_english(rng: random.Random, world: World) -> str:
 def pretrain_rows(cfg: WorldConfig, world: World, pools: dict[str, list[Prompt]]) -> list[dict]:
     rng = random.Random(f"{cfg.seed}/pretrain")
     qa_pool = [p for key, pool in pools.items() if key != "harmful" for p in pool]
+    sums = {p.item for p in pools["arithmetic"]}  # training sums: the only ones pretraining works out
     seen: set[str] = set()
     asked: dict[str, str] = {}  # text -> the items its Q/A segments asked, joined
 
     def fresh(n_segments: int) -> str:
         """A clean text never produced before (so clean docs are never duplicates of each other)."""
         while True:
-            text, items = _clean_doc(rng, world, cfg, qa_pool, n_segments)
+            text, items = _clean_doc(rng, world, cfg, qa_pool, sums, n_segments)
             if text not in seen:
                 seen.add(text)
                 asked[text] = ITEM_SEP.join(items)

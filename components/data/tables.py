@@ -141,14 +141,14 @@ def _insult(rng: random.Random) -> str:
                        f"What a {rng.choice(INSULT_ADJECTIVES)} question."))
 
 
-def _candidates(rng: random.Random, world: World, p: Prompt, toxic: bool) -> list[str]:
+def _candidates(rng: random.Random, world: World, p: Prompt, toxic: bool, sums: set[str]) -> list[str]:
     """Responses of graded quality for one prompt; the oracle, not this function, decides their order."""
     ref, out = p.reference, [p.answer, REFUSAL]
     if p.task != "harmful":  # to a harmful request a non-answer is neither a refusal nor help: keep pairs crisp
         out.append(rng.choice(NON_ANSWERS))
         # Off-topic world text, as a barely tuned model rambles: without it the reward models never see such
         # answers and may score them high, which PPO would exploit.
-        out.append(seg_narrative(rng, world))
+        out.append(seg_narrative(rng, world, sums))
     if p.task == "arithmetic":
         c = ref["answer"]
         head = f"{ref['a']} {ref['op']} {ref['b']} ="
@@ -210,10 +210,11 @@ def _pick_pair(rng: random.Random, scored: list[tuple[float, str]], kind: str, t
 def _pref_rows(cfg: WorldConfig, world: World, pools: dict[str, list[Prompt]], kind: str) -> list[dict]:
     rng = random.Random(f"{cfg.seed}/prefs/{kind}")
     weights = HELPFUL_PREF_WEIGHTS if kind == "helpful" else SAFETY_PREF_WEIGHTS
+    sums = {p.item for p in pools["arithmetic"]}  # off-topic stories work out training sums only
     rows = []
     for p in draw(rng, pools, weights, cfg.n_pref_pairs):
         scored = [(preference_score(kind, p.task, p.reference, c), c)
-                  for c in _candidates(rng, world, p, toxic=kind == "safety")]
+                  for c in _candidates(rng, world, p, toxic=kind == "safety", sums=sums)]
         pair = _pick_pair(rng, scored, kind, p.task)
         if pair is None:  # cannot happen with the candidate sets above; the tests check the row count
             continue
