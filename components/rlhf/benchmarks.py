@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,10 +52,20 @@ class BenchmarkConfig:
             raise ValueError(f"params section 'benchmarks': limit must be >= 1 or null, got {self.limit}")
 
 
+def go_offline() -> None:
+    """No Hub requests from here on: the env vars for modules not imported yet, and the flags that huggingface_hub
+    and datasets read from them at import, where they already are (a test session, a reused Ray worker)."""
+    os.environ.update(OFFLINE_ENV)
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].config.HF_HUB_OFFLINE = sys.modules["datasets"].config.HF_DATASETS_OFFLINE = True
+
+
 def task_manager(cfg: BenchmarkConfig):
     """lm_eval's TaskManager over cfg.include_path, plus its bundled task YAMLs unless include_path holds every task
     (indexing the ~15,000 bundled ones takes 10-40 s here), in offline mode."""
-    os.environ.update(OFFLINE_ENV)  # before `datasets` and `transformers` read them at import
+    go_offline()
     from lm_eval.tasks import TaskManager
 
     if cfg.include_path:
