@@ -130,11 +130,10 @@ def summarize(results: dict, fewshot: int) -> dict[str, dict]:
     return out
 
 
-def run_benchmarks(hf_folder: str | Path, cfg: BenchmarkConfig) -> dict[str, dict]:
+def run_benchmarks(hf_folder: str | Path, cfg: BenchmarkConfig, manager=None) -> dict[str, dict]:
     """Every task of cfg on an HF LlamaForCausalLM folder, one lm_eval call per few-shot count (the model loads
     once); the results of the names asked for (summarize)."""
-    manager = task_manager(cfg)
-    check_tasks(cfg, manager)
+    manager = manager or task_manager(cfg)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -153,7 +152,7 @@ def run_benchmarks(hf_folder: str | Path, cfg: BenchmarkConfig) -> dict[str, dic
     return summary
 
 
-def benchmark_checkpoint(checkpoint: str | Path, cfg: BenchmarkConfig) -> dict[str, dict]:
+def benchmark_checkpoint(checkpoint: str | Path, cfg: BenchmarkConfig, manager=None) -> dict[str, dict]:
     """Export our checkpoint folder to HF's layout (a temporary folder beside it) and run the benchmarks on it."""
     import torch
 
@@ -162,16 +161,17 @@ def benchmark_checkpoint(checkpoint: str | Path, cfg: BenchmarkConfig) -> dict[s
     checkpoint = Path(checkpoint)
     with tempfile.TemporaryDirectory(prefix=f".{checkpoint.name}-hf-", dir=checkpoint.parent) as tmp:
         folder = export_hf(checkpoint, Path(tmp) / "hf", getattr(torch, cfg.dtype))
-        return run_benchmarks(folder, cfg)
+        return run_benchmarks(folder, cfg, manager)
 
 
 def benchmark(checkpoint: str | Path, cfg: BenchmarkConfig) -> dict[str, dict]:
-    """benchmark_checkpoint where cfg says: in this process on CPU, or in one Ray task holding cfg.num_gpus GPUs (the
-    driver of a GPU cluster usually has none; the tasks' data is checked here first too, so a missing dataset fails
-    fast)."""
+    """Check every task's data (check_tasks: before any export or GPU), then benchmark_checkpoint where cfg says: in
+    this process on CPU, or in one Ray task holding cfg.num_gpus GPUs of a node (a GPU cluster's driver usually has
+    none; its nodes share the HF cache or include_path's files, as they share the checkpoints)."""
+    manager = task_manager(cfg)
+    check_tasks(cfg, manager)
     if cfg.num_gpus == 0:
-        return benchmark_checkpoint(checkpoint, cfg)
-    check_tasks(cfg, task_manager(cfg))
+        return benchmark_checkpoint(checkpoint, cfg, manager)
     import ray
 
     from components.cluster import init_ray
