@@ -68,13 +68,20 @@ def test_benchmark_runs_a_local_task_on_the_hf_export_and_agrees_with_our_model(
     data = tmp_path / "tasks" / "rows.jsonl"
     data.parent.mkdir()
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "tasks" / "local_mc.yaml").write_text(TASK_YAML.format(
-        name="local_mc", dataset_path="json", dataset_kwargs=json.dumps({"data_files": {"test": str(data)}})))
+    for name in ("local_mc", "local_mc_copy"):
+        (tmp_path / "tasks" / f"{name}.yaml").write_text(TASK_YAML.format(
+            name=name, dataset_path="json", dataset_kwargs=json.dumps({"data_files": {"test": str(data)}})))
+    # A group, as mmlu is one of 57 tasks: its n is the sum of its tasks'; 1-shot (a few-shot count per task)
+    (tmp_path / "tasks" / "local_group.yaml").write_text("group: local_group\ntask: [local_mc_copy]\n"
+                                                         "aggregate_metric_list:\n  - {metric: acc, weight_by_size: true}\n")
 
-    cfg = BenchmarkConfig(tasks={"local_mc": 0}, include_path=str(tmp_path / "tasks"), batch_size=4)
+    cfg = BenchmarkConfig(tasks={"local_mc": 0, "local_group": 1}, include_path=str(tmp_path / "tasks"),
+                          batch_size=4)
     results = benchmark(tmp_path / "chat", cfg)
 
-    assert list(results) == ["local_mc"]
+    assert sorted(results) == ["local_group", "local_mc"]
+    group = results["local_group"]
+    assert (group["n"], group["num_fewshot"], group["metric"]) == (len(rows), 1, "acc") and 0 <= group["value"] <= 1
     row = results["local_mc"]
     assert row["n"] == len(rows) and row["num_fewshot"] == 0 and row["metric"] == "acc"
     assert 0 <= row["value"] <= 1 and set(row["metrics"]) == {"acc", "acc_norm"}
