@@ -72,7 +72,8 @@ def test_benchmark_runs_a_local_task_on_the_hf_export_and_agrees_with_our_model(
         (tmp_path / "tasks" / f"{name}.yaml").write_text(TASK_YAML.format(
             name=name, dataset_path="json", dataset_kwargs=json.dumps({"data_files": {"test": str(data)}})))
     # A group, as mmlu is one of 57 tasks: its n is the sum of its tasks'; 1-shot (a few-shot count per task)
-    group_yaml = "group: local_group\ntask: [local_mc_copy]\naggregate_metric_list: [{metric: acc, weight_by_size: true}]\n"
+    group_yaml = ("group: local_group\ntask: [local_mc_copy]\n"
+                  "aggregate_metric_list: [{metric: acc, weight_by_size: true}]\n")
     (tmp_path / "tasks" / "local_group.yaml").write_text(group_yaml)
 
     cfg = BenchmarkConfig(tasks={"local_mc": 0, "local_group": 1}, include_path=str(tmp_path / "tasks"),
