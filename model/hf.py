@@ -166,7 +166,7 @@ def import_hf(hf_folder: str | Path, out: str | Path | None = None, max_seq_len:
 
 def export_hf(checkpoint: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write our checkpoint folder as an HF LlamaForCausalLM folder (config.json, model.safetensors,
-    tokenizer.model, generation_config.json)."""
+    tokenizer.model, tokenizer_config.json, generation_config.json)."""
     model, tokenizer = load_checkpoint(checkpoint)
     if model.args.head != "lm":
         raise CheckpointError(f"{checkpoint} has a {model.args.head} head; only language models export to HF")
@@ -181,4 +181,11 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: torch.dtype | None
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}, indent=2) + "\n")
         shutil.copyfile(Path(checkpoint) / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+        # As Meta's HF exports: AutoTokenizer then loads a LlamaTokenizer that prepends BOS, as our model was trained
+        # (without it, transformers builds a generic tokenizer that adds none, and lm_eval scores without BOS).
+        (tmp / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
+            "bos_token": tokenizer.id_to_piece(tokenizer.bos_id), "eos_token": tokenizer.id_to_piece(tokenizer.eos_id),
+            "unk_token": tokenizer.id_to_piece(tokenizer.unk_id), "model_max_length": model.args.max_seq_len,
+        }, indent=2) + "\n")
     return Path(out)

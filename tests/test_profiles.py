@@ -23,7 +23,7 @@ SCALE = ["llama2-7b", "llama2-13b", "llama2-70b"]  # profile name = model config
 LM_STAGES = ("pretrain", "sft", "rejection", "gatt", "distill")
 # Dicts whose keys are the user's (overrides, world sizes, filter thresholds, source entries): only the key leading to
 # them must exist. `<section>.ray` (a stage's Ray overrides) is optional in any section.
-FREE_FORM = {("model", "overrides"), ("data", "world"), ("data", "sources"), ("filter",)}
+FREE_FORM = {("model", "overrides"), ("data", "world"), ("data", "sources"), ("filter",), ("benchmarks", "tasks")}
 RAY_MAJOR_MINOR = ".".join(version("ray").split(".")[:2])
 
 
@@ -78,6 +78,7 @@ def stage_configs(params: dict) -> dict:
     from components.data.datasets import TokenizerConfig
     from components.data.filter import FilterConfig
     from components.data.ingest import DataConfig
+    from components.rlhf.benchmarks import BenchmarkConfig
     from components.rlhf.gate import PromotionConfig
     from flows._stage import stage_config
     from flows.plan import stage_configs as planned
@@ -86,6 +87,7 @@ def stage_configs(params: dict) -> dict:
         "data": DataConfig.from_dict(params["data"]), "filter": FilterConfig.from_dict(params["filter"]),
         "tokenizer": stage_config(params, "tokenizer", TokenizerConfig), **planned(params),
         "register": stage_config(params, "register", PromotionConfig),
+        "benchmarks": stage_config(params, "benchmarks", BenchmarkConfig),
     }
 
 
@@ -166,12 +168,16 @@ def test_scale_profiles_are_llama2_on_gpus_with_the_papers_numbers(name):
     assert ppo["lr"] == 1e-6 and ppo["kl_coef"] == (0.005 if name == "llama2-70b" else 0.01)
     assert ppo["rollout_batch_size"] == 512 and ppo["mini_batch_size"] == 64  # global, as the paper gives them
     assert 200 <= ppo["iterations"] <= 400
+    bench = params["benchmarks"]  # §2.3 Table 3's benchmarks at the paper's shots, on the GPUs, in full
+    assert {"mmlu": 5, "triviaqa": 5, "nq_open": 5, "hellaswag": 0, "arc_challenge": 0, "gsm8k": 8}.items() \
+        <= bench["tasks"].items() and bench["limit"] is None and bench["num_gpus"] >= 1
 
 
 def test_small_profiles_run_on_a_laptop():
     for name in ("tiny", "ci"):
         params = load(name)
         assert not params["ray"]["use_gpu"] and not params["model"]["hf_weights"]
+        assert params["benchmarks"]["tasks"] == {}  # the synthetic world's model runs no academic benchmark
     tiny, ci = load("tiny"), load("ci")
     assert ci["pretrain"]["max_steps"] < tiny["pretrain"]["max_steps"]
     assert ci["ppo"]["iterations"] < tiny["ppo"]["iterations"]
