@@ -36,8 +36,10 @@ def main() -> None:
         setup_mlflow()
         champion = champion_metrics(reg.model_name, reg.alias)
         gate = decide(candidate, table[candidate], table["base"], champion, reg.tolerance).to_dict()
+        distill = read_json(path("metrics/distill.json"))  # whether chat is a distilled model or gatt passed on
         result = {"models": table, "reward_models": {k: {m: v for m, v in r.items() if "accuracy" in m}
-                                                     for k, r in rm_acc.items()}, "gate": gate}
+                                                     for k, r in rm_acc.items()}, "gate": gate,
+                  "chat_is_gatt": bool(distill.get("chat_is_gatt")), "distill_reason": distill.get("reason", "")}
         write_metrics("eval", result)
         import mlflow
 
@@ -45,6 +47,7 @@ def main() -> None:
             mlflow.log_metrics({f"{name}.{k}": v for k, v in metrics.items()})
         mlflow.log_dict(samples, "samples.json")
         mlflow.set_tag("gate.passed", str(gate["passed"]))
+        mlflow.set_tag("chat_is_gatt", str(result["chat_is_gatt"]).lower())
         write_json(path("plots/eval_by_stage.json"),
                    [{"stage": name, **{k: v for k, v in m.items()}} for name, m in table.items()])
         write_json(path("reports/eval_samples.json"), {k: v[:20] for k, v in samples.items()})
@@ -55,6 +58,8 @@ def main() -> None:
     for name, metrics in table.items():
         print(f"| {name} | " + " | ".join(f"{metrics.get(h, float('nan')):.3f}" for h in header) + " |")
     print(f"\ngate: {json.dumps(gate)}")
+    if result["chat_is_gatt"]:
+        print(f"note: chat is the gatt model unchanged ({result['distill_reason']})")
 
 
 if __name__ == "__main__":
