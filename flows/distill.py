@@ -43,7 +43,8 @@ def main() -> None:
             raise SystemExit(f"error: distill.holdout_prompts {cfg.holdout_prompts} leaves none of the {len(rows)} "
                              "safety prompts in data/raw/rl_prompts.parquet to distill")
         held_out = [json.loads(r["prompt"]) for r in rows[-cfg.holdout_prompts:]]
-        records = [{"prompt": json.loads(r["prompt"])} for r in rows[:-cfg.holdout_prompts][:cfg.sample.prompts or None]]
+        pool = rows[:-cfg.holdout_prompts][:cfg.sample.prompts or None]
+        records = [{"prompt": json.loads(r["prompt"])} for r in pool]
         records, counts = fitting_prompts("distill", records, POLICY, cfg,
                                            lambda r: with_preprompt(cfg.preprompt, r["prompt"]))  # the longer one
         dialogs, stats = context_distillation(records, POLICY, REWARD_MODELS, cfg.preprompt, cfg.sample, cfg.ray,
