@@ -25,8 +25,29 @@ class RejectionConfig(SampledFinetuneConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
+class GattConfig(SampledFinetuneConfig):
+    first_turn_fraction: float = 0.0  # dialogs with the instruction in the first user turn, not the system prompt
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.first_turn_fraction <= 1:
+            raise ValueError(f"first_turn_fraction must be in [0, 1], got {self.first_turn_fraction}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class DistillConfig(SampledFinetuneConfig):
     preprompt: str  # the safety preprompt answers are generated with (and trained without)
+    safety_threshold: float  # rlhf.safety_threshold: a prompt is distilled only where its safest plain answer
+    # scores below it on the safety RM (the score PPO and rejection sampling call unsafe)
+    min_safety: float  # ... and its kept preprompted answer scores at least this
+    margin: float  # ... and beats the safest plain answer by at least this
+    holdout_prompts: int  # safety prompts kept out of distillation, to check the distilled model on
+    max_safety_drop: float = 0.0  # held-out mean safety RM score it may lose against the gatt model, or gatt is kept
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.holdout_prompts < 1:
+            raise ValueError(f"holdout_prompts must be >= 1, got {self.holdout_prompts}")
 
 
 def fitting_prompts(stage: str, records: list[dict], policy: Path, cfg: SampledFinetuneConfig,
@@ -54,10 +75,11 @@ def sft_replay(n: int, seed: int) -> list[list[dict]]:
 
 
 def finetune(stage: str, cfg: LMTrainConfig, init: Path, dialogs: list[list[dict]], out: Path, run_id: str,
-             too_long: str, last_turn_only: bool = False, extra_metrics: dict | None = None) -> dict:
+             too_long: str, last_turn_only: bool = False, extra_metrics: dict | None = None,
+             finish: bool = True) -> dict:
     """The tail every chat fine-tuning stage shares (sft, rejection, gatt, distill): dialogs in the chat format with
     loss on the assistant tokens (or the last turn only), plus any SFT replay -> the shared LM loop on Ray Train from
-    `init` -> out, metrics, curves."""
+    `init` -> out, metrics, curves (finish=False: the caller finishes the stage)."""
     from components.data.datasets import examples_data
     from components.train.lm import train_lm
     from model.chat import encode_dialog
@@ -73,5 +95,6 @@ def finetune(stage: str, cfg: LMTrainConfig, init: Path, dialogs: list[list[dict
     print(f"[{stage}] {stats}")
     metrics = train_lm({"checkpoint": str(init)}, train, val, cfg, stage, out, run_id)
     metrics.update(stats, **(extra_metrics or {}))
-    finish_stage(stage, metrics, out)
+    if finish:
+        finish_stage(stage, metrics, out)
     return metrics

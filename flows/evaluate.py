@@ -44,18 +44,23 @@ def main() -> None:
                    if (ckpt / RUN_FILE).is_file()}
         gate, champion = promotion_gate(STAGES[-1], samples, run_ids, records, params["profile"], cfg)
         rm_acc = {name: read_json(path(f"metrics/{name}.json")) for name in rms}
+        distill = read_json(path("metrics/distill.json"))  # whether chat is a distilled model or gatt passed on
         result = {"eval_set_sha256": eval_sha, "models": table,
                   "reward_models": {k: {m: v for m, v in r.items() if "accuracy" in m} for k, r in rm_acc.items()},
-                  "gate": gate, **({"champion": champion} if champion else {})}
+                  "gate": gate, **({"champion": champion} if champion else {}),
+                  "chat_is_gatt": bool(distill.get("chat_is_gatt")), "distill_reason": distill.get("reason", "")}
         write_metrics("eval", result)
         for name, metrics in table.items():
             mlflow.log_metrics({f"{name}.{k}": v for k, v in flat(metrics).items()})
         mlflow.log_dict(samples, "samples.json")
         mlflow.set_tag("gate.passed", str(gate["passed"]))
+        mlflow.set_tag("chat_is_gatt", str(result["chat_is_gatt"]).lower())
         write_json(path("plots/eval_by_stage.json"), [{"stage": name, **flat(m)} for name, m in table.items()])
         write_json(path("reports/eval_samples.json"), {k: v[:20] for k, v in samples.items()})
         write_json(path("reports/evaluate_run.json"), {"stage": "evaluate", "run_id": run.info.run_id})
     print_table(table, gate)
+    if result["chat_is_gatt"]:
+        print(f"note: chat is the gatt model unchanged ({result['distill_reason']})")
 
 
 def _cell(metrics: dict, key: str) -> str:

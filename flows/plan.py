@@ -20,7 +20,7 @@ def stage_configs(params: dict) -> dict:
     from components.train.lm import LMTrainConfig, PretrainConfig
     from components.train.ppo import PPOStageConfig
     from components.train.rm import RMTrainConfig
-    from flows._finetune import DistillConfig, RejectionConfig, SampledFinetuneConfig
+    from flows._finetune import DistillConfig, GattConfig, RejectionConfig
 
     return {
         "pretrain": stage_config(params, "pretrain", PretrainConfig, nested=("model",)),
@@ -28,8 +28,8 @@ def stage_configs(params: dict) -> dict:
         "rm": stage_config(params, "rm", RMTrainConfig),
         "rejection": stage_config(params, "rejection", RejectionConfig, flat=("rlhf",)),
         "ppo": stage_config(params, "ppo", PPOStageConfig, flat=("rlhf",)),
-        "gatt": stage_config(params, "gatt", SampledFinetuneConfig),
-        "distill": stage_config(params, "distill", DistillConfig),
+        "gatt": stage_config(params, "gatt", GattConfig),
+        "distill": stage_config(params, "distill", DistillConfig, flat=("rlhf",)),
         "evaluate": stage_config(params, "evaluate", EvalConfig, nested=("register",)),
     }
 

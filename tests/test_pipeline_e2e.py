@@ -63,18 +63,21 @@ def test_every_stage_did_its_job(pipeline):
     assert min(filter_report["recall"].values()) >= 0.9 and min(filter_report["precision"].values()) >= 0.9
     vocab = _metrics(repo, "tokenizer")["vocab_size"]
     assert _metrics(repo, "pretrain")["val_loss"] < 0.5 * math.log(vocab)  # learned far beyond uniform
-    for stage in ("sft", "rejection", "gatt", "distill"):
+    distill = _metrics(repo, "distill")  # how many it keeps varies (ci's policy is often already safe): none is fine
+    for stage in ("sft", "rejection", "gatt") + (() if distill["skipped"] else ("distill",)):
         assert math.isfinite(_metrics(repo, stage)["val_loss"]) and _metrics(repo, stage)["target_tokens"] > 0
+    assert 0 <= _metrics(repo, "gatt")["data_adherence_turn2"] <= 1  # the sampled GAtt data, measured
     for rm in ("rm_helpful", "rm_safety"):
         assert _metrics(repo, rm)["val_accuracy"] > 0.6, rm
     assert _metrics(repo, "rejection")["reward_gain"] > 0  # best of k beats the average sample
-    distill = _metrics(repo, "distill")  # how many it keeps varies (ci's policy is often already safe): none is fine
     assert distill["prompts"] > 0 and 0 <= distill["kept"] <= distill["prompts"]
     assert distill["kept"] == 0 or distill["safety_gain_kept"] > 0  # kept only where the safety RM prefers it
+    assert distill["chat_is_gatt"] == (distill["skipped"] or distill["reverted"]) and distill["reason"]
     ppo = _metrics(repo, "ppo")
     assert ppo["iterations"] > 0 and math.isfinite(ppo["reward_last"])
     evaluation = _metrics(repo, "eval")
     assert sorted(evaluation["models"]) == sorted(MODEL_STAGES)
+    assert evaluation["chat_is_gatt"] == distill["chat_is_gatt"]  # evaluation says what chat is
     models = evaluation["models"]
     assert models["sft"]["helpfulness"] > models["base"]["helpfulness"] + 0.1  # SFT teaches the chat format
     assert models["sft"]["refusal_rate_harmful"] > models["base"]["refusal_rate_harmful"]

@@ -8,8 +8,9 @@ import torch
 
 from components.cluster import RayConfig
 from components.rlhf.reward import init_reward_model, rm_scores
-from components.rlhf.sampling import (SampleConfig, choose_reward, gatt_sampling_turn, gatt_training_dialogs,
-                                 ghost_attention, sample, select_best, select_distilled, with_preprompt)
+from components.rlhf.sampling import (SampleConfig, adherence_by_turn, choose_reward, gatt_placements,
+                                      gatt_sampling_dialog, gatt_training_dialogs, ghost_attention, mean_scores, sample,
+                                      select_best, select_distilled, with_preprompt)
 from model.chat import encode_dialog
 from model.checkpoint import save_checkpoint
 from tests.helpers import debug_model, small_tokenizer
@@ -38,39 +39,66 @@ def test_select_best_keeps_the_highest_reward_answer_per_prompt():
     assert stats["reward_gain"] > 0 and stats["samples"] == 6
 
 
-def test_gatt_samples_with_the_instruction_in_every_turn_and_trains_with_it_in_the_first_only():
-    assert gatt_sampling_turn("Answer in one word.", "hi", 0) == USER("hi")
-    assert gatt_sampling_turn("Answer in one word.", "and now?", 2) == USER("Answer in one word. and now?")
-    dialogs = [{"system": "Be brief.", "users": ["q1", "q2"]}, {"system": "Shout.", "users": ["r1"]}]
-    training = gatt_training_dialogs(dialogs, [["a1", "a2"], ["B1"]])
+def test_gatt_samples_with_the_instruction_in_every_turn_and_trains_with_it_in_one_place_only():
+    d = {"system": "Be brief.", "users": ["q1", "q2"]}
+    assert gatt_sampling_dialog(d, False) == {"system": "Be brief.", "users": ["q1", "Be brief. q2"]}
+    assert gatt_sampling_dialog(d, True) == {"system": "", "users": ["Be brief. q1", "Be brief. q2"]}
+    dialogs = [d, {"system": "Shout.", "users": ["r1", "r2"]}]
+    training = gatt_training_dialogs(dialogs, [["a1", "a2"], ["B1", "B2"]], [False, True])
     assert training == [
         [{"role": "system", "content": "Be brief."}, USER("q1"), {"role": "assistant", "content": "a1"}],
         [{"role": "system", "content": "Be brief."}, USER("q1"), {"role": "assistant", "content": "a1"}, USER("q2"),
          {"role": "assistant", "content": "a2"}],
-        [{"role": "system", "content": "Shout."}, USER("r1"), {"role": "assistant", "content": "B1"}]]
+        [USER("Shout. r1"), {"role": "assistant", "content": "B1"}],  # the instruction in the first user turn only
+        [USER("Shout. r1"), {"role": "assistant", "content": "B1"}, USER("r2"), {"role": "assistant", "content": "B2"}]]
+    assert gatt_training_dialogs(dialogs[:1], [["a1"]])[0][0]["role"] == "system"  # the default: system prompt
     # Trained with loss on the last turn only: the earlier answer contributes no target token.
     tok = small_tokenizer()
-    enc = encode_dialog(tok, training[1], last_turn_only=True)
-    first_answer_end = len(encode_dialog(tok, training[0]).tokens)
-    assert sum(enc.loss_mask[:first_answer_end]) == 0 and sum(enc.loss_mask) > 0
+    for whole, first in ((training[1], training[0]), (training[3], training[2])):
+        enc = encode_dialog(tok, whole, last_turn_only=True)
+        first_answer_end = len(encode_dialog(tok, first).tokens)
+        assert sum(enc.loss_mask[:first_answer_end]) == 0 and sum(enc.loss_mask) > 0
 
 
-def test_select_distilled_keeps_only_answers_the_safety_rm_prefers():
-    prompts = [[USER("harm 1")], [USER("harm 2")], [USER("harm 3")]]
-    pre = [{"answers": ["safe"], "rm_safety": [0.9]}, {"answers": ["worse"], "rm_safety": [0.2]},
-           {"answers": ["tie"], "rm_safety": [0.5]}]
-    plain = [{"answers": ["x"], "rm_safety": [0.4]}, {"answers": ["y"], "rm_safety": [0.6]},
-             {"answers": ["z"], "rm_safety": [0.5]}]
-    dialogs, stats = select_distilled(prompts, pre, plain)
-    assert dialogs == [[USER("harm 1"), {"role": "assistant", "content": "safe"}]]  # trained without the preprompt
-    assert stats["kept"] == 1 and stats["safety_gain_kept"] == pytest.approx(0.5)
+def test_gatt_placements_are_seeded_and_follow_the_fraction():
+    placed = gatt_placements(400, 0.3, seed=0)
+    assert placed == gatt_placements(400, 0.3, seed=0) and placed != gatt_placements(400, 0.3, seed=1)
+    assert 0.2 < sum(placed) / 400 < 0.4
+    assert not any(gatt_placements(50, 0.0, 0)) and all(gatt_placements(50, 1.0, 0))
+
+
+def test_adherence_by_turn_is_the_oracle_check_per_turn():
+    answers = [["WELL done", "well, yes", "no"], ["well said"], ["BLUE", "blue fish"]]
+    got = adherence_by_turn(["start_well", "start_well", "one_word"], answers, "data_adherence_")
+    assert got == pytest.approx({"data_adherence": 4 / 6, "data_adherence_turn1": 1.0, "data_adherence_turn2": 0.5,
+                                 "data_adherence_turn3": 0.0})
+
+
+def test_select_distilled_keeps_safe_answers_that_beat_an_unsafe_plain_answer_by_a_margin():
+    prompts = [[USER(f"harm {i}")] for i in range(5)]
+    pre = [{"answers": ["safe"], "rm_safety": [0.9]}, {"answers": ["worse"], "rm_safety": [0.05]},
+           {"answers": ["close"], "rm_safety": [0.6]}, {"answers": ["unsafe"], "rm_safety": [0.4]},
+           {"answers": ["safe too"], "rm_safety": [0.95]}]
+    plain = [{"answers": ["x"], "rm_safety": [0.1]}, {"answers": ["y"], "rm_safety": [0.1]},
+             {"answers": ["z"], "rm_safety": [0.55]}, {"answers": ["w"], "rm_safety": [0.1]},
+             {"answers": ["v"], "rm_safety": [0.2]}]  # the plain answer is already safe enough: left alone
+    rule = {"plain_below": 0.6, "min_safety": 0.5, "margin": 0.1}
+    dialogs, stats = select_distilled(prompts, pre, plain, **rule)
+    # harm 1: worse; harm 2: a gain of 0.05 < margin; harm 3: better by 0.3 but not safe in absolute terms
+    assert dialogs == [[USER("harm 0"), {"role": "assistant", "content": "safe"}],  # trained without the preprompt
+                       [USER("harm 4"), {"role": "assistant", "content": "safe too"}]]
+    assert stats["kept"] == 2 and stats["plain_low"] == 5 and stats["safety_gain_kept"] == pytest.approx(0.775)
+    dialogs, stats = select_distilled(prompts, pre, plain, **{**rule, "plain_below": 0.15})
+    assert [d[0]["content"] for d in dialogs] == ["harm 0"] and stats["plain_low"] == 3
+    # nothing low: nothing kept, and the stats say so
+    assert select_distilled(prompts, pre, plain, **{**rule, "plain_below": 0.05})[1]["kept"] == 0
     # k preprompted answers: the safest one competes with the plain answer
     pre_k = [{"answers": ["a", "b"], "rm_safety": [0.3, 0.7]}]
-    dialogs, _ = select_distilled(prompts[:1], pre_k, plain[:1])
+    dialogs, _ = select_distilled(prompts[:1], pre_k, plain[:1], **rule)
     assert dialogs[0][-1]["content"] == "b"
     # ... with the safest of the k plain answers
-    plain_k = [{"answers": ["c", "d"], "rm_safety": [0.1, 0.8]}]
-    assert select_distilled(prompts[:1], pre_k, plain_k)[0] == []
+    plain_k = [{"answers": ["c", "d"], "rm_safety": [0.1, 0.65]}]
+    assert select_distilled(prompts[:1], pre_k, plain_k, **rule)[0] == []
 
 
 def test_with_preprompt_keeps_a_single_system_prompt():
@@ -110,11 +138,28 @@ def test_sample_on_ray_data_answers_k_times_and_scores_against_the_score_prompt(
 
 
 def test_ghost_attention_answers_every_turn(ray_local, checkpoints):
-    dialogs = [{"system": "Answer in one word.", "users": ["a", "b", "c"]}, {"system": "Shout.", "users": ["d"]}]
+    dialogs = [{"system": "Answer in one word.", "users": ["a", "b", "c"], "instruction": "one_word"},
+               {"system": "Shout.", "users": ["d"], "instruction": "uppercase"}]
     training, stats = ghost_attention(dialogs, checkpoints / "policy", SampleConfig(max_new_tokens=4), RAY)
-    assert stats == {"dialogs": 2, "examples": 4, "turns_mean": 2.0}
+    assert {k: stats[k] for k in ("dialogs", "examples", "turns_mean", "first_turn_dialogs")} == {
+        "dialogs": 2, "examples": 4, "turns_mean": 2.0, "first_turn_dialogs": 0}
+    assert set(stats) >= {"data_adherence", "data_adherence_turn1", "data_adherence_turn3"}
+    assert 0 <= stats["data_adherence_turn1"] <= 1
     assert [len(d) for d in training] == [3, 5, 7, 3]
     assert all(m["content"] in ("a", "b", "c") for m in training[2] if m["role"] == "user")  # no instruction
+    # Every dialog with its instruction in the first user turn: no system prompt anywhere.
+    training, stats = ghost_attention(dialogs, checkpoints / "policy", SampleConfig(max_new_tokens=4), RAY, 1.0)
+    assert stats["first_turn_dialogs"] == 2 and [len(d) for d in training] == [2, 4, 6, 2]
+    assert training[2][0] == USER("Answer in one word. a") and [m["content"] for m in training[2][2::2]] == ["b", "c"]
+
+
+def test_mean_scores_are_the_reward_models_on_greedy_answers(ray_local, checkpoints):
+    rms = {name: checkpoints / name for name in ("rm_helpful", "rm_safety")}
+    prompts = [[USER(f"question {i}")] for i in range(3)]
+    got = mean_scores(prompts, checkpoints / "policy", rms, SampleConfig(k=4, temperature=1.0, max_new_tokens=4), RAY)
+    greedy = sample([{"prompt": p} for p in prompts], checkpoints / "policy",
+                    SampleConfig(k=1, temperature=0.0, max_new_tokens=4), RAY, rms)
+    assert got == pytest.approx({n: sum(r[n][0] for r in greedy) / 3 for n in rms})
 
 
 def test_prompts_without_room_for_the_answer_are_dropped_before_sampling(tmp_path):

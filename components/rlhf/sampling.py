@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from components.data import oracle
 from components.rlhf.losses import piecewise_reward
 from components.rlhf.reward import rm_scores
 from model.kernels import bf16_autocast
@@ -177,14 +178,13 @@ def sample(rows: list[dict], policy, cfg: SampleConfig, ray_cfg, reward_models: 
     return results
 
 
-def answer_turns(dialogs: list[dict], policy, cfg: SampleConfig, ray_cfg, user_message=None) -> list[list[str]]:
-    """Answer multi-turn dialogs ({"system": str, "users": [str]}) turn after turn, the policy's own answers kept in
-    the history (one Ray Data pass: each actor holds its dialogs' histories). user_message(system, user, turn) is the
-    user turn as asked (default: the user's text). Returns each dialog's answers, one per turn."""
-    user_message = user_message or (lambda system, user, turn: {"role": "user", "content": user})
-    asked = [[user_message(d["system"], u, t) for t, u in enumerate(d["users"])] for d in dialogs]
-    rows = [{"prompt": [{"role": "system", "content": d["system"]}, users[0]], "later": users[1:]}
-            for d, users in zip(dialogs, asked)]
+def answer_turns(dialogs: list[dict], policy, cfg: SampleConfig, ray_cfg) -> list[list[str]]:
+    """Answer multi-turn dialogs ({"system": str ("" = none), "users": [str]}) turn after turn, the policy's own
+    answers kept in the history (one Ray Data pass: each actor holds its dialogs' histories). Returns each dialog's
+    answers, one per turn."""
+    rows = [{"prompt": ([{"role": "system", "content": d["system"]}] if d["system"] else [])
+             + [{"role": "user", "content": d["users"][0]}],
+             "later": [{"role": "user", "content": u} for u in d["users"][1:]]} for d in dialogs]
     return [r["answers"] for r in sample(rows, policy, cfg, ray_cfg)]
 
 
@@ -222,47 +222,88 @@ def rejection_sampling(records: list[dict], policy, reward_models: dict, cfg: Sa
     return select_best(records, results, threshold)
 
 
-def gatt_sampling_turn(system: str, user: str, turn: int) -> dict:
-    """The user message GAtt samples with: turn 0 has the instruction as the system prompt already; every later
-    turn gets it concatenated, so the policy sees it wherever it answers."""
-    return {"role": "user", "content": user if turn == 0 else f"{system} {user}"}
+def gatt_placements(n: int, first_turn_fraction: float, seed: int) -> list[bool]:
+    """Where each of n GAtt dialogs carries its instruction: True = in the first user turn, False = as the system
+    prompt (seeded), so the trained model keeps an instruction from either place."""
+    import random
+
+    rng = random.Random(f"{seed}/gatt_placement")
+    return [rng.random() < first_turn_fraction for _ in range(n)]
 
 
-def gatt_training_dialogs(dialogs: list[dict], answers: list[list[str]]) -> list[list[dict]]:
-    """GAtt's training data: the instruction only as the first turn's system prompt, the plain user turns, the
-    sampled answers; one dialog per turn prefix, each to be trained with loss on its last turn only."""
+def gatt_sampling_dialog(dialog: dict, first_turn: bool) -> dict:
+    """The dialog as GAtt samples it: the instruction concatenated to every user turn, so the policy sees it wherever
+    it answers; a system-prompt dialog keeps it there for the first turn (the place the SFT data taught)."""
+    system, users = dialog["system"], dialog["users"]
+    if first_turn:
+        return {"system": "", "users": [f"{system} {u}" for u in users]}
+    return {"system": system, "users": users[:1] + [f"{system} {u}" for u in users[1:]]}
+
+
+def gatt_training_dialogs(dialogs: list[dict], answers: list[list[str]], first_turn: list[bool] | None = None,
+                          ) -> list[list[dict]]:
+    """GAtt's training data: the instruction only where the dialog places it (the system prompt, or the first user
+    turn), the later user turns plain, the sampled answers; one dialog per turn prefix, each to be trained with loss
+    on its last turn only (the earlier turns, sampled with the instruction in view, get none)."""
     training = []
-    for d, said in zip(dialogs, answers, strict=True):
-        dialog = [{"role": "system", "content": d["system"]}]
-        for user, answer in zip(d["users"], said):
+    for d, said, first in zip(dialogs, answers, first_turn or [False] * len(dialogs), strict=True):
+        dialog, users = [] if first else [{"role": "system", "content": d["system"]}], list(d["users"])
+        if first:
+            users[0] = f"{d['system']} {users[0]}"
+        for user, answer in zip(users, said):
             dialog = dialog + [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
             training.append(dialog)
     return training
 
 
-def ghost_attention(dialogs: list[dict], policy, cfg: SampleConfig, ray_cfg) -> tuple[list[list[dict]], dict]:
-    """§3.3: answer multi-turn dialogs ({"system": str, "users": [str]}) turn by turn with the instruction in every
-    user turn."""
-    answers = answer_turns(dialogs, policy, cfg, ray_cfg, gatt_sampling_turn)
-    training = gatt_training_dialogs(dialogs, answers)
-    return training, {"dialogs": len(dialogs), "examples": len(training),
-                      "turns_mean": sum(len(a) for a in answers) / len(answers)}
+def adherence_by_turn(instructions: list[str], answers: list[list[str]], prefix: str) -> dict:
+    """The oracle's instruction check over answers, per turn and overall: {prefix + "turn<t>": fraction, prefix: all}
+    (a measurement only: nothing is selected by it)."""
+    hits: dict[int, list[bool]] = {}
+    for instruction, said in zip(instructions, answers, strict=True):
+        for turn, answer in enumerate(said):
+            hits.setdefault(turn, []).append(oracle.gatt_adherence(instruction, answer))
+    out = {f"{prefix}turn{t + 1}": sum(h) / len(h) for t, h in sorted(hits.items())}
+    every = [x for h in hits.values() for x in h]
+    return {prefix.rstrip("_"): sum(every) / max(1, len(every)), **out}
 
 
-def select_distilled(prompts: list[list[dict]], with_preprompt: list[dict], without: list[dict],
-                     ) -> tuple[list[list[dict]], dict]:
-    """Context distillation's filter: the safest of the preprompted answers (trained on without the preprompt) is kept
-    only where the safety RM scores it above the safest plain answer. Best of k against best of k: against a single
-    plain sample, the best of k preprompted ones would win often even where the preprompt changes nothing."""
-    dialogs, gains = [], []
+def ghost_attention(dialogs: list[dict], policy, cfg: SampleConfig, ray_cfg, first_turn_fraction: float = 0.0,
+                    ) -> tuple[list[list[dict]], dict]:
+    """§3.3: answer multi-turn dialogs ({"system": str, "users": [str], "instruction": oracle key}) turn by turn with
+    the instruction in every user turn; some dialogs (first_turn_fraction) carry it in the first user turn instead
+    of the system prompt. Stats include how often the sampled answers follow the instruction, per turn."""
+    first_turn = gatt_placements(len(dialogs), first_turn_fraction, cfg.seed)
+    answers = answer_turns([gatt_sampling_dialog(d, f) for d, f in zip(dialogs, first_turn)], policy, cfg, ray_cfg)
+    training = gatt_training_dialogs(dialogs, answers, first_turn)
+    return training, {"dialogs": len(dialogs), "examples": len(training), "first_turn_dialogs": sum(first_turn),
+                      "turns_mean": sum(len(a) for a in answers) / len(answers),
+                      **adherence_by_turn([d["instruction"] for d in dialogs], answers, "data_adherence_")}
+
+
+def select_distilled(prompts: list[list[dict]], with_preprompt: list[dict], without: list[dict], plain_below: float,
+                     min_safety: float, margin: float) -> tuple[list[list[dict]], dict]:
+    """Context distillation's answer-level filter (§4.2.4): on prompts whose plain answers all score low on the safety
+    RM (the safest below plain_below), the safest preprompted answer is kept (to be trained on without the preprompt)
+    only if it is safe in absolute terms (>= min_safety) and beats the safest plain answer by at least margin. Best of
+    k against best of k: against a single plain sample, the best of k preprompted ones would win often even where
+    the preprompt changes nothing. Safe prompts are left alone: the paper found the preprompt hurts answers there."""
+    dialogs, gains, low = [], [], 0
     for prompt, pre, plain in zip(prompts, with_preprompt, without, strict=True):
         best = max(range(len(pre["rm_safety"])), key=pre["rm_safety"].__getitem__)
-        gain = pre["rm_safety"][best] - max(plain["rm_safety"])
-        if gain > 0:
+        plain_best = max(plain["rm_safety"])
+        if plain_best >= plain_below:
+            continue
+        low += 1
+        gain = pre["rm_safety"][best] - plain_best
+        if pre["rm_safety"][best] >= min_safety and gain >= margin:
             dialogs.append(prompt + [{"role": "assistant", "content": pre["answers"][best]}])
             gains.append(gain)
-    return dialogs, {"prompts": len(prompts), "kept": len(dialogs), "kept_fraction": len(dialogs) / len(prompts),
-                     "safety_gain_kept": sum(gains) / max(1, len(gains))}
+    mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
+    return dialogs, {"prompts": len(prompts), "plain_low": low, "kept": len(dialogs),
+                     "kept_fraction": len(dialogs) / max(1, len(prompts)), "safety_gain_kept": mean(gains),
+                     "plain_safety_mean": mean([max(r["rm_safety"]) for r in without]),
+                     "preprompted_safety_mean": mean([max(r["rm_safety"]) for r in with_preprompt])}
 
 
 def with_preprompt(preprompt: str, prompt: list[dict]) -> list[dict]:
@@ -273,10 +314,20 @@ def with_preprompt(preprompt: str, prompt: list[dict]) -> list[dict]:
 
 
 def context_distillation(records: list[dict], policy, reward_models: dict, preprompt: str, cfg: SampleConfig,
-                         ray_cfg) -> tuple[list[list[dict]], dict]:
+                         ray_cfg, **select) -> tuple[list[list[dict]], dict]:
     """§4.2.4: answer each prompt k times with a safety preprompt (as the system prompt) and without it, in one Ray
-    Data pass; every answer is scored against the plain prompt."""
+    Data pass; every answer is scored against the plain prompt; select_distilled's filter (select: its thresholds)."""
     prompts = [r["prompt"] for r in records]
     rows = [{"prompt": with_preprompt(preprompt, p), "score_prompt": p} for p in prompts]
     results = sample(rows + [{"prompt": p} for p in prompts], policy, cfg, ray_cfg, reward_models)
-    return select_distilled(prompts, results[:len(prompts)], results[len(prompts):])
+    return select_distilled(prompts, results[:len(prompts)], results[len(prompts):], **select)
+
+
+def mean_scores(prompts: list[list[dict]], policy, reward_models: dict, cfg: SampleConfig, ray_cfg) -> dict:
+    """Each reward model's mean score of the policy's greedy answers to prompts (held-out checks without the
+    oracle): {<rm name>: mean}."""
+    from dataclasses import replace
+
+    greedy = replace(cfg, k=1, temperature=0.0)
+    results = sample([{"prompt": p} for p in prompts], policy, greedy, ray_cfg, reward_models)
+    return {name: sum(r[name][0] for r in results) / len(results) for name in reward_models}
