@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TypeVar
 
@@ -52,15 +52,6 @@ def stage_config(params: dict, name: str, cls: type[T], nested: tuple[str, ...] 
         return config_from_dict(cls, data, name)
     except ValueError as e:  # a params mistake: what and where, without a traceback
         raise SystemExit(f"error: {e}") from None
-
-
-def rlhf_stage_config(params: dict, name: str, cls: type[T]) -> T:
-    """stage_config of a stage that applies the piecewise reward (rlhf section flat), its safety_threshold resolved
-    to a number: "auto" reads the rm_safety stage's choice from its checkpoint folder."""
-    from components.rlhf.reward import resolve_safety_threshold
-
-    cfg = stage_config(params, name, cls, flat=("rlhf",))
-    return replace(cfg, safety_threshold=resolve_safety_threshold(cfg.safety_threshold, path("checkpoints/rm_safety")))
 
 
 def path(p: str) -> Path:
