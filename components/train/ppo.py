@@ -124,7 +124,10 @@ def ppo_train_loop(config: dict) -> None:
     if len(pool) < 1:
         raise ValueError(f"ppo: eval_prompts {cfg.eval_prompts} leaves no prompts of {len(prompts)} for rollouts")
     held = held[rank * (len(held) // world):(rank + 1) * (len(held) // world)]
-    logged = [{"step": i, **shown(h)} for i, h in enumerate(history) if i % cfg.log_every == 0]
+    def logs(it: int, stats: dict) -> bool:  # which iterations are printed and sent to MLflow
+        return it % cfg.log_every == 0 or it == cfg.iterations - 1 or "heldout_reward" in stats
+
+    logged = [{"step": i, **shown(h)} for i, h in enumerate(history) if logs(i, h)]
     logger = RankZeroLogger(config["stage"], config.get("run_id"), config.get("tracking_uri"), cfg.iterations, logged)
 
     def save(folder: Path, done: int, final: bool = False) -> None:
@@ -172,7 +175,7 @@ def ppo_train_loop(config: dict) -> None:
         if held and (done % cfg.eval_every == 0 or done == cfg.iterations):
             stats.update(evaluate(done))
         history.append(stats)
-        if it % cfg.log_every == 0 or it == cfg.iterations - 1 or "heldout_reward" in stats:
+        if logs(it, stats):
             logger.log(it, shown(stats))
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.iterations:
             logger.flush()
