@@ -203,7 +203,8 @@ def resolve_safety_threshold(value: float | str, rm_safety_dir: str | Path) -> f
     if not isinstance(value, str):
         return float(value)
     if value != "auto":
-        raise SystemExit(f"error: params section 'rlhf': safety_threshold must be a probability or 'auto', got {value!r}")
+        raise SystemExit(f"error: params section 'rlhf': safety_threshold must be a probability or 'auto', "
+                         f"got {value!r}")
     file = Path(rm_safety_dir) / THRESHOLD_FILE
     if not file.is_file():
         raise SystemExit(f"error: rlhf.safety_threshold is 'auto' but {file} is missing: rerun the rm_safety stage "

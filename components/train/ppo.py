@@ -111,7 +111,7 @@ def ppo_train_loop(config: dict) -> None:
 
     def load_best(folder: Path) -> None:
         if (folder / BEST_DIR).is_dir():
-            best["weights"] = _policy_weights(policy)  # a template in the current sharding, loaded in place
+            best["weights"] = _policy_copy(policy)  # a template in the current sharding, loaded in place
             dcp.load(best["weights"], checkpoint_id=str(folder / BEST_DIR))
 
     state = restore_train_state(trained, config.get("resume_from"), load_best) or {"step": 0, "history": []}
@@ -151,7 +151,7 @@ def ppo_train_loop(config: dict) -> None:
     def before_step(done: int) -> None:
         """Keep a copy of the best policy before training changes it, when the current policy is the best."""
         if held and best["weights"] is None and early["best_iteration"] == done:
-            best["weights"] = {k: v.detach().clone() for k, v in _policy_weights(policy).items()}
+            best["weights"] = _policy_copy(policy)
 
     # The same global draw on every rank, each taking its share: the iteration's prompts do not depend on the workers.
     gen, share = torch.Generator().manual_seed(cfg.seed or 0), cfg.rollout_batch_size // world
@@ -196,9 +196,10 @@ def ppo_train_loop(config: dict) -> None:
     report(metrics, lambda folder: save(folder, done, final=True))
 
 
-def _policy_weights(policy) -> dict:
-    """The policy's state dict as it is sharded (DTensors under fsdp), keys without DDP's prefix."""
-    return get_model_state_dict(policy)
+def _policy_copy(policy) -> dict:
+    """A copy of the policy's state dict as it is sharded (DTensors under fsdp; keys without DDP's prefix). A copy:
+    the state dict's tensors share storage with the live parameters."""
+    return {k: v.detach().clone() for k, v in get_model_state_dict(policy).items()}
 
 
 def train_ppo(policy_ckpt, rm_helpful_ckpt, rm_safety_ckpt, prompts: list[list[int]], is_safety: list[bool],
