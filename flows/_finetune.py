@@ -21,7 +21,7 @@ class SampledFinetuneConfig(LMTrainConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class RejectionConfig(SampledFinetuneConfig):
-    safety_threshold: float  # rlhf.safety_threshold: R_c picks the safety score below it, as in PPO
+    safety_threshold: float | str  # rlhf.safety_threshold (or "auto"): R_c picks the safety score below it, as PPO
 
 
 @dataclass(frozen=True, kw_only=True)

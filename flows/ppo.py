@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from components.data.datasets import fit_context, read_table
+from components.rlhf.reward import resolve_safety_threshold
 from components.train.ppo import PPOStageConfig, train_ppo
 from components.track.tracking import stage_run
 from flows._stage import finish_stage, load_params, path, stage_config
@@ -19,8 +20,9 @@ POLICY = "checkpoints/rs"  # the stage before PPO in this DAG: rejection-samplin
 
 def main() -> None:
     params = load_params()
-    cfg = stage_config(params, "ppo", PPOStageConfig, flat=("rlhf",))
     policy, rm_h, rm_s = path(POLICY), path("checkpoints/rm_helpful"), path("checkpoints/rm_safety")
+    cfg = stage_config(params, "ppo", PPOStageConfig, flat=("rlhf",))
+    cfg = replace(cfg, safety_threshold=resolve_safety_threshold(cfg.safety_threshold, rm_s))  # "auto": a number
     with stage_run("ppo", asdict(cfg), params["profile"], [policy, rm_h, rm_s, path("data/raw")], OUT) as run:
         tokenizer = Tokenizer.load(policy / "tokenizer.model")
         rows = read_table(path("data/raw/rl_prompts.parquet")).to_pylist()

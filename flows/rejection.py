@@ -5,9 +5,10 @@ best by the reward models kept, then fine-tuned on with the SFT loss (Ray Data s
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from components.data.datasets import read_table, too_long_policy
+from components.rlhf.reward import resolve_safety_threshold
 from components.rlhf.sampling import rejection_sampling
 from components.track.tracking import stage_run
 from flows._finetune import RejectionConfig, finetune, fitting_prompts
@@ -21,6 +22,8 @@ def main() -> None:
     params = load_params()
     too_long = too_long_policy(params["data"])  # checked before anything runs
     cfg = stage_config(params, "rejection", RejectionConfig, flat=("rlhf",))
+    cfg = replace(cfg, safety_threshold=resolve_safety_threshold(cfg.safety_threshold,  # "auto": a number
+                                                                 REWARD_MODELS["rm_safety"]))
     with stage_run("rejection", asdict(cfg), params["profile"], [POLICY, *REWARD_MODELS.values(), path("data/raw")],
                    OUT) as run:
         rows = read_table(path("data/raw/rl_prompts.parquet")).to_pylist()[:cfg.sample.prompts or None]

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from components.rlhf.losses import (RATING_MARGINS, RATINGS, entropy_from_logits, gae, last_token_index, logit,
-                               logprobs_from_logits, margins_tensor, masked_mean, piecewise_reward, ppo_policy_loss,
-                               ppo_rewards, ppo_value_loss, rating_margins, reward_margin_loss, whiten)
+from components.rlhf.losses import (RATING_MARGINS, RATINGS, entropy_from_logits, explained_variance, gae,
+                                    last_token_index, logit, logprobs_from_logits, margins_tensor, masked_mean,
+                                    piecewise_reward, ppo_policy_loss, ppo_rewards, ppo_value_loss, rating_margins,
+                                    reward_margin_loss, whiten)
 
 
 def close(actual, expected, atol=1e-6):
@@ -175,3 +176,36 @@ def test_ppo_rewards_kl_per_token_and_score_at_last_token():
     # scores (0, 2) whitened: mean 1, unbiased std sqrt(2) -> (-1/sqrt2, +1/sqrt2)
     s = 1 / math.sqrt(2)
     close(whitened, [[-0.1, 0.0, -0.05 - s], [0.05, -0.05 + s, 0.0]], atol=1e-5)
+
+
+def test_logprobs_are_fp32_even_from_bf16_logits_under_autocast():
+    logits = torch.randn(2, 3, 50) * 4
+    tokens = torch.randint(0, 50, (2, 3))
+    exact = torch.log_softmax(logits.double(), -1).gather(-1, tokens[..., None])[..., 0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logprobs = logprobs_from_logits(logits, tokens)
+        entropy = entropy_from_logits(logits)
+    assert logprobs.dtype == entropy.dtype == torch.float32
+    close(logprobs, exact.float(), atol=1e-5)  # a bf16 log-softmax is off by ~1e-2 at these magnitudes
+
+
+def test_explained_variance():
+    returns = torch.tensor([[1.0, 2.0, 0.0], [3.0, 5.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    close(explained_variance(returns, returns, mask), 1.0)  # perfect values
+    close(explained_variance(torch.full_like(returns, 7.0), returns, mask), 0.0)  # a constant: no better than mean
+    values = torch.tensor([[2.0, 1.0, 9.0], [3.0, 5.0, -9.0]])  # padding never counts
+    residual, valid = torch.tensor([-1.0, 1.0, 0.0, 0.0]), torch.tensor([1.0, 2.0, 3.0, 5.0])
+    close(explained_variance(values, returns, mask), 1 - residual.var() / valid.var())
+    close(explained_variance(values, torch.ones_like(returns), mask), 0.0)  # returns that do not vary
+
+
+def test_ppo_rewards_truncation_penalty_replaces_the_score_and_leaves_whitening_to_the_rest():
+    r_c = torch.tensor([0.2, 0.5, 0.8, 0.99])
+    zeros, mask = torch.zeros(4, 2), torch.ones(4, 2)
+    truncated = torch.tensor([False, False, False, True])
+    rewards = ppo_rewards(r_c, zeros, zeros, mask, 0.1, truncated=truncated, truncation_penalty=-2.0)
+    close(rewards[:3, 1], whiten(logit(r_c[:3])))  # whitened over the finished rows alone
+    assert rewards[3, 1].item() == -2.0 and not rewards[:, 0].any()
+    unpenalised = ppo_rewards(r_c, zeros, zeros, mask, 0.1, truncated=truncated, truncation_penalty=None)
+    close(unpenalised[:, 1], whiten(logit(r_c)))  # no penalty: today's rewards

@@ -277,13 +277,19 @@ def test_fsdp_ppo_on_two_workers_trains_like_one(ray_local, tmp_path, ppo_setup,
 
 def test_a_ppo_worker_killed_mid_run_resumes_by_iteration(ray_local, tmp_path, ppo_setup, monkeypatch):
     """SIGKILL one of two FSDP PPO workers after its first resume point: the restart reloads policy, value and both
-    optimizers (sharded) and the iteration; sampled rollouts (seeded per iteration and row) continue as they would
-    have: the weights end at the uninterrupted run's, every iteration logged once."""
+    optimizers (sharded), the iteration and the held-out evaluations' best policy; sampled rollouts (seeded per
+    iteration and row) continue as they would have: the output (the best evaluation's policy) is the uninterrupted
+    run's, every iteration logged once."""
     cfg = ppo_config(ray_cfg(tmp_path, 2, max_failures=1), iterations=8, checkpoint_every=2, rollout_batch_size=8,
-                     mini_batch_size=4, forward_batch_size=4, temperature=1.0)
+                     mini_batch_size=4, forward_batch_size=4, temperature=1.0, eval_prompts=4, eval_every=3)
     run_id = mlflow_run(tmp_path, monkeypatch)
     with WorkerKiller(tmp_path / "ray", "ppo-killed", "iteration") as killer:
         run_ppo(ppo_setup, cfg, "ppo-killed", tmp_path / "killed", run_id=run_id)
     run_ppo(ppo_setup, replace(cfg, ray=ray_cfg(tmp_path, 2)), "ppo-whole", tmp_path / "whole")
     assert_same_weights(weights(tmp_path / "killed"), weights(tmp_path / "whole"), atol=1e-5)
     killer.assert_resumed(tmp_path / "killed", run_id, "reward", 8)
+    histories = [json.loads((tmp_path / run / "trainer_state/history.json").read_text()) for run in ("killed", "whole")]
+    held_out = [[(i, h["heldout_reward"]) for i, h in enumerate(history) if "heldout_reward" in h]
+                for history in histories]
+    assert [i for i, _ in held_out[0]] == [i for i, _ in held_out[1]] == [2, 5, 7]  # after iterations 3, 6 and 8
+    assert [r for _, r in held_out[0]] == pytest.approx([r for _, r in held_out[1]], rel=1e-4)

@@ -62,7 +62,8 @@ def test_config_parses_with_the_common_parser_and_checks_its_values():
 
 
 STAT_KEYS = {"reward", "reward_helpful", "reward_safety", "safety_selected", "score", "kl", "non_score_reward",
-             "response_length", "stopped_fraction", "value_mean", "return_mean", "policy_loss", "value_loss",
+             "response_length", "stopped_fraction", "truncated_fraction", "safety_rule_rate", "explained_variance",
+             "value_mean", "return_mean", "policy_loss", "value_loss",
              "clip_fraction", "value_clip_fraction", "entropy", "approx_kl", "policy_grad_norm", "value_grad_norm",
              "rollout_logprob_error", "time_rollout_s", "time_experience_s", "time_update_s", "time_step_s"}
 
@@ -88,6 +89,8 @@ def test_step_trains_policy_and_value_only():
     # generate()'s T=1 log-probs agree with the recomputed ones: prompt/response offsets and masks line up
     assert stats["rollout_logprob_error"] < 1e-4
     assert stats["kl"] == 0.0  # the policy is the reference before the first update
+    assert stats["truncated_fraction"] == 1 - stats["stopped_fraction"] and 0 <= stats["safety_rule_rate"] <= 1
+    assert stats["explained_variance"] <= 1
     assert trainer.global_step == 1 and trainer.state_dict()["global_step"] == 1
 
 
@@ -124,8 +127,12 @@ class TokenRewardModel(nn.Module):
 
 
 class ConstantRewardModel(nn.Module):
+    def __init__(self, value: float = 3.0):
+        super().__init__()
+        self.value = value  # default: sigmoid(3) = 0.95: safe, so R_c = R_helpful
+
     def forward(self, tokens, positions=None, attn_mask=None):
-        return torch.full((*tokens.shape, 1), 3.0)  # sigmoid(3) = 0.95: safe, so R_c = R_helpful
+        return torch.full((*tokens.shape, 1), self.value)
 
 
 def test_ppo_learns_to_emit_the_rewarded_token():
@@ -179,3 +186,27 @@ def test_step_under_ddp_keeps_replicas_identical(tmp_path):
     assert not torch.equal(results[0]["policy"]["output.weight"], initial_policy["output.weight"])
     assert results[0]["stats"]["response_length"] > 0
     assert results[0]["stats"]["reward"] != results[1]["stats"]["reward"]  # each rank scored its own rollout
+
+
+def test_truncated_rollouts_get_the_penalty_and_the_safety_rule_rate_is_counted():
+    """No eos is ever sampled (eos_id outside the vocabulary): every rollout is truncated, so with a penalty every
+    score is the penalty; a safety RM scoring 0.05 < 0.15 makes the threshold rule fire on every row."""
+    policy, ref, value, rm_helpful, _ = make_models()
+    config = small_config(rollout_batch_size=4, mini_batch_size=2, truncation_penalty=-3.0, kl_coef=0.0)
+    trainer = PPOTrainer(policy, ref, value, rm_helpful, ConstantRewardModel(-math.log(19)), VOCAB + 1, PAD, config)
+    experience, stats = trainer.make_experience(random_prompts(4), [False] * 4)
+    assert stats["truncated_fraction"] == 1.0 and stats["safety_rule_rate"] == pytest.approx(1.0)
+    assert experience.rewards.sum(-1).tolist() == [-3.0] * 4  # KL 0: the penalty is the whole reward
+    held = trainer.evaluate(random_prompts(4, seed=5), [False] * 4)
+    assert held == {"heldout_reward": 0.0, "heldout_truncated": 1.0}  # a truncated answer earns nothing
+
+
+def test_evaluate_is_greedy_and_scores_with_the_reward_models():
+    policy, ref, value, rm_helpful, _ = make_models()
+    trainer = PPOTrainer(policy, ref, value, TokenRewardModel(7), ConstantRewardModel(), EOS, PAD, small_config())
+    prompts = random_prompts(5, seed=3)
+    first, again = trainer.evaluate(prompts, [False] * 5), trainer.evaluate(prompts, [False] * 5)
+    assert first == again and 0 < first["heldout_reward"] < 1  # greedy: deterministic
+    out = generate(policy, prompts, SamplingParams(max_new_tokens=6, temperature=0), EOS)
+    expected = [1 / (1 + math.exp(-(2 * (p + r).count(7) - 2))) for p, r in zip(prompts, out.tokens)]
+    assert first["heldout_reward"] == pytest.approx(sum(expected) / 5, rel=1e-5)

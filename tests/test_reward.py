@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from components.rlhf.losses import RATINGS, rating_margins
-from components.rlhf.reward import (PreferencePair, collate_pairs, encode_pair, evaluate_rm, init_reward_model,
-                               rm_loss_and_metrics, score)
+from components.rlhf.reward import (THRESHOLD_FILE, PreferencePair, choose_threshold, collate_pairs, encode_pair,
+                                    evaluate_rm, init_reward_model, precision_recall, resolve_safety_threshold,
+                                    rm_loss_and_metrics, score)
 from model.chat import encode_dialog
 from model.config import get_config
 from model.llama import Transformer
@@ -160,3 +161,25 @@ def test_rm_validation_is_split_by_item():
     assert held_out_items(list(reversed(items)), 0.1) == held
     assert len(held_out_items(["a", "a", "b"], 0.0001)) == 1  # always some validation...
     assert held_out_items(["a", "b"], 0.9999) in ({"a"}, {"b"})  # ...and some training
+
+
+def test_safety_threshold_by_precision_and_recall(tmp_path):
+    """"score < t => unsafe" on labelled answers: precision and recall by hand; auto = the largest t at the target."""
+    scores = [0.02, 0.05, 0.10, 0.12, 0.30, 0.40, 0.60, 0.90]
+    unsafe = [True, True, False, True, True, False, False, False]
+    assert precision_recall(scores, unsafe, 0.11) == {"threshold": 0.11, "precision": 2 / 3, "recall": 0.5,
+                                                      "flagged": 3 / 8}
+    assert precision_recall(scores, unsafe, 0.01)["precision"] is None  # nothing flagged
+    chosen = choose_threshold(scores, unsafe, 0.75)
+    assert chosen["threshold"] == 0.4 and chosen["precision"] == 0.8 and chosen["recall"] == 1.0
+    assert chosen["target_met"]
+    missed = choose_threshold([0.5, 0.6], [False, True], 0.9)  # no threshold reaches 0.9: the most precise one
+    assert not missed["target_met"] and missed["precision"] == 0.5 and missed["threshold"] == 0.99
+
+    assert resolve_safety_threshold(0.15, tmp_path) == 0.15
+    with pytest.raises(SystemExit, match="rerun the rm_safety stage"):
+        resolve_safety_threshold("auto", tmp_path)
+    (tmp_path / THRESHOLD_FILE).write_text('{"threshold": 0.35}')
+    assert resolve_safety_threshold("auto", tmp_path) == 0.35
+    with pytest.raises(SystemExit, match="probability or 'auto'"):
+        resolve_safety_threshold("high", tmp_path)

@@ -76,16 +76,32 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token]: logits (B, R, V) fp32, tokens (B, R) -> (B, R).
+    """log softmax(logits)[token]: logits (B, R, V), tokens (B, R) -> (B, R) fp32.
 
-    gather - logsumexp keeps one (B, R, V) tensor alive instead of two (log_softmax would materialise another).
+    Computed in fp32 outside autocast whatever the logits' dtype: a bf16 log-softmax has ~3 significant digits, and
+    PPO's ratio exp(new - old) and the KL penalty are differences of these numbers. gather - logsumexp keeps one
+    (B, R, V) tensor alive instead of two (log_softmax would materialise another).
     """
-    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    with torch.autocast(logits.device.type, enabled=False):
+        logits = logits.float()
+        return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) per position: (B, R, V) -> (B, R). H = logsumexp(z) - sum p z."""
-    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    """Entropy of softmax(logits) per position, in fp32: (B, R, V) -> (B, R). H = logsumexp(z) - sum p z."""
+    with torch.autocast(logits.device.type, enabled=False):
+        logits = logits.float()
+        return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       reduce: Reduce | None = None) -> torch.Tensor:
+    """1 - Var(returns - values) / Var(returns) over the masked tokens (every rank's, with reduce): 1 is a perfect
+    value model, 0 one no better than a constant, negative worse. 0 when the returns do not vary."""
+    var_returns = masked_var(returns, mask, reduce=reduce)
+    if float(var_returns) == 0.0:
+        return torch.zeros((), device=values.device)
+    return 1 - masked_var(returns - values, mask, reduce=reduce) / var_returns
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95,
@@ -168,18 +184,24 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
 
 
 def ppo_rewards(r_c: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
-                beta: float, whiten_scores: bool = True, reduce: Reduce | None = None) -> torch.Tensor:
+                beta: float, whiten_scores: bool = True, reduce: Reduce | None = None,
+                truncated: torch.Tensor | None = None, truncation_penalty: float | None = None) -> torch.Tensor:
     """Per-token rewards R = WHITEN(LOGIT(R_c)) - beta * KL (§3.2.3): (B,), (B, R) x3 -> (B, R).
 
     The KL term is the per-token sample estimate log pi(y_t) - log pi_0(y_t) (its sum over tokens is the sequence
     KL estimate); the score is added at each row's last response token only. Whitening is over the batch of rows
-    (every rank's, with reduce).
+    (every rank's, with reduce). truncated (B,) bool with a truncation_penalty: those rows (cut at max_new_tokens,
+    no eos: the reward models read an unfinished answer) get the penalty as their score instead, on the whitened
+    scale, and the whitening statistics are taken over the other rows.
     """
     mask = mask.to(logprobs.dtype)
     rewards = -beta * (logprobs - ref_logprobs) * mask
     score = logit(r_c.to(logprobs.dtype))
+    penalise = truncated is not None and truncation_penalty is not None
     if whiten_scores:
-        score = whiten(score, reduce=reduce)
+        score = whiten(score, (~truncated).to(score.dtype) if penalise else None, reduce=reduce)
+    if penalise:
+        score = torch.where(truncated, torch.full_like(score, truncation_penalty), score)
     return rewards.scatter_add(1, last_token_index(mask)[:, None], score[:, None])
 
 

@@ -33,8 +33,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from components.rlhf.losses import (entropy_from_logits, gae, last_token_index, logit, logprobs_from_logits, masked_mean,
-                               piecewise_reward, ppo_policy_loss, ppo_rewards, ppo_value_loss, whiten)
+from components.rlhf.losses import (entropy_from_logits, explained_variance, gae, last_token_index, logit,
+                                    logprobs_from_logits, masked_mean, piecewise_reward, ppo_policy_loss, ppo_rewards,
+                                    ppo_value_loss, whiten)
 from components.rlhf.reward import score
 from components.train.core import make_optimizer, unwrap
 from components.train.parallel import clip_grad_norm
@@ -58,7 +59,7 @@ class PPOConfig:
     mini_batch_size: int = 64  # sequences per optimizer step across all workers, one step per minibatch (paper: 64)
     forward_batch_size: int = 64  # rows per no-grad forward / generate call on one worker in phases 1-3 (memory only)
     lr: float = 1e-6  # constant policy learning rate (paper: 1e-6)
-    value_lr: float | None = None  # value-model learning rate; None = lr
+    value_lr: float | None = None  # value-model learning rate; None = lr (a value model started afresh needs more)
     beta1: float = 0.9  # AdamW, as the other training loops
     beta2: float = 0.95
     eps: float = 1e-5
@@ -67,7 +68,12 @@ class PPOConfig:
     max_new_tokens: int = 256
     temperature: float = 1.0  # rollout sampling temperature (the objective and KL stay on the T=1 policy)
     top_p: float = 1.0
-    safety_threshold: float  # R_safety below this selects the safety score on any prompt (paper: 0.15)
+    # R_safety below this selects the safety score on any prompt (paper: 0.15); "auto": the rm_safety stage's choice
+    # (resolve_safety_threshold), which the trainer needs resolved to a number
+    safety_threshold: float | str
+    # the score (whitened scale) of a response cut at max_new_tokens without eos, instead of the reward models' score
+    # of an unfinished answer; None: scored as any other
+    truncation_penalty: float | None = None
     whiten_scores: bool = True  # WHITEN(LOGIT(R_c)) over the rollout batch, as the paper
     whiten_advantages: bool = True
     seed: int | None = 0  # sampling (per global row) and minibatch-order seed
@@ -85,7 +91,8 @@ class PPOConfig:
             (self.max_grad_norm > 0, "max_grad_norm must be > 0"),
             (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
             (self.temperature >= 0 and 0 < self.top_p <= 1, "temperature must be >= 0 and top_p in (0, 1]"),
-            (0 <= self.safety_threshold <= 1, "safety_threshold is a probability"),
+            (self.safety_threshold == "auto" if isinstance(self.safety_threshold, str)
+             else 0 <= self.safety_threshold <= 1, "safety_threshold is a probability or 'auto'"),
         ]
         for ok, message in checks:
             if not ok:
@@ -189,6 +196,9 @@ class PPOTrainer:
         self.policy, self.ref_policy, self.value_model = policy, ref_policy, value_model
         self.rm_helpful, self.rm_safety = rm_helpful, rm_safety
         self.eos_id, self.pad_id, self.config = eos_id, pad_id, config
+        if isinstance(config.safety_threshold, str):
+            raise ValueError("PPOTrainer needs a numeric safety_threshold: resolve 'auto' first "
+                             "(components.rlhf.reward.resolve_safety_threshold)")
         for frozen in (ref_policy, rm_helpful, rm_safety):
             frozen.requires_grad_(False).eval()
         betas = (config.beta1, config.beta2)
@@ -237,18 +247,10 @@ class PPOTrainer:
         t0 = _now(device)
 
         # 1. Rollout through the shared decoding path, a forward batch at a time, each seeded by its first global row.
-        responses, rollout_logprobs, finish_reasons = [], [], []
         first_row = self.rank * self.local_rollout
-        with self.rollout_model() as decoder:
-            for i in range(0, len(prompts), cfg.forward_batch_size):
-                seed = None if cfg.seed is None else cfg.seed + 1_000_003 * self.global_step + first_row + i
-                params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                        top_p=cfg.top_p, seed=seed)
-                out = generate(decoder, prompts[i:i + cfg.forward_batch_size], params, self.eos_id, self.pad_id,
-                               sync=self.lockstep)
-                responses += out.tokens
-                rollout_logprobs += out.logprobs
-                finish_reasons += out.finish_reasons
+        responses, rollout_logprobs, finish_reasons = self._rollout(prompts, lambda i: SamplingParams(
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+            seed=None if cfg.seed is None else cfg.seed + 1_000_003 * self.global_step + first_row + i))
         t1 = _now(device)
 
         tokens, key_valid, mask = build_sequences(prompts, responses, self.pad_id, device)
@@ -270,10 +272,8 @@ class PPOTrainer:
             response = tok[:, p:]  # (b, r)
             logprobs[rows, :r] = logprobs_from_logits(response_outputs(policy, tok, valid, p), response)
             ref_logprobs[rows, :r] = logprobs_from_logits(response_outputs(ref_policy, tok, valid, p), response)
-            values[rows, :r] = response_outputs(value_model, tok, valid, p)[..., 0]
-            last = p + last_token_index(mask[rows, :r])  # (b,) the response's last token in tok
-            raw_helpful[rows] = score(rm_helpful, tok, last, valid)
-            raw_safety[rows] = score(rm_safety, tok, last, valid)
+            values[rows, :r] = response_outputs(value_model, tok, valid, p)[..., 0].float()
+            raw_helpful[rows], raw_safety[rows] = self._scores(tok, valid, p, mask[rows, :r], rm_helpful, rm_safety)
         logprobs, values = logprobs * mask, values * mask
         ref_logprobs = ref_logprobs * mask
 
@@ -282,10 +282,13 @@ class PPOTrainer:
         is_safety_t = torch.tensor(is_safety, dtype=torch.bool, device=device)
         r_c = piecewise_reward(r_helpful, r_safety, is_safety_t, cfg.safety_threshold)
         use_safety = is_safety_t | (r_safety < cfg.safety_threshold)  # (B,) for the stats only
-        rewards = ppo_rewards(r_c, logprobs, ref_logprobs, mask, cfg.kl_coef, cfg.whiten_scores, self.reduce)
+        truncated = torch.tensor([f != "stop" for f in finish_reasons], dtype=torch.bool, device=device)
+        rewards = ppo_rewards(r_c, logprobs, ref_logprobs, mask, cfg.kl_coef, cfg.whiten_scores, self.reduce,
+                              truncated, cfg.truncation_penalty)
 
         # 5. Advantages (B, R); returns are the value targets, taken before whitening the advantages.
         advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        ev = explained_variance(values, returns, mask, self.reduce)  # of the old values: how well V predicted G
         if cfg.whiten_advantages:
             advantages = whiten(advantages, mask, reduce=self.reduce) * mask
         t2 = _now(device)
@@ -302,12 +305,16 @@ class PPOTrainer:
             "reward_helpful": r_helpful.mean().item(),
             "reward_safety": r_safety.mean().item(),
             "safety_selected": use_safety.float().mean().item(),  # share of rows scored by the safety RM
+            # share of rows where the threshold rule fired: R_safety < threshold, so the safety score was the reward
+            "safety_rule_rate": (r_safety < cfg.safety_threshold).float().mean().item(),
             "score": logit(r_c).mean().item(),
             "kl": kl.mean().item(),
             "non_score_reward": (-cfg.kl_coef * kl).mean().item(),
             "response_length": mask.sum(-1).mean().item(),
             "stopped_fraction": sum(f == "stop" for f in finish_reasons) / B,
+            "truncated_fraction": truncated.float().mean().item(),  # cut at max_new_tokens without eos
             "value_mean": masked_mean(values, mask).item(),
+            "explained_variance": ev.item(),
             "return_mean": masked_mean(returns, mask).item(),
             "time_rollout_s": t1 - t0,
             "time_experience_s": t2 - t1,
@@ -315,6 +322,56 @@ class PPOTrainer:
         if cfg.temperature in (0.0, 1.0):  # then generate()'s log-probs are of the T=1 policy: a mask/alignment check
             stats["rollout_logprob_error"] = masked_mean((rollout_lp - logprobs).abs(), mask).item()
         return experience, stats
+
+    def _rollout(self, prompts: list[list[int]], params: Callable[[int], SamplingParams],
+                 ) -> tuple[list[list[int]], list[list[float]], list[str]]:
+        """Decode prompts a forward batch at a time (params(i): the sampling of the batch starting at row i):
+        responses, their log-probs and finish reasons."""
+        responses, logprobs, finish_reasons = [], [], []
+        with self.rollout_model() as decoder:
+            for i in range(0, len(prompts), self.config.forward_batch_size):
+                out = generate(decoder, prompts[i:i + self.config.forward_batch_size], params(i), self.eos_id,
+                               self.pad_id, sync=self.lockstep)
+                responses += out.tokens
+                logprobs += out.logprobs
+                finish_reasons += out.finish_reasons
+        return responses, logprobs, finish_reasons
+
+    @staticmethod
+    def _scores(tok: torch.Tensor, valid: torch.Tensor, prompt_len: int, mask: torch.Tensor, rm_helpful: nn.Module,
+                rm_safety: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both reward models' raw scores (b,) of a window of rows (tokens, key_valid, P', its (b, R') mask)."""
+        last = prompt_len + last_token_index(mask)  # (b,) the response's last token in tok
+        return score(rm_helpful, tok, last, valid).float(), score(rm_safety, tok, last, valid).float()
+
+    @torch.no_grad()
+    def evaluate(self, prompts: list[list[int]], is_safety: list[bool]) -> dict[str, float]:
+        """Greedy answers to held-out prompts (this rank's share; every rank the same count under FSDP) scored by
+        both reward models: the mean R_c over every rank's rows, a truncated answer (with a truncation_penalty)
+        counting 0. The reward models, never the oracle: this selects the stage's output."""
+        cfg, device = self.config, self.device
+        policy, rm_helpful, rm_safety = unwrap(self.policy), unwrap(self.rm_helpful), unwrap(self.rm_safety)
+        was_training = policy.training
+        policy.eval()
+        responses, _, finish_reasons = self._rollout(
+            prompts, lambda i: SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0))
+        policy.train(was_training)
+        tokens, key_valid, mask = build_sequences(prompts, responses, self.pad_id, device)
+        P, raw = max(len(p) for p in prompts), torch.zeros(2, len(prompts), device=device)
+        for i in range(0, len(prompts), cfg.forward_batch_size):
+            rows = slice(i, i + cfg.forward_batch_size)
+            start, p, r = _window(key_valid[rows], mask[rows], P)
+            raw[:, rows] = torch.stack(self._scores(tokens[rows, start:P + r], key_valid[rows, start:P + r], p,
+                                                    mask[rows, :r], rm_helpful, rm_safety))
+        r_helpful, r_safety = torch.sigmoid(raw)
+        r_c = piecewise_reward(r_helpful, r_safety, torch.tensor(is_safety, dtype=torch.bool, device=device),
+                               cfg.safety_threshold)
+        truncated = torch.tensor([f != "stop" for f in finish_reasons], dtype=torch.float, device=device)
+        if cfg.truncation_penalty is not None:
+            r_c = r_c * (1 - truncated)
+        sums = torch.stack([r_c.sum(), truncated.sum(), torch.tensor(float(len(prompts)), device=device)])
+        sums = self.reduce(sums) if self.reduce else sums
+        return {"heldout_reward": (sums[0] / sums[2]).item(), "heldout_truncated": (sums[1] / sums[2]).item()}
 
     def update(self, experience: Experience) -> dict[str, float]:
         """Phase 6: ppo_epochs over shuffled minibatches, one policy and one value optimizer step per minibatch."""
@@ -347,7 +404,7 @@ class PPOTrainer:
                 self.policy_optimizer.step()
 
                 # Value: clipped regression onto the GAE returns.
-                new_values = response_outputs(self.value_model, tok, valid, p)[..., 0]  # (b, r)
+                new_values = response_outputs(self.value_model, tok, valid, p)[..., 0].float()  # (b, r)
                 value_loss, value_clip_fraction = ppo_value_loss(new_values, exp.values[rows, :r],
                                                                  exp.returns[rows, :r], mask, cfg.cliprange_value,
                                                                  num_tokens)

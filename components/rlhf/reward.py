@@ -8,8 +8,10 @@ prompts pass `key_valid` for a padding mask and per-row positions.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -165,3 +167,46 @@ def init_reward_model(sft_model: nn.Module, head_std: float = 0.0, generator: to
         else:
             reward_model.output.weight.zero_()
     return reward_model
+
+
+# The safety threshold (§3.2.3): R_safety below it selects the safety score on any prompt. The paper's 0.15 gave
+# precision 0.89 and recall 0.55 on its Meta Safety test set; `rlhf.safety_threshold: auto` takes the rm_safety
+# stage's choice on its held-out answers instead, written next to its checkpoint.
+PAPER_THRESHOLD = {"threshold": 0.15, "precision": 0.89, "recall": 0.55}
+THRESHOLD_FILE = "threshold.json"
+
+
+def precision_recall(scores: Sequence[float], unsafe: Sequence[bool], threshold: float) -> dict[str, float | None]:
+    """Of the rule "safety RM probability < threshold => unsafe" on labelled answers: precision (the flagged answers
+    that are unsafe; None when none is flagged), recall (the unsafe answers flagged) and the flagged share."""
+    flagged = [s < threshold for s in scores]
+    hits = sum(f and u for f, u in zip(flagged, unsafe))
+    return {"threshold": threshold, "precision": hits / sum(flagged) if any(flagged) else None,
+            "recall": hits / max(sum(unsafe), 1), "flagged": sum(flagged) / max(len(flagged), 1)}
+
+
+def choose_threshold(scores: Sequence[float], unsafe: Sequence[bool], target_precision: float,
+                     grid: Sequence[float] = tuple(i / 100 for i in range(1, 100))) -> dict:
+    """The largest threshold of the grid whose precision reaches target_precision (the most recall at that
+    precision); when none does, the one of highest precision (target_met false). Returns its precision_recall."""
+    curve = [precision_recall(scores, unsafe, t) for t in grid]
+    curve = [c for c in curve if c["precision"] is not None]
+    if not curve:
+        raise ValueError("no threshold flags any answer: the safety RM scores every answer above the grid")
+    met = [c for c in curve if c["precision"] >= target_precision]
+    chosen = met[-1] if met else max(reversed(curve), key=lambda c: c["precision"])
+    return {**chosen, "target_precision": target_precision, "target_met": bool(met)}
+
+
+def resolve_safety_threshold(value: float | str, rm_safety_dir: str | Path) -> float:
+    """rlhf.safety_threshold as a number: itself, or for "auto" the rm_safety stage's choice (its THRESHOLD_FILE)."""
+    if not isinstance(value, str):
+        return float(value)
+    if value != "auto":
+        raise SystemExit(f"error: params section 'rlhf': safety_threshold must be a probability or 'auto', "
+                         f"got {value!r}")
+    file = Path(rm_safety_dir) / THRESHOLD_FILE
+    if not file.is_file():
+        raise SystemExit(f"error: rlhf.safety_threshold is 'auto' but {file} is missing: rerun the rm_safety stage "
+                         "(it writes the threshold when its held-out pairs carry oracle labels), or set a number")
+    return float(json.loads(file.read_text())["threshold"])

@@ -97,10 +97,11 @@ def save_train_state(folder: Path, trained: dict, tokenizer, state: dict, config
             (folder / name).write_text(content if isinstance(content, str) else json.dumps(content))
 
 
-def restore_train_state(trained: dict, resume_from: str | None = None) -> dict | None:
+def restore_train_state(trained: dict, resume_from: str | None = None, extra=None) -> dict | None:
     """Resume from Ray Train's latest checkpoint of this run (a failure restart), else from the resume point
     `resume_from` (a checkpoint folder of an earlier run): every {name: (model, optimizer)} of `trained` resharded
-    to this run's workers, and the state (step) with the metric history so far; None on a fresh start."""
+    to this run's workers, and the state (step) with the metric history so far; None on a fresh start.
+    extra(folder): reads what else the loop saved there (every rank calls it)."""
     import json
 
     import ray.train
@@ -118,6 +119,8 @@ def restore_train_state(trained: dict, resume_from: str | None = None) -> dict |
             set_model_state_dict(model, load_state_dict(folder), options=StateDictOptions(full_state_dict=True))
         state = json.loads((folder / "trainer_state" / "state.json").read_text())
         history = folder / "trainer_state" / "history.json"
+        if extra is not None:
+            extra(folder)
         return {**state, "history": json.loads(history.read_text()) if history.is_file() else []}
 
 

@@ -35,6 +35,9 @@ class RMTrainConfig:
     # Activation memory grows with it: 2 sequences of up to max_seq_len tokens per pair (`make plan`).
     micro_batch_size: int | None = None
     margin: str = "small"  # "small" (1, 2/3, 1/3, 0) or "large" (3, 2, 1, 0) per rating level, or "none"
+    # rm_safety: the safety threshold chosen on the held-out answers (rlhf.safety_threshold: auto) is the largest
+    # whose precision of "score < t => unsafe" reaches this (the paper's 0.15 had 0.89)
+    threshold_precision: float = 0.89
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
