@@ -11,14 +11,18 @@ stage's (generate's default).
 
 Rounds alternate (ours, TRL, ours, ...) so machine noise hits both; the first iteration of each round is a warm-up.
 TRL's iteration is timed by a TrainerCallback between step ends (its whole loop: rollout, scoring, update, logging).
+Each iteration's wall time and the process's CPU time (steadier on a loaded machine, with 1 thread) are reported,
+ours split by phase (rollout, scoring and forwards, update) and TRL's rollout (its generate) apart.
 
     python benchmarks/bench_ppo.py                     # needs `pip install -e .[bench]` (trl==1.12.*)
-    python benchmarks/bench_ppo.py --dtype fp32 --rounds 5 --json ppo.json
+    python benchmarks/bench_ppo.py --dtype bf16 --rounds 5 --json ppo.json
+    python benchmarks/bench_ppo.py --threads 1 --profile     # then one of our iterations under torch.profiler
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import copy
 import json
 import statistics
@@ -92,19 +96,20 @@ def build_trl(args, policy_state: dict, prompts: list[list[int]], opts, out_dir:
         stop_token=None, missing_eos_penalty=None, temperature=1.0, learning_rate=3e-6, lr_scheduler_type="constant",
         num_sample_generations=0)
     trainer = TRLTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=copy.deepcopy(policy),
-                         reward_model=reward, value_model=value, train_dataset=Dataset.from_dict({"input_ids": prompts}))
+                         reward_model=reward, value_model=value,
+                         train_dataset=Dataset.from_dict({"input_ids": prompts}))
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.times: list[float] = []
+            self.times: list[tuple[float, float]] = []  # (wall, CPU) seconds per iteration
             self.rollout: list[float] = []
 
         def on_train_begin(self, *_, **__):
-            self.last = time.perf_counter()
+            self.last = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *_, **__):
-            now = time.perf_counter()
-            self.times.append(now - self.last)
+            now = time.perf_counter(), time.process_time()
+            self.times.append((now[0] - self.last[0], now[1] - self.last[1]))
             self.last = now
 
     timer = StepTimer()
@@ -140,10 +145,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed iterations per round, after one warm-up")
     parser.add_argument("--rounds", type=int, default=3, help="ours/TRL alternate this many times")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--profile", action="store_true",
+                        help="then profile one more of our iterations (torch.profiler) and print its top operators")
     opts = parser.parse_args()
     if opts.batch % opts.mini_batch:
         parser.error("--batch must be a multiple of --mini-batch")
     torch.set_num_threads(opts.threads)
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     import trl
 
     args = get_config(opts.config)
@@ -159,22 +167,32 @@ def main() -> None:
         theirs, timer = build_trl(args, ours.policy.state_dict(), prompts, opts, out_dir)
         theirs.args.num_total_batches = opts.steps + 1  # iterations per train() call: a warm-up + the timed ones
         trl_rollout: list[float] = []
+        ours_cpu: list[float] = []
+        trl_cpu: list[float] = []
         ours_t, trl_t, phases = [], [], {"time_rollout_s": [], "time_experience_s": [], "time_update_s": []}
         for _ in range(opts.rounds):
             for step in range(opts.steps + 1):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 with bf16_autocast("cpu", opts.dtype == "bf16"):
                     stats = ours.step(prompts, is_safety)
                 if step:
                     ours_t.append(time.perf_counter() - t0)
+                    ours_cpu.append(time.process_time() - c0)
                     for key in phases:
                         phases[key].append(stats[key])
                 assert stats["response_length"] == opts.response_len, stats["response_length"]
             timer.times.clear(), timer.rollout.clear()
             theirs.train()
-            trl_t += timer.times[1:]
+            trl_t += [wall for wall, _ in timer.times[1:]]
+            trl_cpu += [cpu for _, cpu in timer.times[1:]]
             trl_rollout += timer.rollout[1:]
 
+    if opts.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof, bf16_autocast("cpu", opts.dtype == "bf16"):
+            ours.step(prompts, is_safety)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     ours_s, trl_s = statistics.median(ours_t), statistics.median(trl_t)
     phase_s = {key.removeprefix("time_").removesuffix("_s"): statistics.median(v) for key, v in phases.items()}
     row = {"config": opts.config, "params": n_params, "dtype": opts.dtype, "threads": opts.threads, "cpu": cpu_model(),
@@ -182,10 +200,14 @@ def main() -> None:
            "prompt_len": opts.prompt_len, "response_len": opts.response_len, "ppo_epochs": opts.ppo_epochs,
            "ours_s": ours_s, "trl_s": trl_s, "ratio": ours_s / trl_s, "ours_phases_s": phase_s,
            "trl_rollout_s": statistics.median(trl_rollout),
+           "ours_cpu_s": statistics.median(ours_cpu), "trl_cpu_s": statistics.median(trl_cpu),
            "ours_all_s": ours_t, "trl_all_s": trl_t}
     print(f"\n| benchmark | ours s/iter | TRL s/iter | ours/TRL | threads | CPU |\n|---|---:|---:|---:|---:|---|")
-    print(f"| PPO iteration {opts.dtype} | {ours_s:.3f} | {trl_s:.3f} | {ours_s / trl_s:.2f}× | {opts.threads} | "
-          f"{row['cpu']} |")
+    print(f"| PPO iteration {opts.dtype}, wall | {ours_s:.3f} | {trl_s:.3f} | {ours_s / trl_s:.2f}× | "
+          f"{opts.threads} | {row['cpu']} |")
+    # CPU time of the process: steadier than wall time on a loaded machine (with 1 thread; more threads add spinning)
+    print(f"| PPO iteration {opts.dtype}, CPU time | {row['ours_cpu_s']:.3f} | {row['trl_cpu_s']:.3f} | "
+          f"{row['ours_cpu_s'] / row['trl_cpu_s']:.2f}× | {opts.threads} | {row['cpu']} |")
     print("\nours by phase (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in phase_s.items()))
     print(f"TRL rollout (generate, median s): {row['trl_rollout_s']:.3f}; the rest of its iteration "
           f"{trl_s - row['trl_rollout_s']:.3f}")
