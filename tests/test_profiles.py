@@ -23,7 +23,8 @@ SCALE = ["llama2-7b", "llama2-13b", "llama2-70b"]  # profile name = model config
 LM_STAGES = ("pretrain", "sft", "rejection", "gatt", "distill")
 # Dicts whose keys are the user's (overrides, world sizes, filter thresholds, source entries): only the key leading to
 # them must exist. `<section>.ray` (a stage's Ray overrides) is optional in any section.
-FREE_FORM = {("model", "overrides"), ("data", "world"), ("data", "sources"), ("filter",), ("benchmarks", "tasks")}
+FREE_FORM = {("model", "overrides"), ("data", "world"), ("data", "sources"), ("filter",), ("benchmarks", "tasks"),
+             ("rlhf", "rounds")}
 RAY_MAJOR_MINOR = ".".join(version("ray").split(".")[:2])
 
 
