@@ -77,9 +77,29 @@ def _stage_paths(stage: str) -> tuple[list[str], list[str]]:
     dvc_yaml = REPO_ROOT / "dvc.yaml"
     if not dvc_yaml.is_file():
         return [], []
-    spec = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).get(stage, {})
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+    base, _, key = stage.partition("@")  # a foreach stage's instance: <stage>@<key>
+    spec = stages.get(base, {}).get("do", {}) if key else stages.get(stage, {})
     outs = [o if isinstance(o, str) else next(iter(o)) for o in spec.get("outs", [])]
-    return list(spec.get("deps", [])), outs
+    return [_interpolate(p, key) for p in spec.get("deps", [])], [_interpolate(p, key) for p in outs]
+
+
+def _interpolate(text: str, key: str) -> str:
+    """dvc.yaml's ${...} in a path, as DVC resolves it from params.yaml: ${key} and ${item.<field>} of a foreach
+    over params rlhf.rounds (the only foreach), any other ${a.b} a params value."""
+    import re
+
+    if "${" not in text:
+        return text
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text()) or {}
+    context = {"key": key, "item": ((params.get("rlhf") or {}).get("rounds") or {}).get(key, {}), **params}
+
+    def value(match) -> str:
+        node = context
+        for part in match.group(1).split("."):
+            node = node[part]
+        return str(node)
+    return re.sub(r"\$\{([\w.]+)\}", value, text)
 
 
 def upstream_run_ids(dirs) -> dict[str, str]:
