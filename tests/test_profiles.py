@@ -109,6 +109,22 @@ def test_profile_converts_to_every_stage_config(name):
 
 
 @pytest.mark.parametrize("name", PROFILES)
+def test_rlhf_rounds_chain_and_final_is_the_last(name):
+    """Iterative RLHF: round 1 starts from SFT, each later round from the previous round's PPO model; the laptop CI
+    runs one round, the others two."""
+    from flows._stage import final_round, rlhf_rounds
+
+    params = load(name)
+    rounds = rlhf_rounds(params)  # checked: final is the last key
+    assert final_round(params) == params["rlhf"]["final"] == list(rounds)[-1]
+    names = list(rounds)
+    assert rounds[names[0]] == "checkpoints/sft"
+    assert all(rounds[b] == f"checkpoints/{a}/ppo" for a, b in zip(names, names[1:]))
+    assert len(rounds) == (1 if name == "ci" else 2)
+    assert params["prefs"]["max_new_tokens"] == params["rejection"]["sample"]["max_new_tokens"]
+
+
+@pytest.mark.parametrize("name", PROFILES)
 def test_batches_divide_over_the_workers(name):
     configs = stage_configs(load(name))
     for stage in LM_STAGES:
