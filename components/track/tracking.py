@@ -155,7 +155,8 @@ def stage_run(stage: str, params: dict, profile: str, upstream_dirs=(), out_dir:
     upstream = upstream_run_ids(upstream_dirs)
     tags = {"dvc.stage": stage, "git.commit": _git("rev-parse", "HEAD") or "unknown",
             "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))), "profile": profile}
-    tags.update({f"upstream.{name}": run_id for name, run_id in upstream.items()})
+    # A per-round stage's upstream as upstream.<stage>:<round> (MLflow keys take no "@").
+    tags.update({f"upstream.{name.replace('@', ':')}": run_id for name, run_id in upstream.items()})
     tags.update({f"dvc.dep.{path}": _file_md5(path) or md5s.get(path) for path in deps
                  if _file_md5(path) or path in md5s})
     client = MlflowClient()
