@@ -98,3 +98,16 @@ def test_rounds_are_not_config_fields_of_the_stages_that_read_rlhf():
 
     assert stage_config(params(), "ppo", PPOStageConfig, flat=("rlhf",)).safety_threshold == 0.15
     assert files_name("ppo@r2") == "r2/ppo" and files_name("gatt") == "gatt"
+
+
+def test_a_rounds_stage_instance_has_its_dvc_paths_and_its_place_in_the_pipeline():
+    """MLflow's dvc.dep.* tags and `make run`'s wall-time table see prefs@r2 etc. as DVC resolves them."""
+    from components.track.tracking import _stage_paths, pipeline_order
+
+    deps, outs = _stage_paths("rm_safety@r2")
+    assert {"checkpoints/r1/ppo", "data/rounds/r2/prefs_safety.parquet", "flows/_rm.py"} <= set(deps)
+    assert outs == ["checkpoints/r2/rm_safety", "plots/curves/r2/rm_safety.json"]
+    assert "checkpoints/r2/ppo" in _stage_paths("gatt")[0]
+    order = pipeline_order()
+    assert order[order.index("sft") + 1:order.index("gatt")] == [
+        f"{stage}@{r}" for r in ("r1", "r2") for stage in ("prefs", "rm_helpful", "rm_safety", "rejection", "ppo")]

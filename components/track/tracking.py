@@ -202,11 +202,27 @@ def logged_steps(run_id: str, keys: set[str], uri: str | None = None) -> set[tup
     return {(key, m.step) for key in keys for m in client.get_metric_history(run_id, key)}
 
 
+def pipeline_order() -> list[str]:
+    """dvc.yaml's stage names in order, each run of consecutive foreach stages (the iterative RLHF rounds) expanded
+    round by round: prefs@r1, ..., ppo@r1, prefs@r2, ..."""
+    stages = (yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text()) or {}).get("stages", {})
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text()) or {}
+    rounds = list(((params.get("rlhf") or {}).get("rounds") or {}))
+    order, block = [], []
+    for name, spec in [*stages.items(), (None, {})]:
+        if "foreach" in spec:
+            block.append(name)
+            continue
+        order += [f"{b}@{r}" for r in rounds for b in block] + ([name] if name else [])
+        block = []
+    return order
+
+
 def summary() -> str:
     """The latest MLflow run of every stage: status and wall time, in pipeline order (a table for the terminal)."""
     mlflow = setup_mlflow()
     runs = mlflow.search_runs(experiment_names=[EXPERIMENT], order_by=["start_time DESC"], output_format="list")
-    order = list((yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text()) or {}).get("stages", {}))
+    order = pipeline_order()
     latest = {}
     for run in runs:
         latest.setdefault(run.data.tags.get("dvc.stage"), run)
