@@ -1,6 +1,6 @@
-"""DVC stage `gatt`: Ghost Attention (§3.3): multi-turn dialogs sampled from the last round's PPO policy with the system
-instruction in every user turn, fine-tuned with it in one place only (the system prompt, or the first user turn for
-gatt.first_turn_fraction of the dialogs) and loss on the last turn only -> checkpoints/gatt/. metrics/gatt.json says
+"""DVC stage `gatt`: Ghost Attention (§3.3): multi-turn dialogs sampled from the last round's PPO policy with the
+system instruction in every user turn, fine-tuned with it in one place only (the system prompt, or the first user turn
+for gatt.first_turn_fraction of the dialogs) and loss on the last turn only -> checkpoints/gatt/. metrics/gatt.json says
 how often the sampled training answers follow their instruction, per turn (data_adherence_turn<t>)."""
 
 from __future__ import annotations
