@@ -289,7 +289,9 @@ def evaluate(cfg, args: ModelArgs) -> list[Row]:
 
 def plan(configs: dict, args: ModelArgs) -> list[Row]:
     """Every stage's rows, from the stages' parsed configs (keys as flows name them) and the network's args."""
+    prefs = configs["prefs"]  # each round's stages; a round's peak is the same in every round
     rows = [lm_train("pretrain", configs["pretrain"], args), lm_train("sft", configs["sft"], args),
+            *sampling("prefs", prefs.sampling(max(prefs.temperatures)), prefs.ray, args, False),
             rm_train("rm_helpful", configs["rm"], args), rm_train("rm_safety", configs["rm"], args)]
     rej = configs["rejection"]
     rows += sampling("rejection", rej.sample, rej.ray, args, True) + [lm_train("rejection:train", rej, args)]

@@ -11,6 +11,7 @@ from components.cluster import RayConfig
 
 PARAMS_FILE = REPO_ROOT / "params.yaml"
 T = TypeVar("T")
+ROUND_KEYS = ("rounds", "final")  # rlhf's keys that name the iterative rounds (read by rlhf_rounds), not config fields
 
 
 def load_params() -> dict:
@@ -41,17 +42,59 @@ def stage_config(params: dict, name: str, cls: type[T], nested: tuple[str, ...] 
     try:
         data, known = dict(section(params, name)), {f.name for f in fields(cls)}
         for shared in nested + flat:
-            keys = [shared] if shared in nested else list(section(params, shared))
+            flat_part = {k: v for k, v in section(params, shared).items() if k not in ROUND_KEYS}
+            keys = [shared] if shared in nested else list(flat_part)
             if clash := sorted(set(keys) & set(data)):
                 raise ValueError(f"params section {name!r}: {clash} set in section {shared!r}, not here")
             if unknown := sorted(set(keys) - known):
                 raise ValueError(f"unknown keys {unknown} in params section {shared!r}")
-            data.update({shared: section(params, shared)} if shared in nested else section(params, shared))
+            data.update({shared: section(params, shared)} if shared in nested else flat_part)
         if "ray" in known:
             data["ray"] = ray_config(params, name)
         return config_from_dict(cls, data, name)
     except ValueError as e:  # a params mistake: what and where, without a traceback
         raise SystemExit(f"error: {e}") from None
+
+
+def rlhf_rounds(params: dict) -> dict[str, str]:
+    """rlhf.rounds, checked: {round: the policy it samples and starts from}, in round order (dict order, as DVC's
+    foreach runs them); rlhf.final must be the last round (GAtt's input)."""
+    rlhf = section(params, "rlhf")
+    rounds, final = rlhf.get("rounds"), rlhf.get("final")
+    if not isinstance(rounds, dict) or not rounds:
+        raise SystemExit(f"error: params rlhf.rounds must map round names to {{policy: <checkpoint>}}, got {rounds!r}")
+    for name, spec in rounds.items():
+        if not (isinstance(name, str) and name.isidentifier()):
+            raise SystemExit(f"error: params rlhf.rounds: round name {name!r} must be a plain identifier (e.g. r1)")
+        if not isinstance(spec, dict) or set(spec) != {"policy"} or not isinstance(spec["policy"], str):
+            raise SystemExit(f"error: params rlhf.rounds.{name} must be {{policy: <checkpoint folder>}}, got {spec!r}")
+    if final != list(rounds)[-1]:
+        raise SystemExit(f"error: params rlhf.final is {final!r}; it must be the last round of rlhf.rounds "
+                         f"({list(rounds)[-1]!r})")
+    return {name: spec["policy"] for name, spec in rounds.items()}
+
+
+def rlhf_round(params: dict, name: str) -> tuple[Path, list[str]]:
+    """A round's policy folder and the rounds before it (in order): what a round's stage reads."""
+    rounds = rlhf_rounds(params)
+    if name not in rounds:
+        raise SystemExit(f"error: no round {name!r} in params rlhf.rounds ({', '.join(rounds)})")
+    names = list(rounds)
+    return path(rounds[name]), names[:names.index(name)]
+
+
+def round_arg(argv: list[str] | None = None) -> str:
+    """The round a per-round stage runs (`python -m flows.<stage> <round>`, DVC's foreach ${key})."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m flows.<stage> <round> (a key of params rlhf.rounds)")
+    return argv[0]
+
+
+def final_round(params: dict) -> str:
+    return list(rlhf_rounds(params))[-1]
 
 
 def path(p: str) -> Path:
@@ -76,10 +119,17 @@ def write_curves(stage: str, checkpoint: Path) -> None:
 
 def finish_stage(stage: str, metrics: dict, checkpoint: Path | None = None) -> None:
     """How every training stage ends: its final metrics to MLflow (final_*) and metrics/<stage>.json, and the curves
-    its checkpoint carries to plots/curves/ (dvc plots)."""
+    its checkpoint carries to plots/curves/ (dvc plots); a round's stage in its round's folder (files_name)."""
     import mlflow
 
     mlflow.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-    write_metrics(stage, metrics)
+    write_metrics(files_name(stage), metrics)
     if checkpoint is not None:
-        write_curves(stage, checkpoint)
+        write_curves(files_name(stage), checkpoint)
+
+
+def files_name(stage: str) -> str:
+    """Where a stage's metrics and curves go under metrics/ and plots/curves/: a round's stage (DVC's
+    `<stage>@<round>`) in its round's folder, <round>/<stage>."""
+    base, _, rnd = stage.partition("@")
+    return f"{rnd}/{base}" if rnd else stage

@@ -15,11 +15,15 @@ from components.data.datasets import read_table, too_long_policy
 from components.rlhf.sampling import context_distillation, mean_scores, with_preprompt
 from components.track.tracking import stage_run
 from flows._finetune import DistillConfig, finetune, fitting_prompts
-from flows._stage import finish_stage, load_params, path, stage_config
+from flows._stage import final_round, finish_stage, load_params, path, stage_config
 from model.checkpoint import copy_checkpoint
 
 POLICY, OUT = path("checkpoints/gatt"), path("checkpoints/chat")
-REWARD_MODELS = {name: path(f"checkpoints/{name}") for name in ("rm_helpful", "rm_safety")}
+
+
+def reward_models(params: dict) -> dict:
+    """The last round's reward models."""
+    return {name: path(f"checkpoints/{final_round(params)}/{name}") for name in ("rm_helpful", "rm_safety")}
 
 
 def outcome(metrics: dict, skipped: bool, reverted: bool, reason: str) -> dict:
@@ -36,7 +40,8 @@ def main() -> None:
     params = load_params()
     too_long = too_long_policy(params["data"])  # checked before anything runs
     cfg = stage_config(params, "distill", DistillConfig, flat=("rlhf",))
-    with stage_run("distill", asdict(cfg), params["profile"], [POLICY, *REWARD_MODELS.values(), path("data/raw")],
+    rms = reward_models(params)
+    with stage_run("distill", asdict(cfg), params["profile"], [POLICY, *rms.values(), path("data/raw")],
                    OUT) as run:
         rows = [r for r in read_table(path("data/raw/rl_prompts.parquet")).to_pylist() if r["is_safety"]]
         if len(rows) <= cfg.holdout_prompts:
@@ -47,7 +52,7 @@ def main() -> None:
         records = [{"prompt": json.loads(r["prompt"])} for r in pool]
         records, counts = fitting_prompts("distill", records, POLICY, cfg,
                                            lambda r: with_preprompt(cfg.preprompt, r["prompt"]))  # the longer one
-        dialogs, stats = context_distillation(records, POLICY, REWARD_MODELS, cfg.preprompt, cfg.sample, cfg.ray,
+        dialogs, stats = context_distillation(records, POLICY, rms, cfg.preprompt, cfg.sample, cfg.ray,
                                               plain_below=cfg.safety_threshold, min_safety=cfg.min_safety,
                                               margin=cfg.margin)
         stats.update(counts)
@@ -64,8 +69,8 @@ def main() -> None:
         metrics = finetune("distill", cfg, POLICY, dialogs, OUT, run.info.run_id, too_long, extra_metrics=stats,
                            finish=False)
         # The held-out check: both models' greedy answers to safety prompts distillation never saw, on the safety RM.
-        before = mean_scores(held_out, POLICY, REWARD_MODELS, cfg.sample, cfg.ray)
-        after = mean_scores(held_out, OUT, REWARD_MODELS, cfg.sample, cfg.ray)
+        before = mean_scores(held_out, POLICY, rms, cfg.sample, cfg.ray)
+        after = mean_scores(held_out, OUT, rms, cfg.sample, cfg.ray)
         metrics.update({f"holdout_{name}_gatt": v for name, v in before.items()},
                        **{f"holdout_{name}_distilled": v for name, v in after.items()}, holdout_prompts=len(held_out))
         drop = before["rm_safety"] - after["rm_safety"]

@@ -9,9 +9,14 @@ from components.common import read_json, write_json
 from components.data.datasets import read_table
 from components.rlhf.evaluate import EvalConfig, eval_set_sha256, evaluate_checkpoint, promotion_gate
 from components.track.tracking import RUN_FILE, stage_run
-from flows._stage import load_params, path, stage_config, write_metrics
+from flows._stage import final_round, load_params, path, rlhf_rounds, stage_config, write_metrics
 
-STAGES = ["base", "sft", "rs", "ppo", "gatt", "chat"]  # model stages in recipe order; the last is the candidate
+
+def model_stages(params: dict) -> dict[str, object]:
+    """{model stage: checkpoint} in recipe order, each round's rs and ppo as <round>.rs, <round>.ppo; the last,
+    chat, is the candidate."""
+    rounds = [f"{r}.{m}" for r in rlhf_rounds(params) for m in ("rs", "ppo")]
+    return {name: path(f"checkpoints/{name.replace('.', '/')}") for name in ["base", "sft", *rounds, "gatt", "chat"]}
 
 
 def flat(metrics: dict) -> dict[str, float]:
@@ -25,8 +30,9 @@ def flat(metrics: dict) -> dict[str, float]:
 def main() -> None:
     params = load_params()
     cfg = stage_config(params, "evaluate", EvalConfig, nested=("register",))
-    checkpoints = {name: path(f"checkpoints/{name}") for name in STAGES}
-    upstream = list(checkpoints.values()) + [path("checkpoints/rm_helpful"), path("checkpoints/rm_safety")]
+    checkpoints = model_stages(params)
+    rms = {name: path(f"checkpoints/{final_round(params)}/{name}") for name in ("rm_helpful", "rm_safety")}
+    upstream = list(checkpoints.values()) + list(rms.values())
     with stage_run("evaluate", asdict(cfg), params["profile"], upstream, None) as run:
         import mlflow
 
@@ -34,7 +40,6 @@ def main() -> None:
         gatt = read_table(path("data/raw/eval_gatt.parquet")).to_pylist()
         eval_sha = eval_set_sha256(records, gatt)
         mlflow.set_tag("eval_set_sha256", eval_sha)
-        rms = {name: path(f"checkpoints/{name}") for name in ("rm_helpful", "rm_safety")}
         table, samples = {}, {}
         for name, ckpt in checkpoints.items():  # each stage's models load in Ray Data actors (evaluate.ray)
             table[name], samples[name] = evaluate_checkpoint(ckpt, records, gatt, rms, cfg)
@@ -42,8 +47,8 @@ def main() -> None:
                                                       if isinstance(v, float)))
         run_ids = {name: read_json(ckpt / RUN_FILE)["run_id"] for name, ckpt in checkpoints.items()
                    if (ckpt / RUN_FILE).is_file()}
-        gate, champion = promotion_gate(STAGES[-1], samples, run_ids, records, params["profile"], cfg)
-        rm_acc = {name: read_json(path(f"metrics/{name}.json")) for name in rms}
+        gate, champion = promotion_gate("chat", samples, run_ids, records, params["profile"], cfg)
+        rm_acc = {name: read_json(path(f"metrics/{final_round(params)}/{name}.json")) for name in rms}
         distill = read_json(path("metrics/distill.json"))  # whether chat is a distilled model or gatt passed on
         result = {"eval_set_sha256": eval_sha, "models": table,
                   "reward_models": {k: {m: v for m, v in r.items() if "accuracy" in m} for k, r in rm_acc.items()},
@@ -73,12 +78,12 @@ def _cell(metrics: dict, key: str) -> str:
 def print_table(table: dict, gate: dict) -> None:
     """Each stage's main metrics as `value [lo, hi]` (95%), then the gate per metric."""
     header = ["helpfulness", "safety", "refusal_rate_harmful", "false_refusal_rate", "rm_helpful_score",
-              "rm_safety_score"] + sorted((k for k in table[STAGES[-1]] if k.startswith("gatt_turn") and
+              "rm_safety_score"] + sorted((k for k in table["chat"] if k.startswith("gatt_turn") and
                                            k.removeprefix("gatt_turn").isdigit()), key=lambda k: int(k[9:]))
     print("\n| model | " + " | ".join(header) + " |\n|---|" + "---:|" * len(header))
     for name, metrics in table.items():
         print(f"| {name} | " + " | ".join(_cell(metrics, h) for h in header) + " |")
-    print("n: " + ", ".join(f"{h} {table[STAGES[-1]].get(h + '_n', 0)}" for h in header))
+    print("n: " + ", ".join(f"{h} {table['chat'].get(h + '_n', 0)}" for h in header))
     print(f"\ngate vs {gate['compared_with']} ({gate['baseline_reason']}): {'PASSED' if gate['passed'] else 'FAILED'}")
     for metric, check in gate["metrics"].items():
         lo, hi = check["diff_ci95"]

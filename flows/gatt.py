@@ -1,6 +1,6 @@
-"""DVC stage `gatt`: Ghost Attention (§3.3): multi-turn dialogs sampled from the PPO policy with the system
-instruction in every user turn, fine-tuned with it in one place only (the system prompt, or the first user turn for
-gatt.first_turn_fraction of the dialogs) and loss on the last turn only -> checkpoints/gatt/. metrics/gatt.json says
+"""DVC stage `gatt`: Ghost Attention (§3.3): multi-turn dialogs sampled from the last round's PPO policy with the
+system instruction in every user turn, fine-tuned with it in one place only (the system prompt, or the first user turn
+for gatt.first_turn_fraction of the dialogs) and loss on the last turn only -> checkpoints/gatt/. metrics/gatt.json says
 how often the sampled training answers follow their instruction, per turn (data_adherence_turn<t>)."""
 
 from __future__ import annotations
@@ -12,22 +12,23 @@ from components.data.datasets import read_table, too_long_policy
 from components.rlhf.sampling import ghost_attention
 from components.track.tracking import stage_run
 from flows._finetune import GattConfig, finetune
-from flows._stage import load_params, path, stage_config
+from flows._stage import final_round, load_params, path, stage_config
 
-POLICY, OUT = path("checkpoints/ppo"), path("checkpoints/gatt")
+OUT = path("checkpoints/gatt")
 
 
 def main() -> None:
     params = load_params()
+    policy = path(f"checkpoints/{final_round(params)}/ppo")
     too_long = too_long_policy(params["data"])  # checked before anything runs
     cfg = stage_config(params, "gatt", GattConfig)
-    with stage_run("gatt", asdict(cfg), params["profile"], [POLICY, path("data/raw")], OUT) as run:
+    with stage_run("gatt", asdict(cfg), params["profile"], [policy, path("data/raw")], OUT) as run:
         rows = read_table(path("data/raw/gatt.parquet")).to_pylist()[:cfg.sample.prompts or None]
         dialogs = [{"system": r["system"], "instruction": r["instruction"],
                     "users": [m["content"] for m in json.loads(r["messages"]) if m["role"] == "user"]} for r in rows]
-        training, stats = ghost_attention(dialogs, POLICY, cfg.sample, cfg.ray, cfg.first_turn_fraction)
+        training, stats = ghost_attention(dialogs, policy, cfg.sample, cfg.ray, cfg.first_turn_fraction)
         print(f"[gatt] {stats}")
-        finetune("gatt", cfg, POLICY, training, OUT, run.info.run_id, too_long, last_turn_only=True,
+        finetune("gatt", cfg, policy, training, OUT, run.info.run_id, too_long, last_turn_only=True,
                  extra_metrics=stats)
 
 

@@ -16,6 +16,7 @@ from flows._stage import PARAMS_FILE, stage_config
 
 def stage_configs(params: dict) -> dict:
     """The configs plan() reads, through the same calls the flows make."""
+    from components.rlhf.annotate import PrefsConfig
     from components.rlhf.evaluate import EvalConfig
     from components.train.lm import LMTrainConfig, PretrainConfig
     from components.train.ppo import PPOStageConfig
@@ -25,6 +26,7 @@ def stage_configs(params: dict) -> dict:
     return {
         "pretrain": stage_config(params, "pretrain", PretrainConfig, nested=("model",)),
         "sft": stage_config(params, "sft", LMTrainConfig),
+        "prefs": stage_config(params, "prefs", PrefsConfig),
         "rm": stage_config(params, "rm", RMTrainConfig),
         "rejection": stage_config(params, "rejection", RejectionConfig, flat=("rlhf",)),
         "ppo": stage_config(params, "ppo", PPOStageConfig, flat=("rlhf",)),

@@ -8,7 +8,7 @@ from components.common import read_json
 from components.rlhf.gate import PromotionConfig
 from components.track.registry import register_checkpoint
 from components.track.tracking import stage_run
-from flows._stage import load_params, path, stage_config, write_metrics
+from flows._stage import final_round, load_params, path, stage_config, write_metrics
 
 
 def main() -> None:
@@ -17,6 +17,7 @@ def main() -> None:
     evaluation = read_json(path("metrics/eval.json"))
     gate = evaluation["gate"]
     candidate = path(f"checkpoints/{gate['candidate']}")
+    final = final_round(params)  # the reward models of the last round
     with stage_run("register", asdict(cfg), params["profile"], [candidate], None):
         tags = {f"eval.{k}": v for k, v in evaluation["models"][gate["candidate"]].items()}
         tags.update({"gate.passed": gate["passed"], "gate.compared_with": gate["compared_with"],
@@ -24,8 +25,8 @@ def main() -> None:
         tags["training_run"] = read_json(candidate / "mlflow_run.json")["run_id"]
         info = register_checkpoint(candidate, cfg.model_name, cfg.alias if gate["passed"] else None, tags)
         for rm in ("rm_helpful", "rm_safety"):
-            register_checkpoint(path(f"checkpoints/{rm}"), f"llama2-{rm.replace('_', '-')}", None,
-                                read_json(path(f"metrics/{rm}.json")), reward=True)
+            register_checkpoint(path(f"checkpoints/{final}/{rm}"), f"llama2-{rm.replace('_', '-')}", None,
+                                read_json(path(f"metrics/{final}/{rm}.json")), reward=True)
     write_metrics("register", {**info, "gate_passed": gate["passed"]})
     moved = f"alias '{cfg.alias}' -> version {info['version']}" if gate["passed"] else "gate failed: alias unchanged"
     print(f"[register] {cfg.model_name} version {info['version']} ({moved})")

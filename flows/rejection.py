@@ -1,5 +1,7 @@
-"""DVC stage `rejection`: rejection-sampling fine-tuning (§3.2.3): k answers per RL prompt from the SFT policy, the
-best by the reward models kept, then fine-tuned on with the SFT loss (Ray Data sampling, Ray Train) -> checkpoints/rs/.
+"""DVC stage `rejection@<round>`: rejection-sampling fine-tuning (§3.2.3): k answers per RL prompt from the round's
+policy, the best by the round's reward models kept (-> data/rounds/<round>/rs_samples.jsonl), then fine-tuned on with
+the SFT loss together with the kept samples of every earlier round (the paper pools the best samples of all
+iterations) (Ray Data sampling, Ray Train) -> checkpoints/<round>/rs/.
 """
 
 from __future__ import annotations
@@ -12,27 +14,42 @@ from components.rlhf.reward import resolve_safety_threshold
 from components.rlhf.sampling import rejection_sampling
 from components.track.tracking import stage_run
 from flows._finetune import RejectionConfig, finetune, fitting_prompts
-from flows._stage import load_params, path, stage_config
+from flows._stage import load_params, path, rlhf_round, round_arg, stage_config
 
-POLICY, OUT = path("checkpoints/sft"), path("checkpoints/rs")
-REWARD_MODELS = {name: path(f"checkpoints/{name}") for name in ("rm_helpful", "rm_safety")}
+
+def samples_file(name: str):
+    return path(f"data/rounds/{name}/rs_samples.jsonl")
 
 
 def main() -> None:
+    name = round_arg()
     params = load_params()
+    policy, earlier = rlhf_round(params, name)
+    reward_models = {kind: path(f"checkpoints/{name}/{kind}") for kind in ("rm_helpful", "rm_safety")}
     too_long = too_long_policy(params["data"])  # checked before anything runs
     cfg = stage_config(params, "rejection", RejectionConfig, flat=("rlhf",))
     cfg = replace(cfg, safety_threshold=resolve_safety_threshold(cfg.safety_threshold,  # "auto": a number
-                                                                 REWARD_MODELS["rm_safety"]))
-    with stage_run("rejection", asdict(cfg), params["profile"], [POLICY, *REWARD_MODELS.values(), path("data/raw")],
-                   OUT) as run:
+                                                                 reward_models["rm_safety"]))
+    stage, out = f"rejection@{name}", path(f"checkpoints/{name}/rs")
+    with stage_run(stage, asdict(cfg), params["profile"], [policy, *reward_models.values(), path("data/raw")],
+                   out) as run:
         rows = read_table(path("data/raw/rl_prompts.parquet")).to_pylist()[:cfg.sample.prompts or None]
         records = [{"prompt": json.loads(r["prompt"]), "is_safety": r["is_safety"]} for r in rows]
-        records, counts = fitting_prompts("rejection", records, POLICY, cfg)
-        dialogs, stats = rejection_sampling(records, POLICY, REWARD_MODELS, cfg.sample, cfg.ray, cfg.safety_threshold)
-        stats.update(counts)
-        print(f"[rejection] {stats}")
-        finetune("rejection", cfg, POLICY, dialogs, OUT, run.info.run_id, too_long, extra_metrics=stats)
+        records, counts = fitting_prompts(stage, records, policy, cfg)
+        dialogs, stats = rejection_sampling(records, policy, reward_models, cfg.sample, cfg.ray, cfg.safety_threshold)
+        write_jsonl(samples_file(name), dialogs)
+        pooled = [json.loads(line) for r in earlier for line in samples_file(r).read_text().splitlines()]
+        stats.update(counts, earlier_round_samples=len(pooled))
+        print(f"[{stage}] {stats}")
+        finetune(stage, cfg, policy, dialogs + pooled, out, run.info.run_id, too_long, extra_metrics=stats)
+
+
+def write_jsonl(file, dialogs: list[list[dict]]) -> None:
+    """Atomically: a killed stage leaves no half file for the next round to pool."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.tmp")
+    tmp.write_text("".join(json.dumps(d) + "\n" for d in dialogs))
+    tmp.replace(file)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""DVC stage `rm_helpful`: the helpful reward model (init from SFT, margin ranking loss) -> checkpoints/rm_helpful/."""
+"""DVC stage `rm_helpful@<round>`: the helpful reward model (init from the round's policy, margin ranking loss) ->
+checkpoints/<round>/rm_helpful/."""
 
 from flows._rm import run
 

@@ -1,4 +1,5 @@
-"""DVC stage `rm_safety`: the safety reward model (init from SFT, margin ranking loss) -> checkpoints/rm_safety/."""
+"""DVC stage `rm_safety@<round>`: the safety reward model (init from the round's policy, margin ranking loss) ->
+checkpoints/<round>/rm_safety/."""
 
 from flows._rm import run
 

@@ -66,6 +66,7 @@ def stage_code_deps(root: Path = ROOT) -> dict[str, tuple[set[str], set[str]]]:
     stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
     result = {}
     for name, spec in stages.items():
+        spec = spec.get("do", spec)  # a foreach stage (one per round): its template, as written
         module = spec["cmd"].removeprefix("python -m ").split()[0]
         entry = module_file(module, root)
         assert entry, f"stage {name}: cannot find the module of {spec['cmd']!r}"
@@ -83,6 +84,25 @@ def test_every_imported_module_is_a_dep():
             problems.append(f"{stage}: lists modules it does not import {extra}")
     assert not problems, "dvc.yaml deps are out of date (python -m tests.test_dvc_deps prints them):\n" + \
         "\n".join(problems)
+
+
+def test_foreach_stages_are_checked_and_rewritten(tmp_path):
+    """A per-round stage (DVC foreach) keeps cmd and deps under `do:`: its deps are checked and --write regenerates
+    them, templated data deps (quoted: `${` is not a plain YAML scalar in a flow list) kept."""
+    for folder in ("flows", "components"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "components/common.py").write_text("X = 1\n")
+    (tmp_path / "flows/prefs.py").write_text("from components.common import X\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  prefs:\n    foreach: ${rlhf.rounds}\n    do:\n      cmd: python -m flows.prefs ${key}\n"
+        "      deps: [flows/prefs.py, \"${item.policy}\", data/raw]\n      outs: [\"data/rounds/${key}/p.parquet\"]\n")
+    assert stage_code_deps(tmp_path)["prefs"] == ({"flows/prefs.py"}, {"flows/prefs.py", "components/common.py"})
+    write_deps(tmp_path)
+    text = (tmp_path / "dvc.yaml").read_text()
+    assert '      deps: [flows/prefs.py, components/common.py, "${item.policy}", data/raw]\n' in text
+    spec = yaml.safe_load(text)["stages"]["prefs"]
+    assert spec["do"]["deps"] == ["flows/prefs.py", "components/common.py", "${item.policy}", "data/raw"]
+    assert spec["foreach"] == "${rlhf.rounds}"
 
 
 def test_the_analysis_sees_function_level_and_transitive_imports():
@@ -105,12 +125,12 @@ def write_deps(root: Path = ROOT, width: int = 118) -> None:
     for line in lines:
         if m := re.match(r"^  (\w+):\s*$", line):
             stage = m.group(1)
-        if stage in stages and line.startswith("    deps: ["):
+        if stage in stages and (m := re.match(r"^( {4}| {6})deps: \[", line)):  # a stage's, or a foreach's `do:`
             while not line.rstrip().endswith("]"):
                 line = next(lines)
             modules = sorted(code[stage][1], key=lambda f: (not f.startswith("flows/"), f))
-            data = [d for d in stages[stage]["deps"] if not d.endswith(".py")]
-            out += _wrapped("    deps: [", modules + data, width)
+            data = [d for d in stages[stage].get("do", stages[stage])["deps"] if not d.endswith(".py")]
+            out += _wrapped(f"{m.group(1)}deps: [", modules + [f'"{d}"' if "${" in d else d for d in data], width)
             continue
         out.append(line)
     (root / "dvc.yaml").write_text("\n".join(out) + "\n")

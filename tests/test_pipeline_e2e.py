@@ -25,7 +25,7 @@ from tests.helpers import copy_repo
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent  # the venv's python, dvc and serve
-MODEL_STAGES = ["base", "sft", "rs", "ppo", "gatt", "chat"]
+MODEL_STAGES = ["base", "sft", "r1.rs", "r1.ppo", "gatt", "chat"]  # the ci profile: one RLHF round, r1
 
 
 def _run(cmd: list[str], cwd: Path, env: dict, timeout: int) -> subprocess.CompletedProcess:
@@ -64,16 +64,21 @@ def test_every_stage_did_its_job(pipeline):
     vocab = _metrics(repo, "tokenizer")["vocab_size"]
     assert _metrics(repo, "pretrain")["val_loss"] < 0.5 * math.log(vocab)  # learned far beyond uniform
     distill = _metrics(repo, "distill")  # how many it keeps varies (ci's policy is often already safe): none is fine
-    for stage in ("sft", "rejection", "gatt") + (() if distill["skipped"] else ("distill",)):
+    for stage in ("sft", "r1/rejection", "gatt") + (() if distill["skipped"] else ("distill",)):
         assert math.isfinite(_metrics(repo, stage)["val_loss"]) and _metrics(repo, stage)["target_tokens"] > 0
     assert 0 <= _metrics(repo, "gatt")["data_adherence_turn2"] <= 1  # the sampled GAtt data, measured
+    prefs = _metrics(repo, "r1/prefs")  # the round's new pairs on the SFT policy's own answers, labelled
+    assert prefs["helpful_pairs"] > 0 and prefs["safety_pairs"] > 0 and prefs["prompts"] > 0
     for rm in ("rm_helpful", "rm_safety"):
-        assert _metrics(repo, rm)["val_accuracy"] > 0.6, rm
-    assert _metrics(repo, "rejection")["reward_gain"] > 0  # best of k beats the average sample
+        rm_metrics = _metrics(repo, f"r1/{rm}")
+        assert rm_metrics["val_accuracy"] > 0.6 and rm_metrics["round_pairs"] > 0, rm
+        assert rm_metrics["world_val_pairs"] > 0 and "world_val_accuracy" in rm_metrics, rm
+    assert _metrics(repo, "r1/rejection")["reward_gain"] > 0  # best of k beats the average sample
+    assert (repo / "data/rounds/r1/rs_samples.jsonl").read_text().strip()  # kept for later rounds to pool
     assert distill["prompts"] > 0 and 0 <= distill["kept"] <= distill["prompts"]
     assert distill["kept"] == 0 or distill["safety_gain_kept"] > 0  # kept only where the safety RM prefers it
     assert distill["chat_is_gatt"] == (distill["skipped"] or distill["reverted"]) and distill["reason"]
-    ppo = _metrics(repo, "ppo")
+    ppo = _metrics(repo, "r1/ppo")
     assert ppo["iterations"] > 0 and math.isfinite(ppo["reward_last"])
     evaluation = _metrics(repo, "eval")
     assert sorted(evaluation["models"]) == sorted(MODEL_STAGES)
@@ -81,7 +86,7 @@ def test_every_stage_did_its_job(pipeline):
     models = evaluation["models"]
     assert models["sft"]["helpfulness"] > models["base"]["helpfulness"] + 0.1  # SFT teaches the chat format
     assert models["sft"]["refusal_rate_harmful"] > models["base"]["refusal_rate_harmful"]
-    for curve in ("pretrain", "sft", "rm_helpful", "ppo", "rejection", "gatt", "distill"):
+    for curve in ("pretrain", "sft", "r1/rm_helpful", "r1/ppo", "r1/rejection", "gatt", "distill"):
         assert json.loads((repo / f"plots/curves/{curve}.json").read_text()), curve
 
 
@@ -92,7 +97,10 @@ def test_mlflow_has_one_run_per_stage_with_lineage_and_the_registry(pipeline):
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("llama2-recipe")
     runs = client.search_runs([experiment.experiment_id])
-    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    rounds = yaml.safe_load((repo / "params.yaml").read_text())["rlhf"]["rounds"]
+    stages = [f"{name}@{key}" if "foreach" in spec else name  # a foreach stage runs once per round
+              for name, spec in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].items()
+              for key in (rounds if "foreach" in spec else [None])]
     by_stage = {r.data.tags["dvc.stage"]: r for r in runs}
     assert sorted(by_stage) == sorted(stages) and len(runs) == len(stages)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
@@ -101,16 +109,17 @@ def test_mlflow_has_one_run_per_stage_with_lineage_and_the_registry(pipeline):
         assert run.info.status == "FINISHED" and tags["profile"] == "ci" and tags["git.commit"] == commit, stage
         assert any(k.startswith("dvc.dep.") for k in tags), stage
         assert run.data.metrics["stage_wall_s"] > 0
-    assert by_stage["ppo"].data.tags["upstream.rejection"] == by_stage["rejection"].info.run_id
+    assert by_stage["ppo@r1"].data.tags["upstream.rejection:r1"] == by_stage["rejection@r1"].info.run_id
+    assert by_stage["rm_safety@r1"].data.tags["upstream.sft"] == by_stage["sft"].info.run_id  # init: round 1's policy
     assert by_stage["sft"].data.tags["upstream.pretrain"] == by_stage["pretrain"].info.run_id
     assert any(k.startswith("dvc.out.") for k in by_stage["pretrain"].data.tags)  # backfilled from dvc.lock
     assert "train_loss" in client.get_metric_history(by_stage["pretrain"].info.run_id, "train_loss")[0].key
     # The resolved config is logged, defaults included (cliprange, lam are not in params.yaml), and is the one the
     # checkpoint carries; the shared safety threshold reached both stages that read it.
-    ppo = by_stage["ppo"].data.params
+    ppo = by_stage["ppo@r1"].data.params
     assert {"cliprange", "lam", "vf_coef", "ray.num_workers", "safety_threshold"} <= set(ppo)
-    assert ppo["safety_threshold"] == by_stage["rejection"].data.params["safety_threshold"] == "0.15"
-    saved = json.loads((repo / "checkpoints/ppo/trainer_state/config.json").read_text())
+    assert ppo["safety_threshold"] == by_stage["rejection@r1"].data.params["safety_threshold"] == "0.15"
+    saved = json.loads((repo / "checkpoints/r1/ppo/trainer_state/config.json").read_text())
     assert str(saved["cliprange"]) == ppo["cliprange"] and str(saved["ray"]["num_workers"]) == ppo["ray.num_workers"]
     [version] = client.search_model_versions("name='llama2-chat'")
     assert version.run_id == by_stage["register"].info.run_id
@@ -165,7 +174,8 @@ def test_repro_again_is_a_no_op_and_a_param_change_reruns_only_downstream(pipeli
     while frontier:
         frontier = {b for a, b in edges if a in frontier} - downstream
         downstream |= frontier
-    assert downstream == {"rm_helpful", "rm_safety", "rejection", "ppo", "gatt", "distill", "evaluate", "register"}
+    assert downstream == {"prefs@r1", "rm_helpful@r1", "rm_safety@r1", "rejection@r1", "ppo@r1", "gatt", "distill",
+                          "benchmarks", "evaluate", "register"}
 
 
 def test_dvc_plots_render_offline(pipeline):

@@ -23,7 +23,8 @@ SCALE = ["llama2-7b", "llama2-13b", "llama2-70b"]  # profile name = model config
 LM_STAGES = ("pretrain", "sft", "rejection", "gatt", "distill")
 # Dicts whose keys are the user's (overrides, world sizes, filter thresholds, source entries): only the key leading to
 # them must exist. `<section>.ray` (a stage's Ray overrides) is optional in any section.
-FREE_FORM = {("model", "overrides"), ("data", "world"), ("data", "sources"), ("filter",), ("benchmarks", "tasks")}
+FREE_FORM = {("model", "overrides"), ("data", "world"), ("data", "sources"), ("filter",), ("benchmarks", "tasks"),
+             ("rlhf", "rounds")}
 RAY_MAJOR_MINOR = ".".join(version("ray").split(".")[:2])
 
 
@@ -105,6 +106,22 @@ def test_profile_converts_to_every_stage_config(name):
     # One safety threshold, read by both stages that apply the piecewise reward.
     assert configs["rejection"].safety_threshold == configs["ppo"].safety_threshold == params["rlhf"]["safety_threshold"]
     assert configs["evaluate"].register == configs["register"]
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_rlhf_rounds_chain_and_final_is_the_last(name):
+    """Iterative RLHF: round 1 starts from SFT, each later round from the previous round's PPO model; the laptop CI
+    runs one round, the others two."""
+    from flows._stage import final_round, rlhf_rounds
+
+    params = load(name)
+    rounds = rlhf_rounds(params)  # checked: final is the last key
+    assert final_round(params) == params["rlhf"]["final"] == list(rounds)[-1]
+    names = list(rounds)
+    assert rounds[names[0]] == "checkpoints/sft"
+    assert all(rounds[b] == f"checkpoints/{a}/ppo" for a, b in zip(names, names[1:]))
+    assert len(rounds) == (1 if name == "ci" else 2)
+    assert params["prefs"]["max_new_tokens"] == params["rejection"]["sample"]["max_new_tokens"]
 
 
 @pytest.mark.parametrize("name", PROFILES)

@@ -77,9 +77,29 @@ def _stage_paths(stage: str) -> tuple[list[str], list[str]]:
     dvc_yaml = REPO_ROOT / "dvc.yaml"
     if not dvc_yaml.is_file():
         return [], []
-    spec = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).get(stage, {})
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+    base, _, key = stage.partition("@")  # a foreach stage's instance: <stage>@<key>
+    spec = stages.get(base, {}).get("do", {}) if key else stages.get(stage, {})
     outs = [o if isinstance(o, str) else next(iter(o)) for o in spec.get("outs", [])]
-    return list(spec.get("deps", [])), outs
+    return [_interpolate(p, key) for p in spec.get("deps", [])], [_interpolate(p, key) for p in outs]
+
+
+def _interpolate(text: str, key: str) -> str:
+    """dvc.yaml's ${...} in a path, as DVC resolves it from params.yaml: ${key} and ${item.<field>} of a foreach
+    over params rlhf.rounds (the only foreach), any other ${a.b} a params value."""
+    import re
+
+    if "${" not in text:
+        return text
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text()) or {}
+    context = {"key": key, "item": ((params.get("rlhf") or {}).get("rounds") or {}).get(key, {}), **params}
+
+    def value(match) -> str:
+        node = context
+        for part in match.group(1).split("."):
+            node = node[part]
+        return str(node)
+    return re.sub(r"\$\{([\w.]+)\}", value, text)
 
 
 def upstream_run_ids(dirs) -> dict[str, str]:
@@ -135,7 +155,8 @@ def stage_run(stage: str, params: dict, profile: str, upstream_dirs=(), out_dir:
     upstream = upstream_run_ids(upstream_dirs)
     tags = {"dvc.stage": stage, "git.commit": _git("rev-parse", "HEAD") or "unknown",
             "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))), "profile": profile}
-    tags.update({f"upstream.{name}": run_id for name, run_id in upstream.items()})
+    # A per-round stage's upstream as upstream.<stage>:<round> (MLflow keys take no "@").
+    tags.update({f"upstream.{name.replace('@', ':')}": run_id for name, run_id in upstream.items()})
     tags.update({f"dvc.dep.{path}": _file_md5(path) or md5s.get(path) for path in deps
                  if _file_md5(path) or path in md5s})
     client = MlflowClient()
@@ -181,11 +202,27 @@ def logged_steps(run_id: str, keys: set[str], uri: str | None = None) -> set[tup
     return {(key, m.step) for key in keys for m in client.get_metric_history(run_id, key)}
 
 
+def pipeline_order() -> list[str]:
+    """dvc.yaml's stage names in order, each run of consecutive foreach stages (the iterative RLHF rounds) expanded
+    round by round: prefs@r1, ..., ppo@r1, prefs@r2, ..."""
+    stages = (yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text()) or {}).get("stages", {})
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text()) or {}
+    rounds = list(((params.get("rlhf") or {}).get("rounds") or {}))
+    order, block = [], []
+    for name, spec in [*stages.items(), (None, {})]:
+        if "foreach" in spec:
+            block.append(name)
+            continue
+        order += [f"{b}@{r}" for r in rounds for b in block] + ([name] if name else [])
+        block = []
+    return order
+
+
 def summary() -> str:
     """The latest MLflow run of every stage: status and wall time, in pipeline order (a table for the terminal)."""
     mlflow = setup_mlflow()
     runs = mlflow.search_runs(experiment_names=[EXPERIMENT], order_by=["start_time DESC"], output_format="list")
-    order = list((yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text()) or {}).get("stages", {}))
+    order = pipeline_order()
     latest = {}
     for run in runs:
         latest.setdefault(run.data.tags.get("dvc.stage"), run)
