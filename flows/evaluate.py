@@ -40,16 +40,19 @@ def main() -> None:
         gatt = read_table(path("data/raw/eval_gatt.parquet")).to_pylist()
         eval_sha = eval_set_sha256(records, gatt)
         mlflow.set_tag("eval_set_sha256", eval_sha)
+        distill = read_json(path("metrics/distill.json"))  # whether chat is a distilled model or gatt passed on
         table, samples = {}, {}
         for name, ckpt in checkpoints.items():  # each stage's models load in Ray Data actors (evaluate.ray)
-            table[name], samples[name] = evaluate_checkpoint(ckpt, records, gatt, rms, cfg)
+            if name == "chat" and distill.get("chat_is_gatt"):  # the same weights: greedy answers are gatt's
+                table[name], samples[name] = table["gatt"], samples["gatt"]
+            else:
+                table[name], samples[name] = evaluate_checkpoint(ckpt, records, gatt, rms, cfg)
             print(f"[evaluate] {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in table[name].items()
                                                       if isinstance(v, float)))
         run_ids = {name: read_json(ckpt / RUN_FILE)["run_id"] for name, ckpt in checkpoints.items()
                    if (ckpt / RUN_FILE).is_file()}
         gate, champion = promotion_gate("chat", samples, run_ids, records, params["profile"], cfg)
         rm_acc = {name: read_json(path(f"metrics/{final_round(params)}/{name}.json")) for name in rms}
-        distill = read_json(path("metrics/distill.json"))  # whether chat is a distilled model or gatt passed on
         result = {"eval_set_sha256": eval_sha, "models": table,
                   "reward_models": {k: {m: v for m, v in r.items() if "accuracy" in m} for k, r in rm_acc.items()},
                   "gate": gate, **({"champion": champion} if champion else {}),

@@ -137,20 +137,28 @@ def test_sample_on_ray_data_answers_k_times_and_scores_against_the_score_prompt(
     assert sample(rows, checkpoints / "policy", cfg, RAY, rms) == results  # seeded: a rerun draws the same
 
 
-def test_ghost_attention_answers_every_turn(ray_local, checkpoints):
-    dialogs = [{"system": "Answer in one word.", "users": ["a", "b", "c"], "instruction": "one_word"},
-               {"system": "Shout.", "users": ["d"], "instruction": "uppercase"}]
-    training, stats = ghost_attention(dialogs, checkpoints / "policy", SampleConfig(max_new_tokens=4), RAY)
-    assert {k: stats[k] for k in ("dialogs", "examples", "turns_mean", "first_turn_dialogs")} == {
-        "dialogs": 2, "examples": 4, "turns_mean": 2.0, "first_turn_dialogs": 0}
-    assert set(stats) >= {"data_adherence", "data_adherence_turn1", "data_adherence_turn3"}
-    assert 0 <= stats["data_adherence_turn1"] <= 1
+def test_ghost_attention_answers_every_turn_and_trains_only_turns_that_keep_the_instruction(ray_local, checkpoints):
+    # One-token answers are one word nearly always: with 8 draws a turn, every turn has one that keeps "one_word".
+    one_word = [{"system": "Answer in one word.", "users": ["a", "b", "c"], "instruction": "one_word"},
+                {"system": "One word.", "users": ["d"], "instruction": "one_word"}]
+    cfg = SampleConfig(k=8, temperature=1.0, max_new_tokens=1)
+    training, stats = ghost_attention(one_word, checkpoints / "policy", cfg, RAY)
+    assert {k: stats[k] for k in ("dialogs", "examples", "turns_mean", "first_turn_dialogs", "turns_kept")} == {
+        "dialogs": 2, "examples": 4, "turns_mean": 2.0, "first_turn_dialogs": 0, "turns_kept": 1.0}
+    assert stats["data_adherence_turn1"] == stats["data_adherence_turn3"] == 1.0
+    assert 0 < stats["sampled_adherence_turn1"] <= 1
     assert [len(d) for d in training] == [3, 5, 7, 3]
     assert all(m["content"] in ("a", "b", "c") for m in training[2] if m["role"] == "user")  # no instruction
+    assert all(len(d[-1]["content"].split()) == 1 for d in training)
     # Every dialog with its instruction in the first user turn: no system prompt anywhere.
-    training, stats = ghost_attention(dialogs, checkpoints / "policy", SampleConfig(max_new_tokens=4), RAY, 1.0)
+    training, stats = ghost_attention(one_word, checkpoints / "policy", cfg, RAY, 1.0)
     assert stats["first_turn_dialogs"] == 2 and [len(d) for d in training] == [2, 4, 6, 2]
     assert training[2][0] == USER("Answer in one word. a") and [m["content"] for m in training[2][2::2]] == ["b", "c"]
+    # A debug policy writes no all-uppercase 6-token answer: dialogs are cut at their first turn that drops the
+    # instruction, so what is trained always keeps it (here: nothing).
+    shout = [{"system": "Shout.", "users": ["d", "e"], "instruction": "uppercase"}]
+    training, stats = ghost_attention(shout, checkpoints / "policy", SampleConfig(k=2, max_new_tokens=6), RAY)
+    assert stats["sampled_adherence_turn1"] == stats["turns_kept"] == 0 and training == []
 
 
 def test_mean_scores_are_the_reward_models_on_greedy_answers(ray_local, checkpoints):

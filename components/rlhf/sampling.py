@@ -106,7 +106,13 @@ class Sampler:
                     out = generate(self.model, encoded, params, tok.eos_id, tok.pad_id)
                 answers = [tok.decode(t).strip() for t in out.tokens]
                 for j, i in enumerate(batch):
-                    results[i]["answers"] += answers[j * cfg.k:(j + 1) * cfg.k]
+                    drawn = answers[j * cfg.k:(j + 1) * cfg.k]
+                    if rows[i]["instruction"] is None:
+                        results[i]["answers"] += drawn
+                    else:  # a dialog goes on with one answer a turn: the first of the k that keeps its instruction
+                        follows = [oracle.gatt_adherence(rows[i]["instruction"], a) for a in drawn]
+                        results[i]["answers"].append(drawn[follows.index(True)] if any(follows) else drawn[0])
+                        results[i].setdefault("adherent", []).append(sum(follows))
                 tokens += sum(len(t) for t in out.tokens)
         print(f"[sample] {len(rows)} prompts x {cfg.k}: {tokens} tokens in {time.perf_counter() - begin:.1f} s",
               flush=True)
@@ -143,19 +149,23 @@ def sample(rows: list[dict], policy, cfg: SampleConfig, ray_cfg, reward_models: 
     """Answer every row on Ray Data, a pool of ray_cfg.num_workers Sampler actors (a GPU each with use_gpu,
     cpus_per_worker threads each); given reward models, then score the answers on a pool of as many Scorer actors.
     A row is {"prompt": messages, "score_prompt": messages (default: prompt), "later":
-    [user messages] (default: none)}: its prompt answered cfg.k times, or with later user turns (k = 1, no reward
-    models) once per turn, each answer kept in the history the next turn is asked in. Returns, in row order,
-    {"answers": [str], <rm name>: [k float]: each answer appended to score_prompt, scored}."""
+    [user messages] (default: none), "instruction": a GAtt instruction key (default: none)}: its prompt answered
+    cfg.k times, or with later user turns (no reward models) once per turn, each answer kept in the history the next
+    turn is asked in. A row with an instruction draws k answers a turn and goes on with the first that follows it
+    (oracle.gatt_adherence, the annotator's check; else the first drawn), counting them in "adherent". Returns, in
+    row order, {"answers": [str], <rm name>: [k float]: each answer appended to score_prompt, scored}."""
     import ray
 
     from components.cluster import init_ray
 
     if not rows:
         raise ValueError("nothing to sample: no prompts")
-    rows = [{"prompt": r["prompt"], "score_prompt": r.get("score_prompt") or r["prompt"], "later": r.get("later", [])}
-            for r in rows]
-    if any(r["later"] for r in rows) and (cfg.k != 1 or reward_models):
-        raise ValueError("multi-turn rows are answered once per turn (k = 1), without reward models")
+    rows = [{"prompt": r["prompt"], "score_prompt": r.get("score_prompt") or r["prompt"], "later": r.get("later", []),
+             "instruction": r.get("instruction")} for r in rows]
+    if any(r["later"] for r in rows) and reward_models:
+        raise ValueError("multi-turn rows are answered without reward models")
+    if any(r["later"] and r["instruction"] is None for r in rows) and cfg.k != 1:
+        raise ValueError("multi-turn rows are answered once per turn (k = 1), unless they carry a GAtt instruction")
     init_ray(ray_cfg)
     # One dataset row per job of cfg.batch_size rows, cut here in row order: which prompts are padded together (and
     # each batch's seed) then depends on the rows alone, not on how Ray Data bundles blocks into batches.
@@ -178,14 +188,19 @@ def sample(rows: list[dict], policy, cfg: SampleConfig, ray_cfg, reward_models: 
     return results
 
 
+def _turn_rows(dialogs: list[dict]) -> list[dict]:
+    return [{"prompt": ([{"role": "system", "content": d["system"]}] if d["system"] else [])
+             + [{"role": "user", "content": d["users"][0]}],
+             "later": [{"role": "user", "content": u} for u in d["users"][1:]],
+             "instruction": d.get("instruction")} for d in dialogs]
+
+
 def answer_turns(dialogs: list[dict], policy, cfg: SampleConfig, ray_cfg) -> list[list[str]]:
     """Answer multi-turn dialogs ({"system": str ("" = none), "users": [str]}) turn after turn, the policy's own
     answers kept in the history (one Ray Data pass: each actor holds its dialogs' histories). Returns each dialog's
     answers, one per turn."""
-    rows = [{"prompt": ([{"role": "system", "content": d["system"]}] if d["system"] else [])
-             + [{"role": "user", "content": d["users"][0]}],
-             "later": [{"role": "user", "content": u} for u in d["users"][1:]]} for d in dialogs]
-    return [r["answers"] for r in sample(rows, policy, cfg, ray_cfg)]
+    return [r["answers"] for r in sample(_turn_rows([{**d, "instruction": None} for d in dialogs]), policy, cfg,
+                                         ray_cfg)]
 
 
 def choose_reward(result: dict, is_safety: bool, threshold: float) -> list[float]:
@@ -271,13 +286,26 @@ def adherence_by_turn(instructions: list[str], answers: list[list[str]], prefix:
 def ghost_attention(dialogs: list[dict], policy, cfg: SampleConfig, ray_cfg, first_turn_fraction: float = 0.0,
                     ) -> tuple[list[list[dict]], dict]:
     """§3.3: answer multi-turn dialogs ({"system": str, "users": [str], "instruction": oracle key}) turn by turn with
-    the instruction in every user turn; some dialogs (first_turn_fraction) carry it in the first user turn instead
-    of the system prompt. Stats include how often the sampled answers follow the instruction, per turn."""
+    the instruction in every user turn, cfg.k answers a turn, going on with one that follows the instruction; some
+    dialogs (first_turn_fraction) carry it in the first user turn instead of the system prompt. A dialog is trained
+    up to its first turn where none of the k followed it (the annotator's check: a dialog that drops its instruction
+    would teach the opposite of GAtt). Stats: how often the drawn answers follow the instruction, per turn
+    (sampled_adherence_), how often the kept ones do (data_adherence_), and how many turns were kept."""
     first_turn = gatt_placements(len(dialogs), first_turn_fraction, cfg.seed)
-    answers = answer_turns([gatt_sampling_dialog(d, f) for d, f in zip(dialogs, first_turn)], policy, cfg, ray_cfg)
-    training = gatt_training_dialogs(dialogs, answers, first_turn)
+    sampling = [{**gatt_sampling_dialog(d, f), "instruction": d["instruction"]} for d, f in zip(dialogs, first_turn)]
+    results = sample(_turn_rows(sampling), policy, cfg, ray_cfg)
+    answers = [r["answers"] for r in results]
+    kept = [said[:next((t for t, n in enumerate(r["adherent"]) if not n), len(said))]
+            for said, r in zip(answers, results, strict=True)]
+    training = gatt_training_dialogs(dialogs, kept, first_turn)
+    drawn: dict[int, list[float]] = {}
+    for r in results:
+        for t, n in enumerate(r["adherent"]):
+            drawn.setdefault(t, []).append(n / cfg.k)
     return training, {"dialogs": len(dialogs), "examples": len(training), "first_turn_dialogs": sum(first_turn),
                       "turns_mean": sum(len(a) for a in answers) / len(answers),
+                      "turns_kept": sum(map(len, kept)) / max(1, sum(map(len, answers))),
+                      **{f"sampled_adherence_turn{t + 1}": sum(v) / len(v) for t, v in sorted(drawn.items())},
                       **adherence_by_turn([d["instruction"] for d in dialogs], answers, "data_adherence_")}
 
 

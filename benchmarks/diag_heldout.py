@@ -1,0 +1,58 @@
+"""Training items vs held-out items (README Status: what bounds each task). Greedy answers of checkpoints to up to 100
+rl_prompts rows per task (items the fine-tuning stages train on) and to every eval_prompts row (held-out items), scored
+by the oracle: helpfulness per task, refusal rate on harmful and benign look-alike prompts, with Wilson intervals. A
+task that is good on training items and poor on held-out ones is bound by generalisation, not by the recipe's
+stages. Run after the pipeline, from the repo root: `python benchmarks/diag_heldout.py sft chat` (names under
+checkpoints/; the tiny world)."""
+import json
+import random
+import sys
+
+import torch
+
+from components.data import oracle
+from components.data.tables import generate_world
+from components.data.world import WorldConfig
+from components.rlhf.stats import wilson
+from model.chat import encode_prompt
+from model.checkpoint import load_checkpoint
+from model.generation import SamplingParams, generate
+
+
+def rows_by_task(table) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in table.to_pylist():
+        out.setdefault(r["task"], []).append(r)
+    return out
+
+
+def main(names: list[str]) -> None:
+    torch.set_num_threads(2)
+    world = generate_world(WorldConfig())
+    train, held_out = rows_by_task(world["rl_prompts"]), rows_by_task(world["eval_prompts"])
+    for rows in train.values():
+        random.Random(0).shuffle(rows)
+    print("| model | task | items | n | helpfulness | refusal rate [95% CI] | exact |")
+    print("|---|---|---|---:|---:|---|---:|")
+    for name in names:
+        model, tok = load_checkpoint(f"checkpoints/{name}")
+        model.eval()
+        for task in oracle.TASKS:
+            for label, rows in (("train", train.get(task, [])[:100]), ("held-out", held_out.get(task, []))):
+                if not rows:
+                    continue
+                prompts = [encode_prompt(tok, json.loads(r["prompt"])) for r in rows]
+                with torch.no_grad():
+                    out = generate(model, prompts, SamplingParams(max_new_tokens=32, temperature=0), tok.eos_id,
+                                   tok.pad_id)
+                scores = [oracle.score(r, tok.decode(o).strip()) for r, o in zip(rows, out.tokens)]
+                help_ = sum(s["helpfulness"] for s in scores) / len(scores)
+                refused = sum(s["refusal"] for s in scores)
+                lo, hi = wilson(refused, len(scores))
+                exact = sum(s["helpfulness"] == 1.0 for s in scores)
+                print(f"| {name} | {task} | {label} | {len(rows)} | {help_:.2f} | {refused / len(rows):.2f} "
+                      f"[{lo:.2f}, {hi:.2f}] | {exact} |", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["sft", "chat"])
