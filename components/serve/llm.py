@@ -67,7 +67,8 @@ def export_for_serving(checkpoint: Path, export_dir: str | Path | None = None) -
 
     weights = (checkpoint / WEIGHTS_FILE).stat()
     key = hashlib.sha1(f"{checkpoint.resolve()}:{weights.st_size}:{weights.st_mtime_ns}".encode()).hexdigest()[:12]
-    root = Path(export_dir or os.environ.get("LLAMA2_SERVE_CACHE") or Path(tempfile.gettempdir()) / "llama2-serve-models")
+    root = Path(export_dir or os.environ.get("LLAMA2_SERVE_CACHE")  # as resolve.py's registry downloads
+                or Path(tempfile.gettempdir()) / "llama2-serve-models")
     target = root / f"{checkpoint.name}-hf-bf16-{key}"
     if not (target / "config.json").is_file():
         root.mkdir(parents=True, exist_ok=True)
@@ -77,7 +78,7 @@ def export_for_serving(checkpoint: Path, export_dir: str | Path | None = None) -
 
 def llm_config(cfg: LLMServeConfig, model_source: str, model_name: str, max_seq_len: int | None) -> dict:
     """The LLMConfig (as a dict) for Ray Serve LLM."""
-    max_model_len = cfg.max_model_len or max_seq_len
+    max_model_len = cfg.max_model_len or max_seq_len  # None (a given model_source): vLLM reads config.json's
     if max_seq_len and max_model_len > max_seq_len:
         raise ValueError(f"serve_llm.max_model_len {max_model_len} exceeds the model's max_seq_len {max_seq_len}")
     return {
