@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run pipeline profile profiles plan test bench serve clean
+.PHONY: install run pipeline profile profiles plan test bench serve serve-llm clean
 
 # torch==2.13.0 first (the CPU wheel); the project's torch range then admits it and pulls nothing more.
 $(STAMP): pyproject.toml
@@ -61,6 +61,15 @@ plan: install
 # (LLAMA2_MODEL_URI=<checkpoint folder or models:/...> to serve something else).
 serve: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" serve run infra/serve.yaml
+
+# The GPU engine (infra/serve_llm.yaml): Ray Serve LLM + vLLM serving the champion's HF export with the profile's
+# serve_llm section (replicas, GPUs per replica, context), same URL. vLLM is an optional extra (CUDA torch): on a GPU
+# node, `.venv/bin/pip install -e '.[vllm]'` first; without it this target says so and stops.
+serve-llm:
+	@$(BIN)/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)" 2>/dev/null || { \
+	  echo "error: vLLM is not installed in $(VENV): on a GPU node, make install && $(BIN)/pip install -e '.[vllm]'" \
+	    "(it brings CUDA torch; for the CPU profiles use make serve)" >&2; exit 2; }
+	PATH="$(CURDIR)/$(BIN):$$PATH" serve run infra/serve_llm.yaml
 
 test: install
 	$(BIN)/python -m pytest -q --durations=5

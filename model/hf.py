@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from model.checkpoint import TOKENIZER_FILE, CheckpointError, atomic_dir, load_checkpoint, save_checkpoint
 from model.config import ModelArgs
+from model.hf_tokenizer import tokenizer_config_json, tokenizer_json
 from model.llama import Transformer
 from model.tokenizer import Tokenizer
 
@@ -166,7 +167,7 @@ def import_hf(hf_folder: str | Path, out: str | Path | None = None, max_seq_len:
 
 def export_hf(checkpoint: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write our checkpoint folder as an HF LlamaForCausalLM folder (config.json, model.safetensors,
-    tokenizer.model, tokenizer_config.json, generation_config.json)."""
+    tokenizer.model, tokenizer.json, tokenizer_config.json with the chat template, generation_config.json)."""
     model, tokenizer = load_checkpoint(checkpoint)
     if model.args.head != "lm":
         raise CheckpointError(f"{checkpoint} has a {model.args.head} head; only language models export to HF")
@@ -181,11 +182,9 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: torch.dtype | None
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}, indent=2) + "\n")
         shutil.copyfile(Path(checkpoint) / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
-        # As Meta's HF exports: AutoTokenizer then loads a LlamaTokenizer that prepends BOS, as our model was trained
-        # (without it, transformers builds a generic tokenizer that adds none, and lm_eval scores without BOS).
-        (tmp / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
-            "bos_token": tokenizer.id_to_piece(tokenizer.bos_id), "eos_token": tokenizer.id_to_piece(tokenizer.eos_id),
-            "unk_token": tokenizer.id_to_piece(tokenizer.unk_id), "model_max_length": model.args.max_seq_len,
-        }, indent=2) + "\n")
+        # tokenizer.json + tokenizer_config.json: AutoTokenizer then prepends BOS, as our model was trained (without
+        # it lm_eval would score without BOS), and apply_chat_template gives model.chat's prompt ids (vLLM).
+        (tmp / "tokenizer.json").write_text(json.dumps(tokenizer_json(tokenizer)) + "\n")
+        (tmp / "tokenizer_config.json").write_text(json.dumps(
+            tokenizer_config_json(tokenizer, model.args.max_seq_len), indent=2) + "\n")
     return Path(out)

@@ -81,6 +81,7 @@ def stage_configs(params: dict) -> dict:
     from components.data.ingest import DataConfig
     from components.rlhf.benchmarks import BenchmarkConfig
     from components.rlhf.gate import PromotionConfig
+    from components.serve.llm import LLMServeConfig
     from flows._stage import stage_config
     from flows.plan import stage_configs as planned
 
@@ -89,6 +90,7 @@ def stage_configs(params: dict) -> dict:
         "tokenizer": stage_config(params, "tokenizer", TokenizerConfig), **planned(params),
         "register": stage_config(params, "register", PromotionConfig),
         "benchmarks": stage_config(params, "benchmarks", BenchmarkConfig),
+        "serve_llm": config_from_dict(LLMServeConfig, params["serve_llm"], "serve_llm"),  # make serve-llm's
     }
 
 
