@@ -7,6 +7,7 @@ deterministic, which is all the assertions need).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -20,8 +21,8 @@ import pytest
 from mlflow import MlflowClient
 from ray import serve
 
-from components.serve.app import MODEL_URI_ENV, build_app
-from components.serve.resolve import resolve_checkpoint
+from components.serve.app import API_KEY_ENV, MODEL_URI_ENV, build_app
+from components.serve.resolve import HASHES_FILE, pin_version, resolve_checkpoint
 from model.chat import encode_prompt
 from model.checkpoint import CheckpointError, save_checkpoint
 from tests.helpers import debug_model, small_tokenizer
@@ -31,6 +32,7 @@ SERVED = "llama2-chat"
 MESSAGES = [{"role": "system", "content": "Always reply in uppercase."},
             {"role": "user", "content": "what is the quick brown fox"}]
 MAX_BODY = 64 * 1024
+JSON = {"content-type": "application/json"}
 
 
 class _Noop(mlflow.pyfunc.PythonModel):
@@ -67,16 +69,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(ray_local, registry):
-    """Base URL of the deployed app; Serve is shut down after the module."""
+@contextlib.contextmanager
+def deploy(registry, **args):
+    """Serve the registered model on a free loopback port with AppArgs `args`; yield the base URL; shut Serve down
+    after."""
     _, tracking_uri, root = registry
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv(MODEL_URI_ENV, raising=False)  # the env override would win over model_uri
+        mp.delenv(API_KEY_ENV, raising=False)
         app = build_app({"model_uri": f"models:/{REGISTERED}@champion", "tracking_uri": tracking_uri,
-                         "cache_dir": str(root / "cache"), "model_name": SERVED, "max_request_bytes": MAX_BODY})
+                         "cache_dir": str(root / "cache"), "model_name": SERVED} | args)
     try:
         serve.run(app, name="chat", route_prefix="/", blocking=False)
         deadline = time.monotonic() + 120
@@ -86,6 +90,13 @@ def server(ray_local, registry):
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, registry):
+    """Base URL of the deployed app; Serve is shut down after the module."""
+    with deploy(registry, max_request_bytes=MAX_BODY) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +170,46 @@ def test_concurrent_requests_match_sequential_ones(client):
     assert together == alone
 
 
+def test_completions_n_logprobs_and_seed(client):
+    reply = client.completions.create(model=SERVED, prompt="the quick brown fox", max_tokens=6, temperature=0,
+                                      logprobs=0)
+    choice = reply.choices[0]
+    assert reply.object == "text_completion" and reply.id.startswith("cmpl-") and choice.finish_reason == "length"
+    assert reply.usage.completion_tokens == 6 and len(choice.logprobs.token_logprobs) == 6
+    assert all(lp <= 0 for lp in choice.logprobs.token_logprobs) and choice.text
+    ids = small_tokenizer().encode("the quick brown fox", bos=True)
+    by_ids = client.completions.create(model=SERVED, prompt=ids, max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == choice.text and by_ids.usage.prompt_tokens == len(ids)
+    streamed = list(client.completions.create(model=SERVED, prompt=ids, max_tokens=6, temperature=0, stream=True,
+                                              stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == choice.text
+    assert streamed[-1].usage.completion_tokens == 6
+
+    seeded = [client.completions.create(model=SERVED, prompt="a", max_tokens=8, temperature=1.5, seed=7, n=3)
+              for _ in range(2)]
+    texts = [[c.text for c in r.choices] for r in seeded]
+    assert texts[0] == texts[1] and len(set(texts[0])) > 1  # seeded: reproducible, yet n different choices
+    assert [c.index for c in seeded[0].choices] == [0, 1, 2] and seeded[0].usage.completion_tokens == 24
+
+    chat = _chat(client, max_tokens=5, logprobs=True, n=2)
+    assert [len(c.logprobs.content) for c in chat.choices] == [5, 5] and chat.choices[0].message.content
+    assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy: the same twice
+    assert _chat(client, max_completion_tokens=3).usage.completion_tokens == 3
+    with pytest.raises(openai.BadRequestError, match="engine"):
+        _chat(client, max_tokens=2, logprobs=True, top_logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        _chat(client, max_tokens=2, response_format={"type": "json_object"})
+
+
+def test_metrics_count_requests_and_tokens(server, client):
+    _chat(client, max_tokens=3)
+    text = httpx.get(f"{server}/metrics", timeout=10).text
+    for name in ("llama2_serve_requests_total", "llama2_serve_generated_tokens_total", "llama2_serve_queue_depth",
+                 "llama2_serve_batch_occupancy_bucket", "llama2_serve_time_to_first_token_seconds_bucket"):
+        assert name in text, name
+    assert 'route="/v1/chat/completions",status="200"' in text
+
+
 MALFORMED = {
     "bad json": b'{"messages": [',
     "not an object": b"[1, 2]",
@@ -175,7 +226,9 @@ MALFORMED = {
     "prompt too long": {"messages": [{"role": "user", "content": "the quick brown fox " * 100}]},
     "negative temperature": {"messages": MESSAGES, "temperature": -1},
     "top_p 0": {"messages": MESSAGES, "top_p": 0},
-    "n > 1": {"messages": MESSAGES, "n": 2},
+    "n past 16": {"messages": MESSAGES, "n": 17},
+    "tools": {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]},
+    "unknown field": {"messages": MESSAGES, "temprature": 0.5},
     "empty stop": {"messages": MESSAGES, "stop": ""},
     "unknown model": {"model": "gpt-17", "messages": MESSAGES},
 }
@@ -191,10 +244,11 @@ def test_malformed_requests_get_4xx_json_and_the_server_keeps_serving(server, cl
     url = f"{server}/v1/chat/completions"
     with httpx.Client(timeout=30) as http:
         for case, body in MALFORMED.items():
-            response = http.post(url, **({"content": body} if isinstance(body, bytes) else {"json": body}))
+            response = http.post(url, **({"content": body, "headers": JSON} if isinstance(body, bytes)
+                                         else {"json": body}))
             assert response.status_code < 500, case
             _assert_openai_error(response, 404 if case == "unknown model" else 400)
-        _assert_openai_error(http.post(url, content=b" " * (MAX_BODY + 1)), 413)
+        _assert_openai_error(http.post(url, content=b" " * (MAX_BODY + 1), headers=JSON), 413)
         huge = {"messages": [{"role": "user", "content": "x" * (4 * MAX_BODY)}]}
         _assert_openai_error(http.post(url, json=huge), 413)
         _assert_openai_error(http.get(f"{server}/v1/nowhere"), 404)
@@ -218,3 +272,10 @@ def test_resolve_checkpoint_paths_and_registry(registry, tmp_path):
         resolve_checkpoint(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="unsupported model URI"):
         resolve_checkpoint(f"models:/{REGISTERED}", tracking_uri)
+    assert pin_version(f"models:/{REGISTERED}@champion", tracking_uri) == f"models:/{REGISTERED}/1"
+    cache = tmp_path / "cache"
+    assert cache.stat().st_mode & 0o777 == 0o700 and len(list(cache.rglob(HASHES_FILE))) == 1
+    weights = by_version / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"!")  # tampered: the hash check downloads it again
+    again = resolve_checkpoint(f"models:/{REGISTERED}/1", tracking_uri, cache)
+    assert (again / "model.safetensors").read_bytes() == (checkpoint / "model.safetensors").read_bytes()

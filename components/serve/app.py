@@ -1,14 +1,18 @@
 """Serve a Llama-2-Chat checkpoint on Ray Serve behind an OpenAI-compatible HTTP API: the deployment and its builder.
 
-Routes: `POST /v1/chat/completions` (non-streaming, or server-sent events in OpenAI's chunk format),
-`GET /v1/models`, `GET /health`. Every request error is a 4xx with OpenAI's error body (protocol.py).
+Routes: `POST /v1/chat/completions` and `POST /v1/completions` (non-streaming, or server-sent events in OpenAI's
+chunk format), `GET /v1/models`, `GET /health`, `GET /metrics` (this replica's, Prometheus text). Every request
+error is a 4xx with OpenAI's error body (protocol.py); ops.py gates every request (Host allowlist, header limit,
+optional API key, JSON Content-Type) and counts it.
 
-Generation is `model.generation.generate`, the one decoding path of the project: concurrent requests with the same
-sampling parameters are grouped by `@serve.batch` into one batched `generate` call (jobs.py). Streaming sends each
-token's text as `generate` produces it (its on_step hook; text through text.TextStream).
+Generation is `model.generation.generate`, the one decoding path of the project: a request becomes a `Prepared`
+(jobs.py: prompt ids, sampling parameters, n, logprobs wanted), then n jobs; concurrent jobs with the same sampling
+parameters are grouped by `@serve.batch` into one batched `generate` call. Streaming sends each token's text as
+`generate` produces it (its on_step hook; text through text.TextStream). A client that leaves (or a request past
+request_timeout_s) cancels its jobs: the decode stops at the next step once every job of its batch is cancelled.
 
-The model comes from resolve.py (a checkpoint folder or a models:/ URI). Every setting, and its one default, is a
-field of `AppArgs`; `ChatServer` takes the validated `AppArgs`.
+The model comes from resolve.py (a checkpoint folder, or a models:/ URI whose alias `build_app` pins to a version,
+so every replica serves the same one). Every setting, and its one default, is a field of `AppArgs`.
 
 Run: `serve run infra/serve.yaml` (model from `LLAMA2_MODEL_URI`, else the config's `model_uri`).
 """
@@ -16,6 +20,7 @@ Run: `serve run infra/serve.yaml` (model from `LLAMA2_MODEL_URI`, else the confi
 # No `from __future__ import annotations`: Ray Serve reads the builder's annotation as a class to validate its args.
 
 import asyncio
+import logging
 import os
 import time
 import uuid
@@ -24,19 +29,24 @@ from typing import Literal
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from ray import serve
 
 from components.serve import protocol
-from components.serve.jobs import Job, make_job, run_jobs
+from components.serve.jobs import (DecodeState, Job, JobResult, Prepared, make_jobs, prepare_chat,
+                                   prepare_completion, run_jobs, token_entry)
+from components.serve.ops import Guard, GuardMiddleware, Metrics, install
 from components.serve.protocol import APIError
-from components.serve.resolve import resolve_checkpoint
+from components.serve.resolve import pin_version, resolve_checkpoint
 from components.serve.text import TextStream, detokenize
 from components.track.tracking import tracking_uri as default_tracking_uri
 from model.checkpoint import load_checkpoint
+from model.generation import SamplingParams, generate
 
 MODEL_URI_ENV = "LLAMA2_MODEL_URI"  # overrides args.model_uri: `serve run config.yaml` takes no args on the CLI
+API_KEY_ENV = "LLAMA2_API_KEY"  # the API key when args.api_key is unset (keeps it out of the config file)
+logger = logging.getLogger("ray.serve")
 
 
 class AppArgs(BaseModel):
@@ -48,24 +58,34 @@ class AppArgs(BaseModel):
     model_uri: str = "models:/llama2-chat@champion"  # checkpoint folder or models:/ URI; $LLAMA2_MODEL_URI wins
     model_name: str = "llama2-chat"  # the id in /v1/models and in responses
     tracking_uri: str | None = None  # MLflow registry for models:/ URIs; None = $MLFLOW_TRACKING_URI or repo sqlite
-    cache_dir: str | None = None  # registry downloads; None = $LLAMA2_SERVE_CACHE or <tmp>/llama2-serve-models
-    default_max_tokens: int = Field(256, ge=1)  # when a request sets no max_tokens (capped by the context left)
-    max_request_bytes: int = Field(1 << 20, ge=1024)  # larger bodies get 413
-    max_batch_size: int = Field(8, ge=1)  # requests with equal sampling params decoded together
+    cache_dir: str | None = None  # registry downloads (0700); None = $LLAMA2_SERVE_CACHE or ~/.cache/llama2-recipe
+    default_max_tokens: int = Field(256, ge=1)  # when a chat request sets no max_tokens (capped by the context left)
+    max_batch_size: int = Field(8, ge=1)  # jobs with equal sampling params decoded together
     batch_wait_timeout_s: float = Field(0.01, ge=0)  # how long a batch waits to fill up
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, the checkpoint's dtype on CPU
+    # Operations.
+    request_timeout_s: float = Field(120.0, gt=0)  # a request's whole generation; past it: 504 (or an error event)
+    max_queued_requests: int = Field(64, ge=-1)  # past max_ongoing_requests + this: Ray Serve's 503 + Retry-After
+    max_request_bytes: int = Field(1 << 20, ge=1024)  # larger bodies get 413
+    max_header_bytes: int = Field(16 * 1024, ge=1024)  # larger header blocks get 431
+    body_timeout_s: float = Field(10.0, gt=0)  # a body not all there within it: 408 (a slow client holds no slot)
+    api_key: SecretStr | None = None  # Authorization: Bearer <key> on every route but /health; $LLAMA2_API_KEY
+    allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "[::1]")  # Host header names served; "*" = any
+    health_stall_s: float = Field(60.0, gt=0)  # a decode making no step for longer: the replica is unhealthy
 
 
 _DEFAULTS = AppArgs()
 
-api = FastAPI(title="Llama-2-Chat", docs_url=None, redoc_url=None)
+api = FastAPI(title="Llama-2-Chat", docs_url=None, redoc_url=None, openapi_url=None)
 protocol.add_error_handlers(api)
+api.add_middleware(GuardMiddleware)
 
 
-@serve.deployment(max_ongoing_requests=16, ray_actor_options={"num_cpus": 1, "num_gpus": 0})
+@serve.deployment(max_ongoing_requests=16, health_check_period_s=10, health_check_timeout_s=30,
+                  ray_actor_options={"num_cpus": 1, "num_gpus": 0})
 @serve.ingress(api)
 class ChatServer:
-    """One replica: the model and tokenizer in memory, OpenAI's chat routes on top."""
+    """One replica: the model and tokenizer in memory, OpenAI's routes on top."""
 
     def __init__(self, args: AppArgs):
         import ray
@@ -82,12 +102,30 @@ class ChatServer:
         self.context_length = self.model.args.max_seq_len
         self._generate_batch.set_max_batch_size(args.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
+        self.state, self.waiting = DecodeState(), set()
+        self.metrics = Metrics(serve.get_replica_context().replica_id.unique_id)
+        self.metrics.queue_depth.set_function(lambda: len(self.waiting))
+        api_key = args.api_key.get_secret_value() if args.api_key else None
+        install(Guard(list(args.allowed_hosts), api_key, args.max_header_bytes, self.metrics))
+
+    async def check_health(self) -> None:
+        """Ray Serve's probe: a decode stalled for health_stall_s, or one token that cannot be decoded, takes the
+        replica out of rotation (Serve restarts it)."""
+        if (last := self.state.last_step) is not None and time.monotonic() - last > self.args.health_stall_s:
+            raise RuntimeError(f"the running decode made no step for {time.monotonic() - last:.0f} s")
+        await asyncio.to_thread(generate, self.model, [[self.tokenizer.bos_id]],
+                                SamplingParams(max_new_tokens=1, temperature=0), eos_id=self.tokenizer.eos_id,
+                                pad_id=self.tokenizer.pad_id)
 
     # -- routes ---------------------------------------------------------------------------------------------------
 
     @api.get("/health")
     async def health(self) -> dict:
         return {"status": "ok", "model": self.model_name}
+
+    @api.get("/metrics")
+    async def metrics(self) -> Response:
+        return Response(self.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @api.get("/v1/models")
     async def models(self) -> dict:
@@ -100,54 +138,11 @@ class ChatServer:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        req = protocol.parse_request(await protocol.read_body(request, self.args.max_request_bytes))
-        self._check_model(req.model)
-        completion_id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name
-        if not req.stream:
-            job = self._job(req)
-            tokens, finish_reason = await self._generate_batch(job)
-            pieces, n_tokens, finish_reason = detokenize(self.tokenizer, tokens, finish_reason, req.stop)
-            return protocol.completion(completion_id, created, model, "".join(pieces), finish_reason,
-                                       protocol.usage(len(job.prompt), n_tokens))
+        return await self._complete(request, chat=True)
 
-        # Streaming: the decode thread hands each new id to this event loop; the text goes out as it comes.
-        loop, ids = asyncio.get_running_loop(), asyncio.Queue()
-        job = self._job(req, on_token=lambda token_id: loop.call_soon_threadsafe(ids.put_nowait, token_id))
-        generation = asyncio.ensure_future(self._generate_batch(job))
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        async def events() -> AsyncIterator[str]:
-            def chunk(delta: dict, finish: str | None = None) -> str:
-                return protocol.sse(protocol.chunk(completion_id, created, model, delta, finish))
-
-            yield chunk({"role": "assistant", "content": ""})
-            text, ended = TextStream(self.tokenizer, req.stop), False
-            while not (generation.done() and ids.empty()):  # ids queued before the result is set: none is lost
-                next_id = asyncio.ensure_future(ids.get())
-                await asyncio.wait({next_id, generation}, return_when=asyncio.FIRST_COMPLETED)
-                if not next_id.done():
-                    next_id.cancel()
-                    continue
-                ended = ended or next_id.result() == self.tokenizer.eos_id
-                if piece := ("" if ended else text.push(next_id.result())):
-                    yield chunk({"content": piece})
-            try:
-                tokens, finish_reason = generation.result()
-            except Exception as exc:  # the stream has begun: the error goes in it, as OpenAI's does
-                error = APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error")
-                yield protocol.sse(error.body())
-                return
-            if piece := text.flush():
-                yield chunk({"content": piece})
-            _, n_tokens, finish_reason = detokenize(self.tokenizer, tokens, finish_reason, req.stop)
-            yield chunk({}, finish_reason)
-            if include_usage:
-                usage = protocol.usage(len(job.prompt), n_tokens)
-                yield protocol.sse(protocol.usage_chunk(completion_id, created, model, usage))
-            yield protocol.sse("[DONE]")
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._complete(request, chat=False)
 
     # -- request handling -----------------------------------------------------------------------------------------
 
@@ -157,25 +152,153 @@ class ChatServer:
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
+            raise APIError(404, f"the model {model[:200]!r} does not exist; this server serves "
+                                f"{self.model_name!r}", param="model", code="model_not_found")
 
-    def _job(self, req: protocol.ChatCompletionRequest, on_token=None) -> Job:
-        return make_job(req, self.tokenizer, self.context_length, self.args.default_max_tokens, on_token)
+    async def _complete(self, request: Request, chat: bool):
+        started = time.monotonic()
+        body = await protocol.read_body(request, self.args.max_request_bytes, self.args.body_timeout_s)
+        req = protocol.parse_request(body, protocol.ChatCompletionRequest if chat else protocol.CompletionRequest)
+        self._check_model(req.model)
+        prepare = prepare_chat if chat else prepare_completion
+        prepared = prepare(req, self.tokenizer, self.context_length, self.args.default_max_tokens)
+        head = (f"chatcmpl-{uuid.uuid4().hex}" if chat else f"cmpl-{uuid.uuid4().hex}", int(time.time()),
+                self.model_name)
+        if req.stream:
+            return StreamingResponse(self._stream(prepared, chat, head, req.include_usage, started),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        results = await self._decode(make_jobs(prepared), started)
+        choices, completion_tokens = [], 0
+        for i, result in enumerate(results):
+            text, used, finish, logprobs = self._finish(prepared, result, chat)
+            completion_tokens += used
+            choices.append((protocol.chat_choice if chat else protocol.text_choice)(i, text, finish, logprobs))
+        self.metrics.tokens.inc(completion_tokens)
+        usage = protocol.usage(len(prepared.prompt), completion_tokens)
+        return JSONResponse(protocol.response("chat.completion" if chat else "text_completion", *head, choices,
+                                              usage))
+
+    def _finish(self, prepared: Prepared, result: JobResult, chat: bool) -> tuple[str, int, str, dict | None]:
+        """A finished job's text, ids used, finish reason and logprobs (None when not asked for)."""
+        pieces, used, finish = detokenize(self.tokenizer, result.tokens, result.finish_reason, prepared.stop)
+        logprobs = None
+        if prepared.logprobs:
+            entries = [token_entry(self.tokenizer, t, lp) for t, lp in zip(result.tokens, result.logprobs)]
+            entries = entries[:len(pieces)]
+            logprobs = (protocol.chat_logprobs(entries) if chat
+                        else protocol.completion_logprobs(entries, pieces))
+        return "".join(pieces), used, finish, logprobs
+
+    async def _decode(self, jobs: list[Job], started: float) -> list[JobResult]:
+        """The jobs' results within the request's deadline (504 past it). However this ends (deadline, client gone,
+        done), the jobs are cancelled after: a decode still running for them stops."""
+        self.waiting.update(jobs)
+        try:
+            timeout = self.args.request_timeout_s - (time.monotonic() - started)
+            results = await asyncio.wait_for(asyncio.gather(*map(self._generate_batch, jobs)), max(timeout, 0))
+        except TimeoutError:
+            raise APIError(504, f"the request did not finish within request_timeout_s "
+                                f"({self.args.request_timeout_s:g} s)", type="timeout_error",
+                           code="request_timeout") from None
+        except asyncio.CancelledError:
+            self.metrics.cancelled.inc()
+            raise
+        finally:
+            self.waiting.difference_update(jobs)
+            for job in jobs:
+                job.cancelled.set()
+        if failed := [r.error for r in results if r.error is not None]:
+            logger.error("generation failed", exc_info=failed[0])
+            raise protocol.internal_error()
+        return results
+
+    async def _stream(self, prepared: Prepared, chat: bool, head: tuple, include_usage: bool,
+                      started: float) -> AsyncIterator[str]:
+        """Server-sent events: each choice's text as it is decoded, then its finish reason (and logprobs)."""
+        object_ = "chat.completion.chunk" if chat else "text_completion"
+        loop, ids = asyncio.get_running_loop(), asyncio.Queue()
+        jobs = make_jobs(prepared, on_token=lambda i, t: loop.call_soon_threadsafe(ids.put_nowait, (i, t)))
+        generation = asyncio.ensure_future(self._decode(jobs, started))
+
+        def event(i: int, text: str | None, finish: str | None = None, logprobs: dict | None = None) -> str:
+            if chat:
+                choice = {"index": i, "delta": {} if text is None else {"content": text}, "logprobs": logprobs,
+                          "finish_reason": finish}
+            else:
+                choice = protocol.text_choice(i, text or "", finish, logprobs)
+            return protocol.sse(protocol.chunk(object_, *head, choice))
+
+        streams = [TextStream(self.tokenizer, prepared.stop) for _ in jobs]
+        ended, first = [False] * len(jobs), True
+        try:
+            if chat:
+                for i in range(len(jobs)):
+                    yield protocol.sse(protocol.chunk(object_, *head, {
+                        "index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                        "finish_reason": None}))
+            while not (generation.done() and ids.empty()):  # ids queued before the result is set: none is lost
+                next_id = asyncio.ensure_future(ids.get())
+                await asyncio.wait({next_id, generation}, return_when=asyncio.FIRST_COMPLETED)
+                if not next_id.done():
+                    next_id.cancel()
+                    continue
+                if first:
+                    self.metrics.ttft.observe(time.monotonic() - started)
+                    first = False
+                i, token_id = next_id.result()
+                ended[i] = ended[i] or token_id == self.tokenizer.eos_id
+                if piece := ("" if ended[i] else streams[i].push(token_id)):
+                    yield event(i, piece)
+            try:
+                results = generation.result()
+            except APIError as exc:  # the stream has begun: the error goes in it, as OpenAI's does
+                yield protocol.sse(exc.body())
+                return
+            completion_tokens = 0
+            for i, result in enumerate(results):
+                if piece := streams[i].flush():
+                    yield event(i, piece)
+                _, used, finish, logprobs = self._finish(prepared, result, chat)
+                completion_tokens += used
+                yield event(i, None, finish, logprobs)
+            self.metrics.tokens.inc(completion_tokens)
+            if include_usage:
+                usage = protocol.usage(len(prepared.prompt), completion_tokens)
+                yield protocol.sse(protocol.usage_chunk(object_, *head, usage))
+            yield protocol.sse("[DONE]")
+        finally:  # also when the client left (the generator is closed or cancelled): stop decoding for it
+            for job in jobs:
+                job.cancelled.set()
+            if not generation.done():
+                generation.cancel()
 
     # -- batched generation ---------------------------------------------------------------------------------------
 
     # The batch settings are AppArgs' (set per replica in __init__); the decorator's are only their defaults.
     @serve.batch(max_batch_size=_DEFAULTS.max_batch_size, batch_wait_timeout_s=_DEFAULTS.batch_wait_timeout_s)
-    async def _generate_batch(self, jobs: list[Job]) -> list[tuple[list[int], str]]:
-        # The decode loop is CPU/GPU-bound: run it off the event loop so /health and new requests stay served.
-        return await asyncio.to_thread(run_jobs, self.model, self.tokenizer, jobs)
+    async def _generate_batch(self, jobs: list[Job]) -> list[JobResult]:
+        self.waiting.difference_update(jobs)
+        self.metrics.occupancy.observe(len(jobs))
+        self.metrics.running.set(len(jobs))
+        try:
+            # The decode loop is CPU/GPU-bound: run it off the event loop so /health and new requests stay served.
+            return await asyncio.to_thread(run_jobs, self.model, self.tokenizer, jobs, self.state)
+        finally:
+            self.metrics.running.set(0)
 
 
 def build_app(args: AppArgs) -> serve.Application:
-    """Serve application builder: `components.serve.app:build_app` (args: AppArgs, or a dict of its fields)."""
+    """Serve application builder: `components.serve.app:build_app` (args: AppArgs, or a dict of its fields).
+
+    A models:/ alias is resolved here, once, to its version: every replica (and every restart) serves that one."""
     if isinstance(args, dict):  # serve.run(build_app({...})) from Python; Serve itself passes an AppArgs
         args = AppArgs.model_validate(args)
     model_uri = os.environ.get(MODEL_URI_ENV) or args.model_uri
     tracking_uri = args.tracking_uri or (default_tracking_uri() if model_uri.startswith("models:/") else None)
-    return ChatServer.bind(args.model_copy(update={"model_uri": model_uri, "tracking_uri": tracking_uri}))
+    if model_uri.startswith("models:/"):
+        model_uri = pin_version(model_uri, tracking_uri)
+    api_key = args.api_key or (SecretStr(os.environ[API_KEY_ENV]) if os.environ.get(API_KEY_ENV) else None)
+    args = args.model_copy(update={"model_uri": model_uri, "tracking_uri": tracking_uri, "api_key": api_key})
+    logger.info("serving %s", model_uri)
+    return ChatServer.options(max_queued_requests=args.max_queued_requests).bind(args)

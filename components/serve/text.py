@@ -3,16 +3,44 @@
 from model.tokenizer import Tokenizer
 
 
+class _StopMatcher:
+    """Knuth-Morris-Pratt automaton of one stop string: fed the text a character at a time, it knows the longest
+    prefix of the stop string that the text ends with, in amortised O(1) a character (linear in the text and the
+    stop string, however long either is)."""
+
+    def __init__(self, stop: str):
+        self.stop, self.matched = stop, 0
+        self.fail = [0] * len(stop)  # fail[i]: the longest proper border of stop[:i + 1]
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self.fail[k - 1]
+            k += stop[i] == stop[k]
+            self.fail[i] = k
+
+    def feed(self, char: str) -> bool:
+        """Advance over one character; True when the text now ends with the whole stop string."""
+        k = self.matched
+        if k == len(self.stop):
+            k = self.fail[k - 1]
+        while k and char != self.stop[k]:
+            k = self.fail[k - 1]
+        self.matched = k + (char == self.stop[k])
+        return self.matched == len(self.stop)
+
+
 class TextStream:
     """Turn generated ids, fed one at a time, into text that is safe to show, cut at the first stop string.
 
     SentencePiece text is not a concatenation of per-id strings (the first piece loses its leading space, and
     byte-fallback ids only form a character together), so each step decodes a short window of ids and emits what it
-    adds (vLLM's incremental detokenization). Text that could still become a stop string is held back.
+    adds (vLLM's incremental detokenization). Text that could still become a stop string is held back. The stop
+    string that ends first wins (a stream cannot wait for a longer one that might start earlier).
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str]):
-        self.tokenizer, self.stop = tokenizer, stop
+        self.tokenizer = tokenizer
+        self.matchers = [_StopMatcher(s) for s in stop]
         self.ids: list[int] = []
         self.prefix_offset = self.read_offset = 0  # window ids[prefix_offset:]; ids[:read_offset] are in self.text
         self.text = ""  # the text so far (cut at the stop string once one appeared)
@@ -34,28 +62,35 @@ class TextStream:
         window = self.tokenizer.decode(self.ids[self.prefix_offset:])
         if len(window) > len(prefix) and (final or not window.endswith("\ufffd")):  # else: a partial UTF-8 char
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            start = max(0, len(self.text) - max((len(s) for s in self.stop), default=1) + 1)
-            self.text += window[len(prefix):]
-            hits = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
-            if hits:
-                self.text, self.stopped, final = self.text[:min(hits)], True, True
-        held = 0 if final else max((h for s in self.stop for h in range(1, len(s)) if self.text.endswith(s[:h])),
-                                   default=0)
+            self._append(window[len(prefix):])
+            final = final or self.stopped
+        held = 0 if final else max((m.matched for m in self.matchers), default=0)
         out = self.text[self.sent:len(self.text) - held]
         self.sent += len(out)
         return out
 
+    def _append(self, new: str) -> None:
+        for i, char in enumerate(new):
+            for m in self.matchers:
+                if m.feed(char):
+                    self.text = (self.text + new[:i + 1])[:len(self.text) + i + 1 - len(m.stop)]
+                    self.stopped = True
+                    return
+        self.text += new
+
 
 def detokenize(tokenizer: Tokenizer, tokens: list[int], finish_reason: str, stop: list[str],
                ) -> tuple[list[str], int, str]:
-    """A finished generation's text pieces (one per id that adds text), ids used (up to eos or the stop string) and
-    finish reason ("stop" when a stop string cut it)."""
+    """A finished generation's text, one piece per id up to eos or the stop string ("" for an id that adds no text
+    yet: pieces[i] belongs to tokens[i]), the ids used (eos counted) and the finish reason ("stop" when a stop string
+    cut it)."""
     stream, pieces = TextStream(tokenizer, stop), []
     for i, token_id in enumerate(tokens):
         if token_id == tokenizer.eos_id:
             break
         pieces.append(stream.push(token_id))
         if stream.stopped:
-            return [p for p in pieces if p], i + 1, "stop"
-    pieces.append(stream.flush())
-    return [p for p in pieces if p], len(tokens), finish_reason
+            return pieces, i + 1, "stop"
+    if pieces:
+        pieces[-1] += stream.flush()
+    return pieces, len(tokens), finish_reason
