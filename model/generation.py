@@ -50,13 +50,27 @@ class GenerationOutput:
     finish_reasons: list[str]  # "stop" (eos or a stop sequence) or "length"
 
 
-def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Sample from the smallest set of tokens whose probability mass exceeds top_p (Meta's sample_top_p)."""
+def top_p_filter(probs: torch.Tensor, top_p: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities sorted descending with everything past the top_p mass zeroed, and their ids; top_p a float or
+    one per row (B, 1)."""
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     mask = probs_sort.cumsum(dim=-1) - probs_sort > top_p
-    probs_sort = probs_sort.masked_fill(mask, 0.0)
+    return probs_sort.masked_fill(mask, 0.0), probs_idx
+
+
+def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Sample from the smallest set of tokens whose probability mass exceeds top_p (Meta's sample_top_p)."""
+    probs_sort, probs_idx = top_p_filter(probs, top_p)
     next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
     return torch.gather(probs_idx, -1, next_token).squeeze(-1)
+
+
+def top_k_filter(logits: torch.Tensor, top_k: int | torch.Tensor) -> torch.Tensor:
+    """Logits below each row's k-th largest set to -inf; top_k an int or one per row (B,), 0 = no filter."""
+    ks = torch.as_tensor(top_k, device=logits.device).clamp(max=logits.shape[-1]).expand(logits.shape[0])
+    top = torch.topk(logits, int(ks.max()), dim=-1).values
+    kth = top.gather(-1, (ks - 1).clamp(min=0)[:, None])
+    return logits.masked_fill((logits < kth) & (ks > 0)[:, None], float("-inf"))
 
 
 def sample_next(logprobs: torch.Tensor, params: SamplingParams, generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,8 +82,7 @@ def sample_next(logprobs: torch.Tensor, params: SamplingParams, generator) -> tu
     logits = logprobs / params.temperature
     logprobs = torch.log_softmax(logits, dim=-1)
     if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = top_k_filter(logits, params.top_k)
     probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
         next_token = sample_top_p(probs, params.top_p, generator)
@@ -78,15 +91,43 @@ def sample_next(logprobs: torch.Tensor, params: SamplingParams, generator) -> tu
     return next_token, logprobs.gather(-1, next_token[:, None]).squeeze(-1)
 
 
-def sampling_group(params: SamplingParams, generator: torch.Generator | None) -> tuple:
-    """Rows with equal keys can be sampled by one sample_next call (a batch whose rows have different parameters is
-    sampled group by group): greedy rows all together, unseeded rows by their parameters, a seeded row alone (its
-    generator's draws must not depend on its neighbours)."""
-    if params.temperature == 0:
-        return ("greedy",)
-    if generator is not None:
-        return ("seeded", id(generator))
-    return ("sampled", params.temperature, params.top_p, params.top_k)
+def sample_rows(logprobs: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """sample_next for a batch whose rows have their own parameters and generators (a serving batch): the
+    filtering is batched, and each sampled row draws from its own generator what sample_next draws for it alone,
+    so a seeded row's ids do not depend on its neighbours."""
+    B = logprobs.shape[0]
+    ids = torch.zeros(B, dtype=torch.long, device=logprobs.device)
+    chosen = torch.zeros(B, dtype=logprobs.dtype, device=logprobs.device)
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0]
+    sampled = [i for i, p in enumerate(params) if p.temperature != 0]
+    if greedy:
+        index = torch.tensor(greedy, device=logprobs.device)
+        chosen[index], ids[index] = logprobs.index_select(0, index).max(dim=-1)
+    if sampled:
+        index = torch.tensor(sampled, device=logprobs.device)
+        rows = [params[i] for i in sampled]
+        temperature = torch.tensor([p.temperature for p in rows], dtype=logprobs.dtype, device=logprobs.device)
+        logits = logprobs.index_select(0, index) / temperature[:, None]
+        scaled = torch.log_softmax(logits, dim=-1)
+        if any(p.top_k for p in rows):
+            logits = top_k_filter(logits, torch.tensor([p.top_k for p in rows], device=logprobs.device))
+        probs = torch.softmax(logits, dim=-1)
+        nucleus = {j: n for n, j in enumerate(j for j, p in enumerate(rows) if p.top_p < 1.0)}  # sorted rows only
+        if nucleus:
+            top_p = torch.tensor([rows[j].top_p for j in nucleus], dtype=probs.dtype, device=probs.device)
+            probs_sort, probs_idx = top_p_filter(probs[list(nucleus)], top_p[:, None])
+        picked = []
+        for j, p in enumerate(rows):
+            generator = generators[sampled[j]]
+            if j in nucleus:
+                n = nucleus[j]
+                picked.append(probs_idx[n, torch.multinomial(probs_sort[n:n + 1], 1, generator=generator)[0]])
+            else:
+                picked.append(torch.multinomial(probs[j:j + 1], 1, generator=generator)[0])
+        token = torch.cat(picked)
+        ids[index], chosen[index] = token, scaled.gather(-1, token[:, None]).squeeze(-1)
+    return ids, chosen
 
 
 def policy_logprobs(logprobs: torch.Tensor, temperature: float) -> torch.Tensor:

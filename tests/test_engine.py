@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from components.serve.engine import Engine, EngineFull, StopMatcher
-from model.generation import SamplingParams, generate
+from model.generation import SamplingParams, generate, sample_next, sample_rows
 from tests.helpers import debug_model, small_tokenizer
 
 NO_EOS = types.SimpleNamespace(eos_id=-1, pad_id=0)  # rows run to max_new_tokens
@@ -50,6 +50,20 @@ def test_stop_matcher_finds_overlapping_sequences():
     matcher = StopMatcher([[1, 1, 2], [3]])
     assert [matcher.feed(t) for t in [1, 1, 1, 2, 4, 3, 1, 2]] == [False, False, False, True, False, True, False,
                                                                     False]
+
+
+def test_sample_rows_draws_what_sample_next_draws_alone():
+    logprobs = torch.randn(6, 512, generator=torch.Generator().manual_seed(0)).mul(3).log_softmax(-1)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_p=0.8, seed=1),
+              SamplingParams(temperature=1.3, top_k=7, seed=2), SamplingParams(temperature=1.0, seed=3),
+              SamplingParams(temperature=0.9, top_k=40, top_p=0.5, seed=4), SamplingParams(temperature=0)]
+    for step in range(5):
+        generators = [None if p.seed is None else torch.Generator().manual_seed(p.seed + step) for p in params]
+        ids, chosen = sample_rows(logprobs, params, generators)
+        for i, p in enumerate(params):
+            generator = None if p.seed is None else torch.Generator().manual_seed(p.seed + step)
+            expected_id, expected_logprob = sample_next(logprobs[i:i + 1], p, generator)
+            assert ids[i] == expected_id[0] and chosen[i] == expected_logprob[0]
 
 
 def test_staggered_greedy_rows_equal_generate_alone(model):
@@ -158,7 +172,8 @@ def test_cancel_frees_the_row(model):
 
 
 def test_a_failing_row_fails_alone(model):
-    prompts = random_prompts([5, 9, 3])
+    prompts = random_prompts([5, 9, 3, 6])
+    seeded = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, seed=1)
 
     def explode(token):
         raise RuntimeError("client went away")
@@ -166,9 +181,11 @@ def test_a_failing_row_fails_alone(model):
     engine = Engine(model, NO_EOS, max_batch_size=4)
     try:
         good = engine.submit(prompts[0], GREEDY)
+        good_seeded = engine.submit(prompts[3], seeded)  # draws before the bad row in the same sampling call
         bad_callback = engine.submit(prompts[1], GREEDY, on_token=explode)
         bad_params = engine.submit(prompts[2], SamplingParams(max_new_tokens=12, temperature=float("nan")))
         assert good.future.result(60).tokens == alone(model, prompts[0], GREEDY)[0]
+        assert good_seeded.future.result(60).tokens == alone(model, prompts[3], seeded)[0]
         with pytest.raises(RuntimeError, match="client went away"):
             bad_callback.future.result(60)
         with pytest.raises(RuntimeError):  # NaN probabilities: torch.multinomial refuses them

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.generation import (SamplingParams, cache_dtype, decode_step, make_generator, policy_logprobs, prefill,
-                              sample_next, sampling_group)
+                              sample_rows)
 from model.llama import ContextLengthError, KVCache, Transformer
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
@@ -306,22 +306,21 @@ class Engine:
         self._pos = new_pos
 
     def _sample(self, logprobs: torch.Tensor, rows: list[_Row]) -> None:
-        """Pick each row's next id under its own parameters (group by group), hand it out and finish done rows."""
-        groups: dict[tuple, list[int]] = {}
-        for i, row in enumerate(rows):
-            groups.setdefault(sampling_group(row.handle.params, row.generator), []).append(i)
-        ids, chosen = torch.zeros(len(rows), dtype=torch.long), torch.zeros(len(rows))
+        """Pick each row's next id under its own parameters, hand it out and finish the rows that are done."""
         failed: dict[int, Exception] = {}
-        for members in groups.values():
-            first = rows[members[0]]
-            index = torch.tensor(members, device=logprobs.device)
-            try:
-                group_ids, group_logprobs = sample_next(logprobs.index_select(0, index), first.handle.params,
-                                                        first.generator)
-            except Exception as exc:  # noqa: BLE001 - bad parameters fail their rows only
-                failed.update((i, exc) for i in members)
-                continue
-            ids[members], chosen[members] = group_ids.cpu(), group_logprobs.float().cpu()
+        states = [row.generator.get_state() if row.generator is not None else None for row in rows]
+        try:
+            ids, chosen = sample_rows(logprobs, [r.handle.params for r in rows], [r.generator for r in rows])
+        except Exception:  # noqa: BLE001 - some row's parameters are bad: find it, row by row, and fail it alone
+            ids, chosen = torch.zeros(len(rows), dtype=torch.long), torch.zeros(len(rows))
+            for i, row in enumerate(rows):
+                if states[i] is not None:  # undo the draws of the failed batched call
+                    row.generator.set_state(states[i])
+                try:
+                    ids[i:i + 1], chosen[i:i + 1] = sample_rows(logprobs[i:i + 1], [row.handle.params],
+                                                                [row.generator])
+                except Exception as exc:  # noqa: BLE001
+                    failed[i] = exc
         for i, (token, logprob) in enumerate(zip(ids.tolist(), chosen.tolist())):
             row = rows[i]
             if row.handle.future.cancelled():  # leaves at the step's end, unseen
