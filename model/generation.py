@@ -4,6 +4,9 @@ serving.
 Prompts of different lengths are left-padded into one batch: every row then writes the same cache slot each step,
 padding keys are masked out, and rotary positions restart at each row's first real token, so a row decodes exactly
 as it would alone.
+
+generate() decodes one batch to its end; components/serve/engine.py runs a batch that rows join and leave, on the same
+pieces: prefill, decode_step and the samplers (sample_next for one parameter set, sample_rows for a row each).
 """
 
 from __future__ import annotations

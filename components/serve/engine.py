@@ -210,6 +210,11 @@ class Engine:
                                finished=self._counts["finished"], failed=self._counts["failed"],
                                cancelled=self._counts["cancelled"], relays=self._counts["relays"])
 
+    @property
+    def alive(self) -> bool:
+        """Whether the decode thread runs (a health check's first question)."""
+        return self._thread.is_alive()
+
     def close(self, timeout: float | None = 10.0) -> None:
         """Stop the decode thread; queued and running requests fail with EngineClosed."""
         with self._cond:
@@ -239,11 +244,13 @@ class Engine:
                         self._admit(newcomers)
                     if self._rows:
                         self._step()
+                    self._drop_done()
                 except Exception as exc:  # noqa: BLE001 - the forward itself failed: fail the batch, keep serving
                     for row in self._rows:
-                        self._fail(row, exc)
-                    self._rows, self._pos = [], 0
-                self._drop_done()
+                        if not row.done:
+                            self._fail(row, exc)
+                    with self._cond:
+                        self._rows, self._pos = [], 0
         error = EngineClosed("the engine was closed")
         for row in self._rows:
             _settle(row.handle.future, error=error)
