@@ -294,7 +294,9 @@ class Engine:
         B, pos = len(self._rows), self._pos
         start = torch.tensor([row.start for row in self._rows], device=self.device)
         tokens = torch.tensor([row.last for row in self._rows], device=self.device)
-        key_valid = torch.arange(pos + 1, device=self.device) >= start[:, None]  # (B, pos + 1)
+        key_valid = None  # every row starts at slot 0 (a row alone, say): no mask, generate()'s unpadded path
+        if any(row.start for row in self._rows):
+            key_valid = torch.arange(pos + 1, device=self.device) >= start[:, None]  # (B, pos + 1)
         logprobs = decode_step(self.model, tokens, pos - start, key_valid, self._cache.rows(B), pos)
         self._pos += 1
         self._counts["steps"] += 1
