@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from components.serve.engine import Engine, EngineFull, StopMatcher
+from components.serve.engine import Engine, EngineClosed, EngineFull, StopMatcher
 from model.generation import SamplingParams, generate, sample_next, sample_rows
 from tests.helpers import debug_model, small_tokenizer
 
@@ -226,3 +226,25 @@ def test_max_batch_size_respected(model):
         engine.close()
     assert max(s.running for s in seen) == 2
     assert max(s.queued for s in seen) >= 1
+
+
+def test_close_fails_what_is_left(model):
+    engine = Engine(model, NO_EOS, max_batch_size=1)
+    running, gate = threading.Event(), threading.Event()
+
+    def hold(token):
+        running.set()
+        gate.wait(30)
+
+    first = engine.submit([5, 6, 7], GREEDY, on_token=hold)
+    assert running.wait(30)
+    queued = engine.submit([8, 9], GREEDY)
+    engine.close(timeout=0)  # closed now; the thread is still held in on_token
+    gate.set()
+    engine.close()
+    assert not engine.alive
+    for handle in (first, queued):
+        with pytest.raises(EngineClosed):
+            handle.future.result(5)
+    with pytest.raises(EngineClosed):
+        engine.submit([5], GREEDY)
