@@ -4,6 +4,9 @@ serving.
 Prompts of different lengths are left-padded into one batch: every row then writes the same cache slot each step,
 padding keys are masked out, and rotary positions restart at each row's first real token, so a row decodes exactly
 as it would alone.
+
+generate() decodes one batch to its end; components/serve/engine.py runs a batch that rows join and leave, on the same
+pieces: prefill, decode_step and the samplers (sample_next for one parameter set, sample_rows for a row each).
 """
 
 from __future__ import annotations
@@ -50,16 +53,30 @@ class GenerationOutput:
     finish_reasons: list[str]  # "stop" (eos or a stop sequence) or "length"
 
 
-def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Sample from the smallest set of tokens whose probability mass exceeds top_p (Meta's sample_top_p)."""
+def top_p_filter(probs: torch.Tensor, top_p: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities sorted descending with everything past the top_p mass zeroed, and their ids; top_p a float or
+    one per row (B, 1)."""
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     mask = probs_sort.cumsum(dim=-1) - probs_sort > top_p
-    probs_sort = probs_sort.masked_fill(mask, 0.0)
+    return probs_sort.masked_fill(mask, 0.0), probs_idx
+
+
+def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Sample from the smallest set of tokens whose probability mass exceeds top_p (Meta's sample_top_p)."""
+    probs_sort, probs_idx = top_p_filter(probs, top_p)
     next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
     return torch.gather(probs_idx, -1, next_token).squeeze(-1)
 
 
-def _next_token(logprobs: torch.Tensor, params: SamplingParams, generator) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k_filter(logits: torch.Tensor, top_k: int | torch.Tensor) -> torch.Tensor:
+    """Logits below each row's k-th largest set to -inf; top_k an int or one per row (B,), 0 = no filter."""
+    ks = torch.as_tensor(top_k, device=logits.device).clamp(max=logits.shape[-1]).expand(logits.shape[0])
+    top = torch.topk(logits, int(ks.max()), dim=-1).values
+    kth = top.gather(-1, (ks - 1).clamp(min=0)[:, None])
+    return logits.masked_fill((logits < kth) & (ks > 0)[:, None], float("-inf"))
+
+
+def sample_next(logprobs: torch.Tensor, params: SamplingParams, generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick the next id per row from log-probabilities (B, V) at temperature 1 (shifted logits: the same softmax at
     any temperature); return it and its log-probability under the temperature-scaled policy."""
     if params.temperature == 0:
@@ -68,14 +85,61 @@ def _next_token(logprobs: torch.Tensor, params: SamplingParams, generator) -> tu
     logits = logprobs / params.temperature
     logprobs = torch.log_softmax(logits, dim=-1)
     if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = top_k_filter(logits, params.top_k)
     probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
         next_token = sample_top_p(probs, params.top_p, generator)
     else:
         next_token = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
     return next_token, logprobs.gather(-1, next_token[:, None]).squeeze(-1)
+
+
+def sample_rows(logprobs: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """sample_next for a batch whose rows have their own parameters and generators (a serving batch): the
+    filtering is batched, and each sampled row draws from its own generator what sample_next draws for it alone,
+    so a seeded row's ids do not depend on its neighbours."""
+    B = logprobs.shape[0]
+    ids = torch.zeros(B, dtype=torch.long, device=logprobs.device)
+    chosen = torch.zeros(B, dtype=logprobs.dtype, device=logprobs.device)
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0]
+    sampled = [i for i, p in enumerate(params) if p.temperature != 0]
+    if greedy:
+        index = torch.tensor(greedy, device=logprobs.device)
+        chosen[index], ids[index] = logprobs.index_select(0, index).max(dim=-1)
+    if sampled:
+        index = torch.tensor(sampled, device=logprobs.device)
+        rows = [params[i] for i in sampled]
+        temperature = torch.tensor([p.temperature for p in rows], dtype=logprobs.dtype, device=logprobs.device)
+        logits = logprobs.index_select(0, index) / temperature[:, None]
+        scaled = torch.log_softmax(logits, dim=-1)
+        if any(p.top_k for p in rows):
+            logits = top_k_filter(logits, torch.tensor([p.top_k for p in rows], device=logprobs.device))
+        probs = torch.softmax(logits, dim=-1)
+        nucleus = {j: n for n, j in enumerate(j for j, p in enumerate(rows) if p.top_p < 1.0)}  # sorted rows only
+        if nucleus:
+            top_p = torch.tensor([rows[j].top_p for j in nucleus], dtype=probs.dtype, device=probs.device)
+            probs_sort, probs_idx = top_p_filter(probs[list(nucleus)], top_p[:, None])
+        picked = []
+        for j, p in enumerate(rows):
+            generator = generators[sampled[j]]
+            if j in nucleus:
+                n = nucleus[j]
+                picked.append(probs_idx[n, torch.multinomial(probs_sort[n:n + 1], 1, generator=generator)[0]])
+            else:
+                picked.append(torch.multinomial(probs[j:j + 1], 1, generator=generator)[0])
+        token = torch.cat(picked)
+        ids[index], chosen[index] = token, scaled.gather(-1, token[:, None]).squeeze(-1)
+    return ids, chosen
+
+
+def policy_logprobs(logprobs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The distribution sample_next's log-probabilities are reported under: temperature-scaled (T=1 for greedy)."""
+    return logprobs if temperature in (0, 1) else torch.log_softmax(logprobs / temperature, dim=-1)
+
+
+def make_generator(seed: int | None, device) -> torch.Generator | None:
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
 
 def _last_logprobs(logits: torch.Tensor) -> torch.Tensor:
@@ -100,6 +164,44 @@ def _compiled_decode_step():
     # batch size or cache length recompiles once, then dims
     # go dynamic.
     return torch.compile(_static_decode_step, fullgraph=True, options={"cpp_wrapper": True})
+
+
+def cache_dtype(model: Transformer) -> torch.dtype:
+    """The dtype of the keys and values model writes: its weights' or, under autocast, autocast's."""
+    device = next(model.parameters()).device
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(model.parameters()).dtype
+
+
+def prefill(model: Transformer, prompts: list[list[int]], pad_id: int, total: int
+            ) -> tuple[torch.Tensor, KVCache, torch.Tensor, torch.Tensor]:
+    """Left-pad prompts into one block, allocate a cache of `total` slots and run the block through it.
+
+    Returns the last position's log-probabilities (B, V), the cache (the prompts in slots [P - len, P), P the
+    longest prompt), key_valid (B, total) (False on padding) and rotary positions (B, total).
+    """
+    device = next(model.parameters()).device
+    B, prompt_len = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.full((B, prompt_len), pad_id, dtype=torch.long)
+    key_valid = torch.ones(B, total, dtype=torch.bool)
+    for i, prompt in enumerate(prompts):
+        tokens[i, prompt_len - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        key_valid[i, :prompt_len - len(prompt)] = False
+    tokens, key_valid = tokens.to(device), key_valid.to(device)
+    positions = positions_from_mask(key_valid)  # (B, total)
+    cache = KVCache(model.args, B, total, device=device, dtype=cache_dtype(model))
+    mask = None if bool(key_valid.all()) else padding_attention_mask(key_valid[:, :prompt_len], prompt_len)
+    logprobs = _last_logprobs(model(tokens, positions[:, :prompt_len], mask, cache, 0))
+    return logprobs, cache, key_valid, positions
+
+
+def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None,
+                cache: KVCache, pos: int) -> torch.Tensor:
+    """One eager decoding step: tokens (B,) at rotary positions (B,) written to cache slot pos, attending to slots
+    [0, pos] where key_valid (B, pos + 1) allows (None: all). Returns the next log-probabilities (B, V)."""
+    mask = key_valid[:, None, None] if key_valid is not None else None  # (B, 1, 1, S)
+    return _last_logprobs(model(tokens[:, None], positions[:, None], mask, cache, pos))
 
 
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams, eos_id: int, pad_id: int = 0,
@@ -130,26 +232,9 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
             f"prompt of {prompt_len} tokens + max_new_tokens {new} = {total} exceeds the context length "
             f"{args.max_seq_len}; shorten the prompt or lower max_new_tokens")
 
-    tokens = torch.full((B, prompt_len), pad_id, dtype=torch.long)
-    key_valid = torch.ones(B, total, dtype=torch.bool)
-    for i, prompt in enumerate(prompts):
-        tokens[i, prompt_len - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        key_valid[i, :prompt_len - len(prompt)] = False
-    tokens, key_valid = tokens.to(device), key_valid.to(device)
-    positions = positions_from_mask(key_valid)  # (B, total)
+    logprobs, cache, key_valid, positions = prefill(model, prompts, pad_id, total)
     padded = not bool(key_valid.all())
-
-    dtype = next(model.parameters()).dtype
-    if torch.is_autocast_enabled(device.type):
-        dtype = torch.get_autocast_dtype(device.type)
-    cache = KVCache(args, B, total, device=device, dtype=dtype)
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
-
-    # Prefill: the whole prompt block at once; then one token per step.
-    mask = padding_attention_mask(key_valid[:, :prompt_len], prompt_len) if padded else None
-    logprobs = _last_logprobs(model(tokens, positions[:, :prompt_len], mask, cache, 0))
+    generator = make_generator(params.seed, device)
     out_tokens = torch.full((B, new), pad_id, dtype=torch.long, device=device)
     out_logprobs = torch.zeros(B, new, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -158,7 +243,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     compiled_step = _compiled_decode_step() if compile_enabled(compile) else None
     with model.fresh_fused_weights() if compiled_step is not None else contextlib.nullcontext():
         for t in range(new):
-            next_token, logprob = _next_token(logprobs, params, generator)
+            next_token, logprob = sample_next(logprobs, params, generator)
             next_token = next_token.masked_fill(finished, pad_id)
             if on_step is not None:
                 rows = (~finished).nonzero().squeeze(1).tolist()
@@ -179,8 +264,8 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
                 logprobs = compiled_step(model, next_token[:, None], positions, key_valid, cache,
                                        torch.tensor([pos], device=device))
             else:  # eager: attend to the written slots only, the least work
-                step_mask = key_valid[:, None, None, :pos + 1] if padded else None  # (B, 1, 1, S)
-                logprobs = _last_logprobs(model(next_token[:, None], positions[:, pos:pos + 1], step_mask, cache, pos))
+                step_valid = key_valid[:, :pos + 1] if padded else None
+                logprobs = decode_step(model, next_token, positions[:, pos], step_valid, cache, pos)
 
     lengths_list, finished_list = lengths.tolist(), finished.tolist()
     tokens_list, logprobs_list = out_tokens.tolist(), out_logprobs.tolist()

@@ -66,6 +66,12 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
 
+    def rows(self, n: int) -> "KVCache":
+        """The first n rows, sharing this cache's storage (a batch that grows and shrinks inside one allocation)."""
+        view = object.__new__(KVCache)
+        view.k, view.v = [k[:n] for k in self.k], [v[:n] for v in self.v]
+        return view
+
     def update(self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, K, T, D) at positions [start, start+T) and return the keys and values to attend to.
