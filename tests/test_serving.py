@@ -162,7 +162,7 @@ def test_stop_strings_cut_the_text(client):
 
 
 def test_concurrent_requests_match_sequential_ones(client):
-    # Same sampling params → grouped by @serve.batch into one left-padded generate call; greedy rows must not change.
+    # Rows join the engine's running batch together; greedy rows must not change.
     prompts = [[{"role": "user", "content": q}] for q in ("hello", "what is the river", "dax", "how do I kill a fox")]
     alone = [_chat(client, messages=m, max_tokens=6).choices[0].message.content for m in prompts]
     with ThreadPoolExecutor(len(prompts)) as pool:
@@ -195,17 +195,66 @@ def test_completions_n_logprobs_and_seed(client):
     assert [len(c.logprobs.content) for c in chat.choices] == [5, 5] and chat.choices[0].message.content
     assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy: the same twice
     assert _chat(client, max_completion_tokens=3).usage.completion_tokens == 3
-    with pytest.raises(openai.BadRequestError, match="engine"):
-        _chat(client, max_tokens=2, logprobs=True, top_logprobs=2)
     with pytest.raises(openai.BadRequestError, match="response_format"):
         _chat(client, max_tokens=2, response_format={"type": "json_object"})
+
+
+def test_top_logprobs_shapes(client):
+    chat = _chat(client, max_tokens=4, logprobs=True, top_logprobs=3).choices[0]
+    assert len(chat.logprobs.content) == 4
+    for entry in chat.logprobs.content:
+        tops = entry.top_logprobs
+        assert len(tops) == 3 and tops[0].logprob >= tops[1].logprob >= tops[2].logprob
+        assert tops[0].token == entry.token and tops[0].logprob == pytest.approx(entry.logprob)  # greedy: the best
+        assert all(isinstance(t.bytes, list) for t in tops)
+    text = client.completions.create(model=SERVED, prompt="the quick brown fox", max_tokens=5, temperature=0,
+                                     logprobs=2).choices[0]
+    assert len(text.logprobs.top_logprobs) == 5 and all(1 <= len(d) <= 2 for d in text.logprobs.top_logprobs)
+    assert all(max(d.values()) == pytest.approx(lp) for d, lp in zip(text.logprobs.top_logprobs,
+                                                                       text.logprobs.token_logprobs))
+    assert client.completions.create(model=SERVED, prompt="fox", max_tokens=2, logprobs=0).choices[
+        0].logprobs.top_logprobs is None
+
+
+def test_concurrent_requests_with_different_params_match_alone(client):
+    """Greedy, seeded top-p, stop strings, n and lengths decoded in one running batch: each as it is alone."""
+    kinds = [dict(max_tokens=5), dict(max_tokens=9, temperature=0.9, top_p=0.8, seed=3),
+             dict(max_tokens=7, temperature=1.3, seed=11, n=2), dict(max_tokens=12, stop=["e"]),
+             dict(max_tokens=3, temperature=0.5, seed=5, logprobs=True, top_logprobs=2)]
+    requests = [dict(k, messages=[{"role": "user", "content": q}])
+                for q in ("hello", "the river") for k in kinds]
+
+    def answer(kwargs):
+        reply = _chat(client, **kwargs)
+        return [(c.message.content, c.finish_reason) for c in reply.choices], reply.usage.completion_tokens
+
+    alone = [answer(r) for r in requests]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(answer, requests))
+    assert together == alone
+
+
+def test_stream_sends_the_first_token_while_the_rest_decodes(server):
+    """The first token's text arrives while its row is still in the engine's batch (not at the end)."""
+    room = httpx.get(f"{server}/v1/models", timeout=10).json()["data"][0]["max_model_len"] - 16
+    body = {"model": SERVED, "prompt": [1, 5], "max_tokens": room, "temperature": 0, "stream": True}
+    running, chunks = None, 0
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                chunks += 1
+                if running is None and json.loads(line[6:])["choices"][0]["text"]:
+                    metrics = httpx.get(f"{server}/metrics", timeout=10).text
+                    running = float(re.search(r"^llama2_serve_running_rows (\S+)$", metrics, re.M).group(1))
+    assert running is not None and running >= 1 and chunks > 2
 
 
 def test_metrics_count_requests_and_tokens(server, client):
     _chat(client, max_tokens=3)
     text = httpx.get(f"{server}/metrics", timeout=10).text
     for name in ("llama2_serve_requests_total", "llama2_serve_generated_tokens_total", "llama2_serve_queue_depth",
-                 "llama2_serve_batch_occupancy_bucket", "llama2_serve_time_to_first_token_seconds_bucket"):
+                 "llama2_serve_running_rows", "llama2_serve_batch_occupancy", "llama2_serve_engine_tokens_total",
+                 "llama2_serve_engine_steps_total", "llama2_serve_time_to_first_token_seconds_bucket"):
         assert name in text, name
     assert 'route="/v1/chat/completions",status="200"' in text
 

@@ -5,11 +5,12 @@ chunk format), `GET /v1/models`, `GET /health`, `GET /metrics` (this replica's, 
 error is a 4xx with OpenAI's error body (protocol.py); ops.py gates every request (Host allowlist, header limit,
 optional API key, JSON Content-Type) and counts it.
 
-Generation is `model.generation.generate`, the one decoding path of the project: a request becomes a `Prepared`
-(jobs.py: prompt ids, sampling parameters, n, logprobs wanted), then n jobs; concurrent jobs with the same sampling
-parameters are grouped by `@serve.batch` into one batched `generate` call. Streaming sends each token's text as
-`generate` produces it (its on_step hook; text through text.TextStream). A client that leaves (or a request past
-request_timeout_s) cancels its jobs: the decode stops at the next step once every job of its batch is cancelled.
+Each replica decodes through one continuous-batching `Engine` (engine.py, on model.generation's prefill, step and
+sampling code): a request becomes a `Prepared` (jobs.py: prompt ids, sampling parameters, n, logprobs wanted), then
+n rows submitted to the engine, which joins them to the running batch at the next step, each with its own sampling
+parameters. Streaming sends each token's text as the engine decodes it (text through text.TextStream). A client that
+leaves, or a request past request_timeout_s, cancels its rows at once; a row that fails fails its request alone; a
+full engine queue is a 503 with Retry-After.
 
 The model comes from resolve.py (a checkpoint folder, or a models:/ URI whose alias `build_app` pins to a version,
 so every replica serves the same one). Every setting, and its one default, is a field of `AppArgs`.
@@ -34,15 +35,16 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from ray import serve
 
 from components.serve import protocol
-from components.serve.jobs import (DecodeState, Job, JobResult, Prepared, make_jobs, prepare_chat,
-                                   prepare_completion, run_jobs, token_entry)
+from components.serve.engine import Completion, Engine, EngineFull
+from components.serve.jobs import Prepared, prepare_chat, prepare_completion, token_entry
 from components.serve.ops import Guard, GuardMiddleware, Metrics, install
 from components.serve.protocol import APIError
 from components.serve.resolve import pin_version, resolve_checkpoint
 from components.serve.text import TextStream, detokenize
 from components.track.tracking import tracking_uri as default_tracking_uri
 from model.checkpoint import load_checkpoint
-from model.generation import SamplingParams, generate
+from model.generation import SamplingParams
+from model.llama import ContextLengthError
 
 MODEL_URI_ENV = "LLAMA2_MODEL_URI"  # overrides args.model_uri: `serve run config.yaml` takes no args on the CLI
 API_KEY_ENV = "LLAMA2_API_KEY"  # the API key when args.api_key is unset (keeps it out of the config file)
@@ -60,18 +62,21 @@ class AppArgs(BaseModel):
     tracking_uri: str | None = None  # MLflow registry for models:/ URIs; None = $MLFLOW_TRACKING_URI or repo sqlite
     cache_dir: str | None = None  # registry downloads (0700); None = $LLAMA2_SERVE_CACHE or ~/.cache/llama2-recipe
     default_max_tokens: int = Field(256, ge=1)  # when a chat request sets no max_tokens (capped by the context left)
-    max_batch_size: int = Field(8, ge=1)  # jobs with equal sampling params decoded together
-    batch_wait_timeout_s: float = Field(0.01, ge=0)  # how long a batch waits to fill up
+    max_batch_size: int = Field(16, ge=1)  # rows (choices) the engine decodes together
+    max_queued_rows: int = Field(256, ge=1)  # rows waiting for the batch past which a request gets 503 + Retry-After
+    max_ongoing_requests: int = Field(32, ge=1)  # requests a replica takes at once (Serve routes the rest elsewhere)
+    torch_threads: int | None = Field(None, ge=1)  # torch intra-op threads per replica; None: Ray's (its num_cpus)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, the checkpoint's dtype on CPU
     # Operations.
     request_timeout_s: float = Field(120.0, gt=0)  # a request's whole generation; past it: 504 (or an error event)
     max_queued_requests: int = Field(64, ge=-1)  # past max_ongoing_requests + this: Ray Serve's 503 + Retry-After
+    retry_after_s: int = Field(1, ge=0)  # the Retry-After of the engine's 503
     max_request_bytes: int = Field(1 << 20, ge=1024)  # larger bodies get 413
     max_header_bytes: int = Field(16 * 1024, ge=1024)  # larger header blocks get 431
     body_timeout_s: float = Field(10.0, gt=0)  # a body not all there within it: 408 (a slow client holds no slot)
     api_key: SecretStr | None = None  # Authorization: Bearer <key> on every route but /health; $LLAMA2_API_KEY
     allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "[::1]")  # Host header names served; "*" = any
-    health_stall_s: float = Field(60.0, gt=0)  # a decode making no step for longer: the replica is unhealthy
+    health_stall_s: float = Field(60.0, gt=0)  # rows running but no decode step for longer: unhealthy
 
 
 _DEFAULTS = AppArgs()
@@ -81,7 +86,8 @@ protocol.add_error_handlers(api)
 api.add_middleware(GuardMiddleware)
 
 
-@serve.deployment(max_ongoing_requests=16, health_check_period_s=10, health_check_timeout_s=30,
+@serve.deployment(max_ongoing_requests=_DEFAULTS.max_ongoing_requests, health_check_period_s=10,
+                  health_check_timeout_s=30,
                   ray_actor_options={"num_cpus": 1, "num_gpus": 0})
 @serve.ingress(api)
 class ChatServer:
@@ -100,22 +106,35 @@ class ChatServer:
         self.model, self.tokenizer = load_checkpoint(self.checkpoint, device=self.device, dtype=torch_dtype)
         self.model_name, self.created = args.model_name, int(time.time())
         self.context_length = self.model.args.max_seq_len
-        self._generate_batch.set_max_batch_size(args.max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
-        self.state, self.waiting = DecodeState(), set()
+        if args.torch_threads is not None:
+            torch.set_num_threads(args.torch_threads)
+        self.engine = Engine(self.model, self.tokenizer, args.max_batch_size, max_queued=args.max_queued_rows)
+        self._steps = (0, time.monotonic())  # the engine's step count when it last changed (health_stall_s)
         self.metrics = Metrics(serve.get_replica_context().replica_id.unique_id)
-        self.metrics.queue_depth.set_function(lambda: len(self.waiting))
+        self.metrics.watch_engine(self.engine.stats, args.max_batch_size)
         api_key = args.api_key.get_secret_value() if args.api_key else None
         install(Guard(list(args.allowed_hosts), api_key, args.max_header_bytes, self.metrics))
 
+    def __del__(self):
+        if hasattr(self, "engine"):
+            self.engine.close(timeout=1)
+
     async def check_health(self) -> None:
-        """Ray Serve's probe: a decode stalled for health_stall_s, or one token that cannot be decoded, takes the
-        replica out of rotation (Serve restarts it)."""
-        if (last := self.state.last_step) is not None and time.monotonic() - last > self.args.health_stall_s:
-            raise RuntimeError(f"the running decode made no step for {time.monotonic() - last:.0f} s")
-        await asyncio.to_thread(generate, self.model, [[self.tokenizer.bos_id]],
-                                SamplingParams(max_new_tokens=1, temperature=0), eos_id=self.tokenizer.eos_id,
-                                pad_id=self.tokenizer.pad_id)
+        """Ray Serve's probe: a dead decode thread, rows that made no step for health_stall_s, or one token that the
+        engine cannot decode (a wedged engine never answers: Serve's health_check_timeout_s) take the replica out of
+        rotation (Serve restarts it)."""
+        if not self.engine.alive:
+            raise RuntimeError("the decode engine's thread has died")
+        stats, now = self.engine.stats(), time.monotonic()
+        if stats.steps != self._steps[0] or not stats.running:
+            self._steps = (stats.steps, now)
+        elif now - self._steps[1] > self.args.health_stall_s:
+            raise RuntimeError(f"{stats.running} rows made no decode step for {now - self._steps[1]:.0f} s")
+        try:
+            handle = self.engine.submit([self.tokenizer.bos_id], SamplingParams(max_new_tokens=1, temperature=0))
+        except EngineFull:  # busy, not broken: the step count above says whether it decodes
+            return
+        await handle.result()
 
     # -- routes ---------------------------------------------------------------------------------------------------
 
@@ -164,11 +183,14 @@ class ChatServer:
         prepared = prepare(req, self.tokenizer, self.context_length, self.args.default_max_tokens)
         head = (f"chatcmpl-{uuid.uuid4().hex}" if chat else f"cmpl-{uuid.uuid4().hex}", int(time.time()),
                 self.model_name)
-        if req.stream:
-            return StreamingResponse(self._stream(prepared, chat, head, req.include_usage, started),
+        if req.stream:  # the rows are submitted before the response starts: a full queue is still a 503
+            loop, ids = asyncio.get_running_loop(), asyncio.Queue()
+            handles = self._submit(prepared, lambda i: lambda token: loop.call_soon_threadsafe(
+                ids.put_nowait, (i, token)))
+            return StreamingResponse(self._stream(prepared, handles, ids, chat, head, req.include_usage, started),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        results = await self._decode(make_jobs(prepared), started)
+        results = await self._results(self._submit(prepared), started)
         choices, completion_tokens = [], 0
         for i, result in enumerate(results):
             text, used, finish, logprobs = self._finish(prepared, result, chat)
@@ -179,24 +201,44 @@ class ChatServer:
         return JSONResponse(protocol.response("chat.completion" if chat else "text_completion", *head, choices,
                                               usage))
 
-    def _finish(self, prepared: Prepared, result: JobResult, chat: bool) -> tuple[str, int, str, dict | None]:
-        """A finished job's text, ids used, finish reason and logprobs (None when not asked for)."""
+    def _submit(self, prepared: Prepared, on_token=None) -> list:
+        """The request's n rows in the engine (choice i: on_token(i) gets its Tokens); 503 when the queue is full."""
+        handles = []
+        try:
+            for i in range(prepared.n):
+                handles.append(self.engine.submit(prepared.prompt, prepared.choice_params(i),
+                                                  None if on_token is None else on_token(i), prepared.top_logprobs))
+        except EngineFull:
+            for handle in handles:
+                handle.cancel()
+            raise APIError(503, "the server is busy (its decode queue is full); retry shortly", type="server_error",
+                           code="overloaded", headers={"Retry-After": str(self.args.retry_after_s)}) from None
+        except (ValueError, ContextLengthError) as exc:  # prepare() checked these already; a bug if it happens
+            for handle in handles:
+                handle.cancel()
+            raise APIError(400, str(exc)) from None
+        return handles
+
+    def _finish(self, prepared: Prepared, result: Completion, chat: bool) -> tuple[str, int, str, dict | None]:
+        """A finished row's text, ids used, finish reason and logprobs (None when not asked for)."""
         pieces, used, finish = detokenize(self.tokenizer, result.tokens, result.finish_reason, prepared.stop)
         logprobs = None
         if prepared.logprobs:
-            entries = [token_entry(self.tokenizer, t, lp) for t, lp in zip(result.tokens, result.logprobs)]
-            entries = entries[:len(pieces)]
-            logprobs = (protocol.chat_logprobs(entries) if chat
-                        else protocol.completion_logprobs(entries, pieces))
+            n = len(pieces)
+            entries = [token_entry(self.tokenizer, t, lp) for t, lp in zip(result.tokens[:n], result.logprobs)]
+            tops = None
+            if prepared.top_logprobs:
+                tops = [[token_entry(self.tokenizer, t, lp) for t, lp in top] for top in result.top_logprobs[:n]]
+            logprobs = (protocol.chat_logprobs(entries, tops) if chat
+                        else protocol.completion_logprobs(entries, tops, pieces))
         return "".join(pieces), used, finish, logprobs
 
-    async def _decode(self, jobs: list[Job], started: float) -> list[JobResult]:
-        """The jobs' results within the request's deadline (504 past it). However this ends (deadline, client gone,
-        done), the jobs are cancelled after: a decode still running for them stops."""
-        self.waiting.update(jobs)
+    async def _results(self, handles: list, started: float) -> list[Completion]:
+        """The rows' completions within the request's deadline (504 past it). However this ends (deadline, client
+        gone, a row failed, done), the rows still in the engine are cancelled: they leave the batch at once."""
         try:
             timeout = self.args.request_timeout_s - (time.monotonic() - started)
-            results = await asyncio.wait_for(asyncio.gather(*map(self._generate_batch, jobs)), max(timeout, 0))
+            return await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), max(timeout, 0))
         except TimeoutError:
             raise APIError(504, f"the request did not finish within request_timeout_s "
                                 f"({self.args.request_timeout_s:g} s)", type="timeout_error",
@@ -204,22 +246,18 @@ class ChatServer:
         except asyncio.CancelledError:
             self.metrics.cancelled.inc()
             raise
+        except Exception as exc:  # noqa: BLE001 - a row failed in the engine: this request's fault alone
+            logger.error("generation failed", exc_info=exc)
+            raise protocol.internal_error() from None
         finally:
-            self.waiting.difference_update(jobs)
-            for job in jobs:
-                job.cancelled.set()
-        if failed := [r.error for r in results if r.error is not None]:
-            logger.error("generation failed", exc_info=failed[0])
-            raise protocol.internal_error()
-        return results
+            for handle in handles:
+                handle.cancel()
 
-    async def _stream(self, prepared: Prepared, chat: bool, head: tuple, include_usage: bool,
-                      started: float) -> AsyncIterator[str]:
+    async def _stream(self, prepared: Prepared, handles: list, ids: asyncio.Queue, chat: bool, head: tuple,
+                      include_usage: bool, started: float) -> AsyncIterator[str]:
         """Server-sent events: each choice's text as it is decoded, then its finish reason (and logprobs)."""
         object_ = "chat.completion.chunk" if chat else "text_completion"
-        loop, ids = asyncio.get_running_loop(), asyncio.Queue()
-        jobs = make_jobs(prepared, on_token=lambda i, t: loop.call_soon_threadsafe(ids.put_nowait, (i, t)))
-        generation = asyncio.ensure_future(self._decode(jobs, started))
+        generation = asyncio.ensure_future(self._results(handles, started))
 
         def event(i: int, text: str | None, finish: str | None = None, logprobs: dict | None = None) -> str:
             if chat:
@@ -229,15 +267,16 @@ class ChatServer:
                 choice = protocol.text_choice(i, text or "", finish, logprobs)
             return protocol.sse(protocol.chunk(object_, *head, choice))
 
-        streams = [TextStream(self.tokenizer, prepared.stop) for _ in jobs]
-        ended, first = [False] * len(jobs), True
+        streams = [TextStream(self.tokenizer, prepared.stop) for _ in handles]
+        ended, first = [False] * len(handles), True
         try:
             if chat:
-                for i in range(len(jobs)):
+                for i in range(len(handles)):
                     yield protocol.sse(protocol.chunk(object_, *head, {
                         "index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                         "finish_reason": None}))
-            while not (generation.done() and ids.empty()):  # ids queued before the result is set: none is lost
+            # The decode thread queues a row's ids before its result is set (both through this loop): none is lost.
+            while not (generation.done() and ids.empty()):
                 next_id = asyncio.ensure_future(ids.get())
                 await asyncio.wait({next_id, generation}, return_when=asyncio.FIRST_COMPLETED)
                 if not next_id.done():
@@ -246,9 +285,9 @@ class ChatServer:
                 if first:
                     self.metrics.ttft.observe(time.monotonic() - started)
                     first = False
-                i, token_id = next_id.result()
-                ended[i] = ended[i] or token_id == self.tokenizer.eos_id
-                if piece := ("" if ended[i] else streams[i].push(token_id)):
+                i, token = next_id.result()  # (choice, engine Token)
+                ended[i] = ended[i] or token.id == self.tokenizer.eos_id
+                if piece := ("" if ended[i] else streams[i].push(token.id)):
                     yield event(i, piece)
             try:
                 results = generation.result()
@@ -267,25 +306,11 @@ class ChatServer:
                 usage = protocol.usage(len(prepared.prompt), completion_tokens)
                 yield protocol.sse(protocol.usage_chunk(object_, *head, usage))
             yield protocol.sse("[DONE]")
-        finally:  # also when the client left (the generator is closed or cancelled): stop decoding for it
-            for job in jobs:
-                job.cancelled.set()
+        finally:  # also when the client left (the generator is closed or cancelled): its rows leave the batch
+            for handle in handles:
+                handle.cancel()
             if not generation.done():
                 generation.cancel()
-
-    # -- batched generation ---------------------------------------------------------------------------------------
-
-    # The batch settings are AppArgs' (set per replica in __init__); the decorator's are only their defaults.
-    @serve.batch(max_batch_size=_DEFAULTS.max_batch_size, batch_wait_timeout_s=_DEFAULTS.batch_wait_timeout_s)
-    async def _generate_batch(self, jobs: list[Job]) -> list[JobResult]:
-        self.waiting.difference_update(jobs)
-        self.metrics.occupancy.observe(len(jobs))
-        self.metrics.running.set(len(jobs))
-        try:
-            # The decode loop is CPU/GPU-bound: run it off the event loop so /health and new requests stay served.
-            return await asyncio.to_thread(run_jobs, self.model, self.tokenizer, jobs, self.state)
-        finally:
-            self.metrics.running.set(0)
 
 
 def build_app(args: AppArgs) -> serve.Application:
@@ -301,4 +326,5 @@ def build_app(args: AppArgs) -> serve.Application:
     api_key = args.api_key or (SecretStr(os.environ[API_KEY_ENV]) if os.environ.get(API_KEY_ENV) else None)
     args = args.model_copy(update={"model_uri": model_uri, "tracking_uri": tracking_uri, "api_key": api_key})
     logger.info("serving %s", model_uri)
-    return ChatServer.options(max_queued_requests=args.max_queued_requests).bind(args)
+    return ChatServer.options(max_ongoing_requests=args.max_ongoing_requests,
+                              max_queued_requests=args.max_queued_requests).bind(args)

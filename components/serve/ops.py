@@ -3,8 +3,10 @@ middleware, so streams and client-disconnect cancellation pass through untouched
 metrics."""
 
 import hmac
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from components.serve.protocol import APIError
 
@@ -24,14 +26,33 @@ class Metrics:
         self.cancelled = Counter("llama2_serve_cancelled", "requests whose client left before the end", registry=r)
         self.ttft = Histogram("llama2_serve_time_to_first_token_seconds", "request arrival to its first token",
                               buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30), registry=r)
-        self.queue_depth = Gauge("llama2_serve_queue_depth", "jobs waiting for a decode batch", registry=r)
-        self.running = Gauge("llama2_serve_running_jobs", "jobs in the running decode batch", registry=r)
-        self.occupancy = Histogram("llama2_serve_batch_occupancy", "jobs per decode batch",
-                                   buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         Gauge("llama2_serve_replica_info", "this replica", list(labels), registry=r).labels(**labels).set(1)
+
+    def watch_engine(self, stats: Callable, max_batch_size: int) -> None:
+        """Export the engine's queue, batch and counters, read from stats() (an EngineStats) at each scrape."""
+        self.registry.register(_EngineCollector(stats, max_batch_size))
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _EngineCollector:
+    def __init__(self, stats: Callable, max_batch_size: int):
+        self.stats, self.max_batch_size = stats, max_batch_size
+
+    def collect(self):
+        s = self.stats()
+        yield GaugeMetricFamily("llama2_serve_queue_depth", "rows (choices) waiting for a place in the batch",
+                                value=s.queued)
+        yield GaugeMetricFamily("llama2_serve_running_rows", "rows in the running decode batch", value=s.running)
+        yield GaugeMetricFamily("llama2_serve_batch_occupancy", "running rows / max_batch_size",
+                                value=s.running / self.max_batch_size)
+        for name, help_, value in (("engine_tokens", "tokens the engine generated", s.tokens),
+                                   ("engine_steps", "batched decode steps (tokens / steps: mean occupancy)", s.steps),
+                                   ("engine_prefills", "prefill calls", s.prefills),
+                                   ("engine_rows_failed", "rows failed alone", s.failed),
+                                   ("engine_rows_cancelled", "rows cancelled", s.cancelled)):
+            yield CounterMetricFamily(f"llama2_serve_{name}", help_, value=value)
 
 
 class Guard:

@@ -42,15 +42,16 @@ class APIError(Exception):
     """An error answered as OpenAI's JSON error body."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def validation_error(exc: ValidationError | RequestValidationError) -> APIError:
@@ -266,19 +267,28 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_logprobs(entries: list[tuple[str, float, list[int]]]) -> dict:
-    """A chat choice's `logprobs` from (token, log-probability, UTF-8 bytes) of each chosen token (no alternatives)."""
-    return {"content": [{"token": token, "logprob": logprob, "bytes": raw, "top_logprobs": []}
-                        for token, logprob, raw in entries], "refusal": None}
+Entry = tuple[str, float, list[int]]  # a token's text, log-probability and UTF-8 bytes
 
 
-def completion_logprobs(entries: list[tuple[str, float, list[int]]], pieces: list[str]) -> dict:
-    """A completions choice's `logprobs` (the legacy shape): tokens, their log-probabilities, text offsets."""
+def chat_logprobs(entries: list[Entry], tops: list[list[Entry]] | None) -> dict:
+    """A chat choice's `logprobs`: each chosen token, with its top_logprobs alternatives (tops[i], best first)."""
+    tops = tops or [[] for _ in entries]
+    return {"content": [{"token": token, "logprob": logprob, "bytes": raw,
+                         "top_logprobs": [{"token": t, "logprob": lp, "bytes": b} for t, lp, b in top]}
+                        for (token, logprob, raw), top in zip(entries, tops)], "refusal": None}
+
+
+def completion_logprobs(entries: list[Entry], tops: list[list[Entry]] | None, pieces: list[str]) -> dict:
+    """A completions choice's `logprobs` (the legacy shape): tokens, their log-probabilities, the alternatives as
+    {token: logprob} per position (None when logprobs is 0), text offsets."""
     offsets = [0]
     for piece in pieces[:-1]:
         offsets.append(offsets[-1] + len(piece))
-    return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries], "top_logprobs": None,
-            "text_offset": offsets[:len(entries)]}
+    top_logprobs = None if tops is None else [{t: lp for t, lp, _ in reversed(top)} for top in tops]
+    if top_logprobs is not None:  # reversed above so the best of tokens with the same text wins; best first again
+        top_logprobs = [dict(sorted(d.items(), key=lambda kv: -kv[1])) for d in top_logprobs]
+    return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
+            "top_logprobs": top_logprobs, "text_offset": offsets[:len(entries)]}
 
 
 def chat_choice(index: int, content: str, finish_reason: str, logprobs: dict | None) -> dict:
