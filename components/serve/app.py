@@ -65,7 +65,9 @@ class AppArgs(BaseModel):
     max_batch_size: int = Field(16, ge=1)  # rows (choices) the engine decodes together
     max_queued_rows: int = Field(256, ge=1)  # rows waiting for the batch past which a request gets 503 + Retry-After
     max_ongoing_requests: int = Field(32, ge=1)  # requests a replica takes at once (Serve routes the rest elsewhere)
-    torch_threads: int | None = Field(None, ge=1)  # torch intra-op threads per replica; None: Ray's (its num_cpus)
+    # torch intra-op threads per replica. 1: on a loaded CPU host 2 threads made batch-1 decode 8x slower and served
+    # tokens/s 20-30% lower (benchmarks/bench_serve.py --torch-threads 1 2); the engine batches instead.
+    torch_threads: int = Field(1, ge=1)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, the checkpoint's dtype on CPU
     # Operations.
     request_timeout_s: float = Field(120.0, gt=0)  # a request's whole generation; past it: 504 (or an error event)
@@ -106,8 +108,7 @@ class ChatServer:
         self.model, self.tokenizer = load_checkpoint(self.checkpoint, device=self.device, dtype=torch_dtype)
         self.model_name, self.created = args.model_name, int(time.time())
         self.context_length = self.model.args.max_seq_len
-        if args.torch_threads is not None:
-            torch.set_num_threads(args.torch_threads)
+        torch.set_num_threads(args.torch_threads)
         self.engine = Engine(self.model, self.tokenizer, args.max_batch_size, max_queued=args.max_queued_rows)
         self._steps = (0, time.monotonic())  # the engine's step count when it last changed (health_stall_s)
         self.metrics = Metrics(serve.get_replica_context().replica_id.unique_id)
@@ -285,10 +286,17 @@ class ChatServer:
                 if first:
                     self.metrics.ttft.observe(time.monotonic() - started)
                     first = False
-                i, token = next_id.result()  # (choice, engine Token)
-                ended[i] = ended[i] or token.id == self.tokenizer.eos_id
-                if piece := ("" if ended[i] else streams[i].push(token.id)):
-                    yield event(i, piece)
+                # Every id already queued goes out in one event per choice: a busy replica (or a slow client)
+                # sends fewer, larger events instead of falling behind the decode.
+                arrived, texts = [next_id.result()], {}
+                while not ids.empty():
+                    arrived.append(ids.get_nowait())
+                for i, token in arrived:  # (choice, engine Token)
+                    ended[i] = ended[i] or token.id == self.tokenizer.eos_id
+                    if piece := ("" if ended[i] else streams[i].push(token.id)):
+                        texts[i] = texts.get(i, "") + piece
+                for i, text in texts.items():
+                    yield event(i, text)
             try:
                 results = generation.result()
             except APIError as exc:  # the stream has begun: the error goes in it, as OpenAI's does
