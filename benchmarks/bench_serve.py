@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help="a checkpoint folder (default: random weights)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--requests", type=int, default=3, help="requests per client, sent one after another")
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--overhead-reps", type=int, default=20)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--torch-threads", type=int, nargs="+", default=[1], help="the replica's torch threads")

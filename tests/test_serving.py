@@ -12,6 +12,7 @@ import json
 import re
 import socket
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -21,10 +22,14 @@ import pytest
 from mlflow import MlflowClient
 from ray import serve
 
-from components.serve.app import API_KEY_ENV, MODEL_URI_ENV, build_app
+from components.serve.app import API_KEY_ENV, MODEL_URI_ENV, AppArgs, ChatServer, build_app
+from components.serve.engine import Engine
+from components.serve.jobs import Prepared
+from components.serve.protocol import APIError
 from components.serve.resolve import HASHES_FILE, pin_version, resolve_checkpoint
 from model.chat import encode_prompt
 from model.checkpoint import CheckpointError, save_checkpoint
+from model.generation import SamplingParams
 from tests.helpers import debug_model, small_tokenizer
 
 REGISTERED = "tiny-chat"
@@ -328,3 +333,24 @@ def test_resolve_checkpoint_paths_and_registry(registry, tmp_path):
     weights.write_bytes(weights.read_bytes()[:-1] + b"!")  # tampered: the hash check downloads it again
     again = resolve_checkpoint(f"models:/{REGISTERED}/1", tracking_uri, cache)
     assert (again / "model.safetensors").read_bytes() == (checkpoint / "model.safetensors").read_bytes()
+
+
+def test_a_full_engine_queue_is_a_503_with_retry_after_and_cancels_the_rows_submitted():
+    """No Ray: the replica's submit step on a real engine of one row and one queue place, asked for 16 choices."""
+    tokenizer = small_tokenizer()
+    engine = Engine(debug_model(tokenizer.vocab_size), tokenizer, max_batch_size=1, max_queued=1)
+    replica = types.SimpleNamespace(engine=engine, args=AppArgs(retry_after_s=3))
+    prepared = Prepared(prompt=[1, 5, 6], params=SamplingParams(max_new_tokens=50, temperature=0), n=16,
+                        logprobs=False, top_logprobs=0, stop=[])
+    try:
+        with pytest.raises(APIError) as error:
+            ChatServer.func_or_class._submit(replica, prepared)
+        assert error.value.status == 503 and error.value.headers == {"Retry-After": "3"}
+        assert error.value.body()["error"]["code"] == "overloaded"
+        deadline = time.monotonic() + 30
+        while (stats := engine.stats()).running + stats.queued:  # the rows it had submitted leave
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.05)
+        assert stats.cancelled >= 1 and stats.finished == 0
+    finally:
+        engine.close()
