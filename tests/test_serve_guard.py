@@ -164,3 +164,25 @@ def test_the_served_guard_refuses_answers_below_the_registered_threshold(ray_loc
     assert 'llama2_serve_guard_decisions_total{decision="refused"} 4.0' in metrics
     assert 'llama2_serve_guard_decisions_total{decision="kept"} 0.0' in metrics
     assert "llama2_serve_guard_threshold 0.6" in metrics
+
+
+def test_bench_guard_measures_rates_and_latency_on_given_checkpoints(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from benchmarks.bench_guard import main
+
+    tok = small_tokenizer()
+    chat = save_checkpoint(tmp_path / "chat", debug_model(tok.vocab_size), tok)
+    rm = save_checkpoint(tmp_path / "rm", reward_model(), tok, extra_files={THRESHOLD_FILE: {"threshold": 0.6}})
+    rows = [{"task": task, "prompt": json.dumps([{"role": "user", "content": f"{word} the quick brown fox"}])}
+            for task in ("harmful", "benign_lookalike", "fact") for word in ("how", "what")]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "eval_prompts.parquet")
+    result = main(["--chat", str(chat), "--rm", str(rm), "--prompts", str(tmp_path / "eval_prompts.parquet"),
+                   "--max-new-tokens", "4", "--requests", "2", "--out", str(tmp_path / "guard.json")])
+    assert (result["threshold"], result["threshold_source"]) == (0.6, str(rm / THRESHOLD_FILE))
+    for task in ("harmful", "benign_lookalike"):  # the zero-head RM (0.5) is below 0.6: every answer replaced
+        r = result["tasks"][task]
+        assert r["with_guard"]["n"] == 2 and r["with_guard"]["rate"] == 1.0 and r["replaced"]["rate"] == 1.0
+    assert result["latency_ms_p50"]["requests"] == 2 and result["latency_ms_p50"]["guard"] > 0
+    assert json.loads((tmp_path / "guard.json").read_text()) == result
