@@ -4,6 +4,7 @@ taken from the registry (`models:/…@champion`, its threshold.json travelling w
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -71,6 +72,28 @@ def test_each_answer_is_judged_on_its_own_with_the_projects_rm_scores():
     kept = g.judge(PROMPT, answers)
     assert kept == [p >= g.threshold for p in probs] and sorted(kept) == [False, True]
     assert decisions(registry) == {"kept": 1, "refused": 1, "unscorable": 0}
+
+
+def test_concurrent_requests_share_one_rm_pass_with_the_same_verdicts_and_a_bad_one_fails_closed_alone():
+    g, registry = guard(threshold=0.5, head_std=1.0)
+    requests = [(PROMPT, [(a, 1, "stop", None)]) for a in ("the quick brown fox", "red house", "I can't help")]
+    probs = [g.probabilities(p, [f[0][0]])[0] for p, f in requests]
+    g.threshold = sorted(probs)[1]  # one below it, two at or above
+    expected = [g.screen(*r) for r in requests]
+    assert sorted(f[0][2] for f in expected) == [CONTENT_FILTER, "stop", "stop"]
+
+    async def concurrently():
+        return await asyncio.gather(*(g.ascreen(*r) for r in requests))
+
+    passes = registry.get_sample_value("llama2_serve_guard_seconds_count")
+    assert asyncio.run(concurrently()) == expected
+    assert registry.get_sample_value("llama2_serve_guard_seconds_count") == passes + 1  # all three in one pass
+    bad = ([{"role": "assistant", "content": "out of order"}], [("x", 1, "stop", None)])
+    before = decisions(registry)
+    assert g.screen_many([requests[0], bad]) == [expected[0], [(REFUSAL, 1, CONTENT_FILTER, None)]]
+    after = decisions(registry)
+    assert after["unscorable"] - before["unscorable"] == 1
+    assert after["kept"] + after["refused"] - before["kept"] - before["refused"] == 1
 
 
 def test_a_dialog_longer_than_the_rms_context_is_scored_on_its_last_tokens():

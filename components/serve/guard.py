@@ -67,49 +67,83 @@ class SafetyGuard:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.threshold, self.refusal, self.batch_size = threshold, refusal, batch_size
         self._lock = threading.Lock()  # one RM forward at a time: concurrent ones would only share the same cores
+        self._pending: list[tuple[list[dict], list[Finished], asyncio.Future]] = []  # ascreen's, for the next pass
+        self._worker: asyncio.Future | None = None
         registry = registry if registry is not None else CollectorRegistry()
         self.decisions = Counter("llama2_serve_guard_decisions", "answers the safety guard judged, by decision "
                                  "(kept; refused: below the threshold; unscorable: refused, the RM could not read "
                                  "it)", ["decision"], registry=registry).labels
         for decision in ("kept", "refused", "unscorable"):
             self.decisions(decision=decision)  # exported at 0 from the start
-        self.seconds = Histogram("llama2_serve_guard_seconds", "safety RM scoring time per request",
+        self.seconds = Histogram("llama2_serve_guard_seconds", "safety RM scoring time per pass (one request's "
+                                 "answers, or several requests' together)",
                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5), registry=registry)
         Gauge("llama2_serve_guard_threshold", "safety RM probability below which an answer is refused",
               registry=registry).set(threshold)
 
     def probabilities(self, prompt: list[dict], answers: list[str]) -> list[float]:
-        """sigmoid(safety RM score) of each answer to the prompt messages (the last max_seq_len tokens are read:
-        the score is the one at the answer's </s>)."""
-        dialogs = [prompt + [{"role": "assistant", "content": a}] for a in answers]
+        """sigmoid(safety RM score) of each answer to the prompt messages."""
+        return self._probabilities([prompt + [{"role": "assistant", "content": a}] for a in answers])
+
+    def _probabilities(self, dialogs: list[list[dict]]) -> list[float]:
+        # The last max_seq_len tokens are read: the score is the one at the answer's </s>.
         with self._lock:
             return rm_scores(self.model, self.tokenizer, dialogs, self.batch_size,
                              max_len=self.model.args.max_seq_len)
 
     def judge(self, prompt: list[dict], answers: list[str]) -> list[bool]:
-        """Whether each answer is kept; counted. An answer the RM cannot read (the chat template refuses the
-        conversation) is refused: the guard fails closed."""
-        started = time.perf_counter()
-        try:
-            kept = [p >= self.threshold for p in self.probabilities(prompt, answers)]
-            for k in kept:
-                self.decisions(decision="kept" if k else "refused").inc()
-        except ChatFormatError as exc:
-            logger.warning("safety guard: cannot score the answers (%s); refusing them", exc)
-            kept = [False] * len(answers)
-            self.decisions(decision="unscorable").inc(len(answers))
-        self.seconds.observe(time.perf_counter() - started)
-        return kept
+        """Whether each answer is kept (counted)."""
+        return [f[2] != CONTENT_FILTER for f in self.screen(prompt, [(a, 0, "stop", None) for a in answers])]
 
     def screen(self, prompt: list[dict], finished: list[Finished]) -> list[Finished]:
         """The finished choices with each one the guard does not keep replaced by the refusal (its logprobs dropped:
         they would tell the withheld answer); the tokens generated are still the usage."""
-        kept = self.judge(prompt, [text for text, *_ in finished])
-        return [f if k else (self.refusal, f[1], CONTENT_FILTER, None) for f, k in zip(finished, kept)]
+        return self.screen_many([(prompt, finished)])[0]
+
+    def screen_many(self, requests: list[tuple[list[dict], list[Finished]]]) -> list[list[Finished]]:
+        """screen of several requests, their answers scored in one RM pass. An answer the RM cannot read (the chat
+        template refuses the conversation) is refused, the guard failing closed, and only its own request's: a
+        pass that fails so is redone one request at a time."""
+        dialogs = [prompt + [{"role": "assistant", "content": text}] for prompt, finished in requests
+                   for text, *_ in finished]
+        started = time.perf_counter()
+        try:
+            kept = [p >= self.threshold for p in self._probabilities(dialogs)]
+        except ChatFormatError as exc:
+            if len(requests) > 1:
+                return [self.screen(*request) for request in requests]
+            logger.warning("safety guard: cannot score the answers (%s); refusing them", exc)
+            kept = [None] * len(dialogs)
+        self.seconds.observe(time.perf_counter() - started)
+        for k in kept:
+            self.decisions(decision={True: "kept", False: "refused", None: "unscorable"}[k]).inc()
+        verdicts = iter(kept)
+        return [[f if next(verdicts) else (self.refusal, f[1], CONTENT_FILTER, None) for f in finished]
+                for _, finished in requests]
 
     async def ascreen(self, prompt: list[dict], finished: list[Finished]) -> list[Finished]:
-        """screen off the event loop (the RM forward is CPU/GPU-bound)."""
-        return await asyncio.to_thread(self.screen, prompt, finished)
+        """screen off the event loop (the RM forward is CPU/GPU-bound). Concurrent requests share RM passes: those
+        that arrive while one runs are scored together in the next."""
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((prompt, finished, future))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.ensure_future(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                results = await asyncio.to_thread(self.screen_many, [(p, f) for p, f, _ in batch])
+            except Exception as exc:  # a real fault: every request of the pass gets it (a 500 each)
+                results = [exc] * len(batch)
+            for (*_, future), result in zip(batch, results):
+                if future.done():  # the request was cancelled (client gone, timeout)
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
 
 
 def load_guard(model_uri: str, threshold: float | None, refusal: str, tracking_uri: str | None,
