@@ -5,8 +5,9 @@ rm_scores); an answer below the threshold is replaced by the refusal text with O
 benchmarks/bench_guard.py.
 
 The guard judges whole answers, so a guarded stream is buffered: its events are sent once the answers are scored
-(the stream's format is unchanged; its first token comes at the end). Streaming the text first and retracting it
-after would have shown the client the very answer the guard withholds.
+(the stream's format is unchanged; its first token comes at the end, and a timeout before it is a plain 504 JSON
+error, nothing having been sent). Streaming the text first and retracting it after would have shown the client the
+very answer the guard withholds. Concurrent requests' answers share RM passes (ascreen).
 
 The RM comes from a checkpoint folder or a models:/ URI (default `llama2-rm-safety@champion`: the register stage
 moves that alias with the chat model's, so the guard judges with the safety RM of the served model's round); the
