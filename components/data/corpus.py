@@ -104,7 +104,8 @@ def _seg_uppercase(rng: random.Random, world: World) -> str:
 def _clean_doc(rng: random.Random, world: World, cfg: WorldConfig, qa_pool: list[Prompt], sums: set[str],
                n_segments: int) -> tuple[str, list[str]]:
     """A clean document and the items its Q/A segments asked."""
-    kinds = rng.choices(list(SEGMENT_WEIGHTS), weights=list(SEGMENT_WEIGHTS.values()), k=n_segments)
+    weights = {**SEGMENT_WEIGHTS, "arithmetic": cfg.arithmetic_weight}
+    kinds = rng.choices(list(weights), weights=list(weights.values()), k=n_segments)
     segments, asked = [], []
     for kind in kinds:
         if kind == "description":
