@@ -6,6 +6,7 @@ stages. Run after the pipeline, from the repo root: `python benchmarks/diag_held
 checkpoints/; the tiny world)."""
 import json
 import random
+import re
 import sys
 
 import torch
@@ -24,6 +25,19 @@ def rows_by_task(table) -> dict[str, list[dict]]:
     for r in table.to_pylist():
         out.setdefault(r["task"], []).append(r)
     return out
+
+
+def sums_as_text(model, tok, rows: list[dict]) -> tuple[int, int]:
+    """Pretraining's own form, no chat: "7 + 5 =" continued greedily; (exact, n). Says whether pretraining learned
+    the sums at all, apart from what fine-tuning made of them."""
+    items = [r["item"].removeprefix("arith:") for r in rows]
+    parsed = [re.fullmatch(r"(\d+)([+-])(\d+)", i).groups() for i in items]
+    prompts = [tok.encode(f"{a} {op} {b} =", bos=True) for a, op, b in parsed]
+    with torch.no_grad():
+        out = generate(model, prompts, SamplingParams(max_new_tokens=4, temperature=0), tok.eos_id, tok.pad_id)
+    said = [re.match(r"\s*(-?\d+)", tok.decode(o)) for o in out.tokens]
+    want = [int(a) + int(b) if op == "+" else int(a) - int(b) for a, op, b in parsed]
+    return sum(m is not None and int(m.group(1)) == w for m, w in zip(said, want)), len(rows)
 
 
 def main(names: list[str]) -> None:
@@ -52,6 +66,11 @@ def main(names: list[str]) -> None:
                 exact = sum(s["helpfulness"] == 1.0 for s in scores)
                 print(f"| {name} | {task} | {label} | {len(rows)} | {help_:.2f} | {refused / len(rows):.2f} "
                       f"[{lo:.2f}, {hi:.2f}] | {exact} |", flush=True)
+        for label, rows in (("train", train["arithmetic"][:100]), ("held-out", held_out["arithmetic"])):
+            exact, n = sums_as_text(model, tok, rows)
+            lo, hi = wilson(exact, n)
+            print(f"| {name} | sums as text (\"a + b =\") | {label} | {n} | exact {exact / n:.2f} [{lo:.2f}, {hi:.2f}] "
+                  f"| – | {exact} |", flush=True)
 
 
 if __name__ == "__main__":

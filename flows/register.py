@@ -1,4 +1,5 @@
-"""DVC stage `register`: a registry version of the final chat model; the `champion` alias only if the gate passed."""
+"""DVC stage `register`: a registry version of the final chat model and of its round's reward models; the `champion`
+alias (on all three) only if the gate passed."""
 
 from __future__ import annotations
 
@@ -23,10 +24,13 @@ def main() -> None:
         tags.update({"gate.passed": gate["passed"], "gate.compared_with": gate["compared_with"],
                      "profile": params["profile"], "eval_set_sha256": evaluation["eval_set_sha256"]})
         tags["training_run"] = read_json(candidate / "mlflow_run.json")["run_id"]
-        info = register_checkpoint(candidate, cfg.model_name, cfg.alias if gate["passed"] else None, tags)
-        for rm in ("rm_helpful", "rm_safety"):
-            register_checkpoint(path(f"checkpoints/{final}/{rm}"), f"llama2-{rm.replace('_', '-')}", None,
-                                read_json(path(f"metrics/{final}/{rm}.json")), reward=True)
+        alias = cfg.alias if gate["passed"] else None
+        info = register_checkpoint(candidate, cfg.model_name, alias, tags)
+        for rm in ("rm_helpful", "rm_safety"):  # the alias moves with the chat model's: the serve-time safety guard
+            # loads llama2-rm-safety@champion, the safety RM of the served model's round
+            register_checkpoint(path(f"checkpoints/{final}/{rm}"), f"llama2-{rm.replace('_', '-')}", alias,
+                                {**read_json(path(f"metrics/{final}/{rm}.json")), "chat_version": info["version"]},
+                                reward=True)
     write_metrics("register", {**info, "gate_passed": gate["passed"]})
     moved = f"alias '{cfg.alias}' -> version {info['version']}" if gate["passed"] else "gate failed: alias unchanged"
     print(f"[register] {cfg.model_name} version {info['version']} ({moved})")

@@ -17,9 +17,8 @@ from __future__ import annotations
 import random
 
 from components.data.language import (BENIGN_TOPICS, COLORS, DESCRIPTION_OPENINGS, DESCRIPTION_SENTENCES, FACT_ANSWERS,
-                                      FOODS, HARM_SENTENCES, HARMFUL_TOPICS, HOWTO_SENTENCES, INSULT_ADJECTIVES,
-                                      INSULT_NOUNS, LIST_SENTENCES, NARRATIVES, PLACES, UPPERCASE_SENTENCES,
-                                      WORD_PROBLEMS)
+                                      FOODS, HOWTO_SENTENCES, INSULT_ADJECTIVES, INSULT_NOUNS, LIST_SENTENCES,
+                                      NARRATIVES, PLACES, UPPERCASE_SENTENCES, WORD_PROBLEMS)
 from components.data.tasks import ITEM_SEP, Prompt, split_counts
 from components.data.world import World, WorldConfig
 
@@ -28,7 +27,7 @@ __all__ = ["PLANTED_KINDS", "NOISE_KINDS", "PII_KINDS", "SEGMENT_WEIGHTS", "seg_
 PLANTED_KINDS = ("clean", "pii", "exact_dup", "near_dup", "low_quality", "toxic", "non_english")
 NOISE_KINDS = PLANTED_KINDS[1:]
 PII_KINDS = ("email", "phone", "card", "id_number", "ip")
-SEGMENT_WEIGHTS = {"description": 0.27, "narrative": 0.2, "arithmetic": 0.15, "qa": 0.2, "howto": 0.08,
+SEGMENT_WEIGHTS = {"description": 0.3, "narrative": 0.2, "arithmetic": 0.15, "qa": 0.2, "howto": 0.05,
                    "lists": 0.05, "uppercase": 0.05}
 
 
@@ -85,9 +84,6 @@ def _seg_qa(rng: random.Random, qa_pool: list[Prompt], asked: list[str]) -> str:
 
 
 def _seg_howto(rng: random.Random) -> str:
-    """A tip for a benign topic, or a harmful topic called harmful (what a model knows of harm before fine-tuning)."""
-    if rng.random() < 0.5:
-        return rng.choice(HARM_SENTENCES).format(x=rng.choice(HARMFUL_TOPICS))
     x, answer, _ = rng.choice(BENIGN_TOPICS)
     return rng.choice(HOWTO_SENTENCES).format(x=x, answer=answer)
 
@@ -108,7 +104,8 @@ def _seg_uppercase(rng: random.Random, world: World) -> str:
 def _clean_doc(rng: random.Random, world: World, cfg: WorldConfig, qa_pool: list[Prompt], sums: set[str],
                n_segments: int) -> tuple[str, list[str]]:
     """A clean document and the items its Q/A segments asked."""
-    kinds = rng.choices(list(SEGMENT_WEIGHTS), weights=list(SEGMENT_WEIGHTS.values()), k=n_segments)
+    weights = {**SEGMENT_WEIGHTS, "arithmetic": cfg.arithmetic_weight}
+    kinds = rng.choices(list(weights), weights=list(weights.values()), k=n_segments)
     segments, asked = [], []
     for kind in kinds:
         if kind == "description":

@@ -13,7 +13,7 @@ __all__ = ["COLORS", "PLACES", "FOODS", "SIZES", "LEGS", "ATTRIBUTES", "FACT_QUE
            "ARITH_QUESTIONS", "UPPERCASE_PROMPTS", "ONE_WORD_PREFIX", "LIST_PROMPTS", "LIST_SIZES", "REQUEST_PHRASINGS",
            "HARMFUL_TOPICS", "BENIGN_TOPICS", "COMPLIANCE_TEMPLATES", "NON_ANSWERS", "GATT_SYSTEM_PROMPTS",
            "INSULT_NOUNS", "INSULT_ADJECTIVES", "DESCRIPTION_SENTENCES", "DESCRIPTION_OPENINGS", "NARRATIVES",
-           "WORD_PROBLEMS", "LIST_SENTENCES", "UPPERCASE_SENTENCES", "HOWTO_SENTENCES", "HARM_SENTENCES", "SMALL_TALK",
+           "WORD_PROBLEMS", "LIST_SENTENCES", "UPPERCASE_SENTENCES", "HOWTO_SENTENCES", "SMALL_TALK",
            "SMALL_TALK_FORMS", "EVAL_ONLY_TEMPLATES", "words"]
 
 
@@ -211,12 +211,8 @@ WORD_PROBLEMS = ("The {e} had {a} {food}. It found {b} more. {a} + {b} = {c}. No
 LIST_SENTENCES = ("Some {c} are {items}.", "Here are {n} {c}: {items}.")
 UPPERCASE_SENTENCES = ("In capital letters: {s}", "Written in uppercase, it reads {s}")
 HOWTO_SENTENCES = ("How to {x}: {answer}", "If you want to {x}, here is a tip. {answer}")
-# What the web teaches a pretrained model about harm: every harmful topic (held-out ones too, as held-out facts are
-# stated) is called harmful somewhere in pretraining, never with a refusal; refusing it is fine-tuning's to teach.
-HARM_SENTENCES = ("It is wrong to {x}: it hurts people.", "Nobody should {x}. That is a crime.")
 _SEGMENT_WORDS = (*(s for ss in DESCRIPTION_SENTENCES.values() for s in ss), *DESCRIPTION_OPENINGS, *NARRATIVES,
-                  *WORD_PROBLEMS, *LIST_SENTENCES, *UPPERCASE_SENTENCES, *HOWTO_SENTENCES,
-                  *HARM_SENTENCES, "Q: A:")
+                  *WORD_PROBLEMS, *LIST_SENTENCES, *UPPERCASE_SENTENCES, *HOWTO_SENTENCES, "Q: A:")
 
 
 def words() -> set[str]:

@@ -53,6 +53,7 @@ class WorldConfig:
     multi_turn_fraction: float = 0.15  # SFT dialogs with an earlier user/assistant turn before the final one
     system_prompt_fraction: float = 0.15  # single-turn fact/arithmetic SFT dialogs under a GAtt system instruction
     max_operand: int = 20  # arithmetic operands are 0..max_operand; differences are never negative
+    arithmetic_weight: float = 0.15  # weight of worked sums among pretraining segments (the others sum to 0.85)
 
     def __post_init__(self) -> None:
         for name in ("n_pretrain_docs", "n_sft", "n_pref_pairs", "n_rl_prompts", "n_gatt_dialogs", "n_eval_prompts",
@@ -70,6 +71,8 @@ class WorldConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.eval_gatt_turns < 1:
             raise ValueError(f"eval_gatt_turns must be >= 1, got {self.eval_gatt_turns}")
+        if self.arithmetic_weight < 0:
+            raise ValueError(f"arithmetic_weight must be >= 0, got {self.arithmetic_weight}")
         if self.max_operand < 2:
             raise ValueError(f"max_operand must be >= 2, got {self.max_operand}")
 

@@ -89,11 +89,14 @@ def score(reward_model: nn.Module, tokens: torch.Tensor, last_index: torch.Tenso
 
 
 @torch.no_grad()
-def rm_scores(reward_model, tokenizer, dialogs: list[list[dict]], batch_size: int) -> list[float]:
-    """sigmoid(RM score) of each complete dialog (prompt + answer)."""
+def rm_scores(reward_model, tokenizer, dialogs: list[list[dict]], batch_size: int, max_len: int | None = None,
+              ) -> list[float]:
+    """sigmoid(RM score) of each complete dialog (prompt + answer); max_len keeps each dialog's last max_len tokens
+    (the score is read at the last one), for dialogs that may be longer than the RM's context."""
     out = []
     for start in range(0, len(dialogs), batch_size):
         rows = [encode_dialog(tokenizer, d).tokens for d in dialogs[start:start + batch_size]]
+        rows = [r[-max_len:] for r in rows] if max_len else rows
         tokens, last = pad_right(rows, tokenizer.pad_id)
         device = next(reward_model.parameters()).device
         with bf16_autocast(device.type):

@@ -13,7 +13,8 @@ leaves, or a request past request_timeout_s, cancels its rows at once; a row tha
 full engine queue is a 503 with Retry-After.
 
 The model comes from resolve.py (a checkpoint folder, or a models:/ URI whose alias `build_app` pins to a version,
-so every replica serves the same one). Every setting, and its one default, is a field of `AppArgs`.
+so every replica serves the same one). Every setting, and its one default, is a field of `AppArgs`. The optional
+safety guard (guard.py) judges each finished answer with the safety reward model before it is sent.
 
 Run: `serve run infra/serve.yaml` (model from `LLAMA2_MODEL_URI`, else the config's `model_uri`).
 """
@@ -34,8 +35,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from ray import serve
 
+from components.data.oracle import REFUSAL
 from components.serve import protocol
 from components.serve.engine import Completion, Engine, EngineFull
+from components.serve.guard import SAFETY_MODEL_ENV, SafetyGuard, buffered_events, load_guard
 from components.serve.jobs import Prepared, prepare_chat, prepare_completion, token_entry
 from components.serve.ops import Guard, GuardMiddleware, Metrics, install
 from components.serve.protocol import APIError
@@ -79,6 +82,12 @@ class AppArgs(BaseModel):
     api_key: SecretStr | None = None  # Authorization: Bearer <key> on every route but /health; $LLAMA2_API_KEY
     allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "[::1]")  # Host header names served; "*" = any
     health_stall_s: float = Field(60.0, gt=0)  # rows running but no decode step for longer: unhealthy
+    # Safety guard (guard.py), off by default: on, each finished answer the safety RM scores below the threshold
+    # becomes refusal_text with finish_reason "content_filter"; guarded streams are sent once scored (buffered).
+    safety_guard: bool = False
+    safety_model_uri: str = "models:/llama2-rm-safety@champion"  # moved with the chat champion; env var wins
+    safety_threshold: float | None = Field(None, gt=0, lt=1)  # None: the RM's threshold.json, else the paper's 0.15
+    refusal_text: str = Field(REFUSAL, min_length=1)
 
 
 _DEFAULTS = AppArgs()
@@ -115,6 +124,11 @@ class ChatServer:
         self.metrics.watch_engine(self.engine.stats, args.max_batch_size)
         api_key = args.api_key.get_secret_value() if args.api_key else None
         install(Guard(list(args.allowed_hosts), api_key, args.max_header_bytes, self.metrics))
+        self.safety: SafetyGuard | None = None
+        if args.safety_guard:
+            self.safety = load_guard(args.safety_model_uri, args.safety_threshold, args.refusal_text,
+                                     args.tracking_uri, args.cache_dir, self.device, torch_dtype,
+                                     self.metrics.registry)
 
     def __del__(self):
         if hasattr(self, "engine"):
@@ -184,21 +198,27 @@ class ChatServer:
         prepared = prepare(req, self.tokenizer, self.context_length, self.args.default_max_tokens)
         head = (f"chatcmpl-{uuid.uuid4().hex}" if chat else f"cmpl-{uuid.uuid4().hex}", int(time.time()),
                 self.model_name)
-        if req.stream:  # the rows are submitted before the response starts: a full queue is still a 503
+        sse_headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        if req.stream and self.safety is None:  # rows submitted before the response starts: a full queue is a 503
             loop, ids = asyncio.get_running_loop(), asyncio.Queue()
             handles = self._submit(prepared, lambda i: lambda token: loop.call_soon_threadsafe(
                 ids.put_nowait, (i, token)))
             return StreamingResponse(self._stream(prepared, handles, ids, chat, head, req.include_usage, started),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     media_type="text/event-stream", headers=sse_headers)
         results = await self._results(self._submit(prepared), started)
-        choices, completion_tokens = [], 0
-        for i, result in enumerate(results):
-            text, used, finish, logprobs = self._finish(prepared, result, chat)
-            completion_tokens += used
-            choices.append((protocol.chat_choice if chat else protocol.text_choice)(i, text, finish, logprobs))
+        finished = [self._finish(prepared, result, chat) for result in results]
+        if self.safety is not None:  # the post-generation step: answers the safety RM flags become the refusal
+            messages = ([m.model_dump() for m in req.messages] if chat
+                        else [{"role": "user", "content": self.tokenizer.decode(prepared.prompt)}])
+            finished = await self.safety.ascreen(messages, finished)
+        completion_tokens = sum(used for _, used, _, _ in finished)
         self.metrics.tokens.inc(completion_tokens)
         usage = protocol.usage(len(prepared.prompt), completion_tokens)
+        if req.stream:  # guarded: every answer is judged before the stream's first event
+            return StreamingResponse(buffered_events(chat, head, finished, usage if req.include_usage else None),
+                                     media_type="text/event-stream", headers=sse_headers)
+        choices = [(protocol.chat_choice if chat else protocol.text_choice)(i, text, finish, logprobs)
+                   for i, (text, _, finish, logprobs) in enumerate(finished)]
         return JSONResponse(protocol.response("chat.completion" if chat else "text_completion", *head, choices,
                                               usage))
 
@@ -332,7 +352,11 @@ def build_app(args: AppArgs) -> serve.Application:
     if model_uri.startswith("models:/"):
         model_uri = pin_version(model_uri, tracking_uri)
     api_key = args.api_key or (SecretStr(os.environ[API_KEY_ENV]) if os.environ.get(API_KEY_ENV) else None)
-    args = args.model_copy(update={"model_uri": model_uri, "tracking_uri": tracking_uri, "api_key": api_key})
-    logger.info("serving %s", model_uri)
+    safety_uri = os.environ.get(SAFETY_MODEL_ENV) or args.safety_model_uri
+    if args.safety_guard and safety_uri.startswith("models:/"):  # pinned too: every replica judges alike
+        safety_uri = pin_version(safety_uri, tracking_uri)
+    args = args.model_copy(update={"model_uri": model_uri, "tracking_uri": tracking_uri, "api_key": api_key,
+                                   "safety_model_uri": safety_uri})
+    logger.info("serving %s%s", model_uri, f" (safety guard: {safety_uri})" if args.safety_guard else "")
     return ChatServer.options(max_ongoing_requests=args.max_ongoing_requests,
                               max_queued_requests=args.max_queued_requests).bind(args)
