@@ -4,9 +4,9 @@ then aggregate tokens/s, p50/p99 latency and p50 time to first token (streamed) 
 clients. Each client sends its requests one after another (/v1/completions, prompts of 16-48 random ids), half
 greedy and half seeded top-p sampling, so no two clients share sampling parameters. Prints a markdown table.
 
-    python benchmarks/bench_serve.py                          # the tiny profile's shape (params.yaml), random weights
-    python benchmarks/bench_serve.py --checkpoint PATH        # a checkpoint folder (e.g. the pipeline's chat model)
-    python benchmarks/bench_serve.py --torch-threads 1 2      # one table per replica thread setting
+    .venv/bin/python -m benchmarks.bench_serve                      # tiny profile's shape (params.yaml), random weights
+    .venv/bin/python -m benchmarks.bench_serve --checkpoint PATH    # a checkpoint folder (the pipeline's chat model)
+    .venv/bin/python -m benchmarks.bench_serve --torch-threads 1 2  # one table per replica thread setting
 
 Targets (issue 12): 16 clients >= 6x one client's tokens/s; TTFT p50 at 16 clients <= 2x one client's;
 overhead <= 10%.
@@ -21,25 +21,23 @@ import os
 import random
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = str(Path(__file__).resolve().parents[1])
-sys.path.insert(0, ROOT)  # this checkout's code (and tests.helpers), here and in Ray's workers (PYTHONPATH below)
+import httpx
+import ray
+import torch
+from ray import serve
 
-import httpx  # noqa: E402
-import ray  # noqa: E402
-import torch  # noqa: E402
-from ray import serve  # noqa: E402
+from components.common import REPO_ROOT, config_from_dict, load_yaml
+from components.serve.app import build_app
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.config import ModelSpec
+from model.generation import SamplingParams, generate
+from model.llama import Transformer
 
-from components.common import REPO_ROOT, config_from_dict, load_yaml  # noqa: E402
-from components.serve.app import build_app  # noqa: E402
-from model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from model.config import ModelSpec  # noqa: E402
-from model.generation import SamplingParams, generate  # noqa: E402
-from model.llama import Transformer  # noqa: E402
+ROOT = str(Path(__file__).resolve().parents[1])  # this checkout: Ray's workers import the app from it too
 
 
 def random_checkpoint(folder: Path) -> Path:
@@ -72,14 +70,15 @@ def deploy(checkpoint: Path, threads: int, max_batch_size: int) -> None:
         time.sleep(0.5)
 
 
-def overhead(url: str, checkpoint: Path, threads: int, new_tokens: int, reps: int) -> tuple[float, float, float]:
-    """(median direct generate s, median served s, ratio - 1), the two interleaved (a loaded machine drifts)."""
+def overhead(url: str, checkpoint: Path, threads: int, new_tokens: int, reps: int) -> tuple[float, ...]:
+    """(median direct generate s, median served s, ratio - 1, median GET /v1/models s: Serve's round trip without
+    a decode), interleaved (a loaded machine drifts)."""
     torch.set_num_threads(threads)
     model, tokenizer = load_checkpoint(checkpoint)
     prompt = tokenizer.encode("the quick brown fox jumps over the lazy dog", bos=True)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
     body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0}
-    direct, served = [], []
+    direct, served, trip = [], [], []
     with httpx.Client(base_url=url, timeout=120) as http, torch.inference_mode():
         for i in range(reps + 2):
             t0 = time.perf_counter()
@@ -87,13 +86,16 @@ def overhead(url: str, checkpoint: Path, threads: int, new_tokens: int, reps: in
             t1 = time.perf_counter()
             reply = http.post("/v1/completions", json=body)
             t2 = time.perf_counter()
+            http.get("/v1/models").raise_for_status()
+            t3 = time.perf_counter()
             reply.raise_for_status()
             assert reply.json()["usage"]["completion_tokens"] == len(out.tokens[0]), "the two paths differ"
             if i >= 2:  # warm-up
                 direct.append(t1 - t0)
                 served.append(t2 - t1)
+                trip.append(t3 - t2)
     d, s = statistics.median(direct), statistics.median(served)
-    return d, s, s / d - 1
+    return d, s, s / d - 1, statistics.median(trip)
 
 
 async def clients(url: str, n: int, per_client: int, new_tokens: int, vocab: int) -> dict:
@@ -154,13 +156,14 @@ def main() -> None:
             for threads in opts.torch_threads:
                 deploy(checkpoint, threads, opts.max_batch_size)
                 asyncio.run(clients(url, 2, 1, 8, vocab))  # warm-up
-                d, s, ratio = overhead(url, checkpoint, threads, opts.new_tokens, opts.overhead_reps)
+                d, s, ratio, trip = overhead(url, checkpoint, threads, opts.new_tokens, opts.overhead_reps)
                 rows = [(n, asyncio.run(clients(url, n, opts.requests, opts.new_tokens, vocab)))
                         for n in opts.clients]
                 base = rows[0][1]
                 print(f"\nreplica torch threads {threads}, max_batch_size {opts.max_batch_size}, {opts.new_tokens} "
                       f"new tokens, {opts.requests} requests per client; overhead at batch 1: generate "
-                      f"{1000 * d:.1f} ms, served {1000 * s:.1f} ms, **{100 * ratio:+.1f}%**")
+                      f"{1000 * d:.1f} ms, served {1000 * s:.1f} ms, **{100 * ratio:+.1f}%** (GET /v1/models round trip "
+                      f"{1000 * trip:.1f} ms)")
                 print("\n| clients | tokens/s | vs 1 client | p50 latency ms | p99 latency ms | p50 TTFT ms "
                       "| TTFT vs 1 client |")
                 print("|---:|---:|---:|---:|---:|---:|---:|")

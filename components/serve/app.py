@@ -203,7 +203,10 @@ class ChatServer:
             loop, ids = asyncio.get_running_loop(), asyncio.Queue()
             handles = self._submit(prepared, lambda i: lambda token: loop.call_soon_threadsafe(
                 ids.put_nowait, (i, token)))
-            return StreamingResponse(self._stream(prepared, handles, ids, chat, head, req.include_usage, started),
+            # Awaited by the stream, started now: request_timeout_s frees the rows even if the body never starts.
+            generation = asyncio.ensure_future(self._results(handles, started))
+            return StreamingResponse(self._stream(prepared, handles, generation, ids, chat, head, req.include_usage,
+                                                  started),
                                      media_type="text/event-stream", headers=sse_headers)
         results = await self._results(self._submit(prepared), started)
         finished = [self._finish(prepared, result, chat) for result in results]
@@ -274,11 +277,10 @@ class ChatServer:
             for handle in handles:
                 handle.cancel()
 
-    async def _stream(self, prepared: Prepared, handles: list, ids: asyncio.Queue, chat: bool, head: tuple,
-                      include_usage: bool, started: float) -> AsyncIterator[str]:
+    async def _stream(self, prepared: Prepared, handles: list, generation: asyncio.Future, ids: asyncio.Queue,
+                      chat: bool, head: tuple, include_usage: bool, started: float) -> AsyncIterator[str]:
         """Server-sent events: each choice's text as it is decoded, then its finish reason (and logprobs)."""
         object_ = "chat.completion.chunk" if chat else "text_completion"
-        generation = asyncio.ensure_future(self._results(handles, started))
 
         def event(i: int, text: str | None, finish: str | None = None, logprobs: dict | None = None) -> str:
             if chat:
