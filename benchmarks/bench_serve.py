@@ -162,8 +162,8 @@ def main() -> None:
                 base = rows[0][1]
                 print(f"\nreplica torch threads {threads}, max_batch_size {opts.max_batch_size}, {opts.new_tokens} "
                       f"new tokens, {opts.requests} requests per client; overhead at batch 1: generate "
-                      f"{1000 * d:.1f} ms, served {1000 * s:.1f} ms, **{100 * ratio:+.1f}%** (GET /v1/models round trip "
-                      f"{1000 * trip:.1f} ms)")
+                      f"{1000 * d:.1f} ms, served {1000 * s:.1f} ms, **{100 * ratio:+.1f}%** "
+                      f"(GET /v1/models round trip {1000 * trip:.1f} ms)")
                 print("\n| clients | tokens/s | vs 1 client | p50 latency ms | p99 latency ms | p50 TTFT ms "
                       "| TTFT vs 1 client |")
                 print("|---:|---:|---:|---:|---:|---:|---:|")
