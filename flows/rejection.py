@@ -1,12 +1,14 @@
-"""DVC stage `rejection@<round>`: rejection-sampling fine-tuning (§3.2.3): k answers per RL prompt from the round's
-policy, the best by the round's reward models kept (-> data/rounds/<round>/rs_samples.jsonl), then fine-tuned on with
-the SFT loss together with the kept samples of every earlier round (the paper pools the best samples of all
-iterations) (Ray Data sampling, Ray Train) -> checkpoints/<round>/rs/.
+"""DVC stage `rejection@<round>`: rejection-sampling fine-tuning (§3.2.3): k answers per RL prompt (a draw of
+rejection.sample.prompts, new each round) from the round's policy, the best by the round's reward models kept
+(-> data/rounds/<round>/rs_samples.jsonl), then fine-tuned on with the SFT loss together with the kept samples of
+every earlier round (the paper pools the best samples of all iterations) (Ray Data sampling, Ray Train)
+-> checkpoints/<round>/rs/.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import asdict, replace
 
 from components.data.datasets import read_table, too_long_policy
@@ -33,7 +35,10 @@ def main() -> None:
     stage, out = f"rejection@{name}", path(f"checkpoints/{name}/rs")
     with stage_run(stage, asdict(cfg), params["profile"], [policy, *reward_models.values(), path("data/raw")],
                    out) as run:
-        rows = read_table(path("data/raw/rl_prompts.parquet")).to_pylist()[:cfg.sample.prompts or None]
+        rows = read_table(path("data/raw/rl_prompts.parquet")).to_pylist()
+        if cfg.sample.prompts:  # a draw of its own each round (seeded by the round): rounds ask different prompts
+            rows = random.Random(f"{cfg.sample.seed}/rejection/{name}").sample(rows, min(cfg.sample.prompts,
+                                                                                       len(rows)))
         records = [{"prompt": json.loads(r["prompt"]), "is_safety": r["is_safety"]} for r in rows]
         records, counts = fitting_prompts(stage, records, policy, cfg)
         dialogs, stats = rejection_sampling(records, policy, reward_models, cfg.sample, cfg.ray, cfg.safety_threshold)
