@@ -147,8 +147,10 @@ class ChatServer:
     # -- request handling -----------------------------------------------------------------------------------------
 
     def _model_card(self) -> dict:
+        # root: the registry version served (models:/<name>/<version>, pinned by build_app); no local paths shown.
+        root = self.args.model_uri if self.args.model_uri.startswith("models:/") else self.model_name
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llama2-recipe",
-                "max_model_len": self.context_length}
+                "root": root, "max_model_len": self.context_length}
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
