@@ -1,4 +1,4 @@
-"""Bounded load tests of the served endpoint (components/serve/app.py) on a local Ray: autoscaling, failover, alias move.
+"""Bounded load tests of the served app (components/serve/app.py) on a local Ray: autoscaling, failover, alias move.
 
     .venv/bin/python -m benchmarks.serve_load [--clients 6] [--seconds 8] [--checkpoint checkpoints/chat]
 
@@ -213,6 +213,10 @@ class Load:
     def errors(self) -> list[str]:
         return sorted({error for _, _, tries, error in self.done if tries})
 
+    def counts(self) -> dict:
+        return {"clients": self.clients, "ok": self.ok, "failed": self.failed, "failed_tries": self.failed_tries,
+                "errors": self.errors(), "stall_s": self.stall_s}
+
 
 def answer(url: str) -> tuple[str, str]:
     """(the model card's root, the greedy answer): which version is served."""
@@ -248,9 +252,8 @@ def autoscaling(args: dict, clients: int, hold_s: float, timeout_s: float = 90) 
             sample_until(load, timeline, lambda n: False, hold_s)
     stopped = load.now()
     down = sample_until(load, timeline, lambda n: n == 1, timeout_s) if up is not None else None
-    return {"scenario": "autoscaling 1 -> 2 -> 1", "clients": clients, "ok": load.ok, "failed": load.failed,
-            "failed_tries": load.failed_tries, "errors": load.errors(), "stall_s": load.stall_s, "timeline": timeline,
-            "up_s": up, "down_s": None if down is None else round(down - stopped, 1),
+    return {"scenario": "autoscaling 1 -> 2 -> 1", **load.counts(), "timeline": timeline,
+            "up_s": None if up is None else round(up, 1), "down_s": None if down is None else round(down - stopped, 1),
             "max_replicas": max(n for _, n in timeline), "final_replicas": timeline[-1][1]}
 
 
@@ -266,8 +269,7 @@ def failover(args: dict, clients: int, hold_s: float, timeout_s: float = 90) -> 
         gone = sample_until(load, timeline, lambda n: n < 2, 10, every_s=0.1)
         back = sample_until(load, timeline, lambda n: n == 2, timeout_s)
         sample_until(load, timeline, lambda n: False, hold_s)
-    return {"scenario": "failover (SIGKILL 1 of 2)", "clients": clients, "ok": load.ok, "failed": load.failed,
-            "failed_tries": load.failed_tries, "errors": load.errors(), "stall_s": load.stall_s, "timeline": timeline, "replicas_before":
+    return {"scenario": "failover (SIGKILL 1 of 2)", **load.counts(), "timeline": timeline, "replicas_before":
             len(pids), "detected_s": None if gone is None else round(gone - killed_at, 1),
             "replaced_s": None if back is None else round(back - killed_at, 1), "final_replicas": running_replicas(),
             "new_pids": replica_pids() != pids}
@@ -297,8 +299,7 @@ def alias_move(args: dict, tracking_uri: str, clients: int, hold_s: float) -> di
     served = [(t, texts.get(text)) for t, text, _, _ in load.done if text is not None]
     first_b = min((t for t, v in served if v == 2), default=None)
     last_a = max((t for t, v in served if v == 1), default=None)
-    return {"scenario": "alias move v1 -> v2", "clients": clients, "ok": load.ok, "failed": load.failed,
-            "failed_tries": load.failed_tries, "errors": load.errors(), "stall_s": load.stall_s, "root_before": before[0],
+    return {"scenario": "alias move v1 -> v2", **load.counts(), "root_before": before[0],
             "root_after": after[0], "texts_differ": before[1] != after[1],
             "unknown_texts": sum(v is None for _, v in served), "by_version": {v: sum(x == v for _, x in served)
                                                                                for v in (1, 2)},
@@ -326,7 +327,7 @@ def run_all(root: Path, clients: int, hold_s: float, checkpoint: Path | None = N
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| scenario | clients | ok | failed | failed tries (retried) | longest stall | replicas / version over time |",
+    rows = ["| scenario | clients | ok | failed | failed tries (retried) | longest stall | replicas or version |",
             "|---|---|---|---|---|---|---|"]
     for r in results:
         if "timeline" in r:
