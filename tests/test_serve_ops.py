@@ -1,7 +1,7 @@
 """The served endpoint under load (benchmarks/serve_load.py's scenarios, small): Serve's autoscaling takes the app of
 infra/serve.yaml from 1 to 2 replicas and back, a replica killed with SIGKILL fails no client request (clients retry
 as the openai client does; only requests running on the killed replica need it), and moving the `champion` alias
-then redeploying switches the served version with no failed request. Real Ray Serve, real HTTP on loopback, a real
+then redeploying switches the served version with no failed request and no pause. Real Ray Serve, real HTTP on loopback, a real
 sqlite MLflow registry; a few clients for a few seconds each."""
 
 from __future__ import annotations
@@ -56,4 +56,7 @@ def test_moving_the_champion_alias_and_redeploying_switches_the_version_with_no_
     assert result["texts_differ"] and result["unknown_texts"] == 0, result
     assert result["by_version"][1] > 0 and result["by_version"][2] > 0, result
     assert result["ok"] > 0 and result["failed"] == 0 and result["failed_tries"] == 0, result
-    assert result["last_v1_s"] <= result["first_v2_s"] + 1, result  # v1 is not served again once v2 is
+    # The new replica starts before the old one stops (max_surge_percent): the hand-over overlaps briefly, and no
+    # request waits for a replica to load (without the surge, one replica paused every client ~15 s here).
+    assert result["last_v1_s"] <= result["first_v2_s"] + 3, result
+    assert result["stall_s"] < 8, result

@@ -81,7 +81,9 @@ protocol.add_error_handlers(api)
 api.add_middleware(GuardMiddleware)
 
 
-@serve.deployment(max_ongoing_requests=16, health_check_period_s=10, health_check_timeout_s=30,
+# max_surge_percent: a redeploy (a new pinned version) starts the new replicas before the old ones stop, so a
+# rollout never leaves the app without a running replica (with the default 0, one replica means a pause).
+@serve.deployment(max_ongoing_requests=16, health_check_period_s=10, health_check_timeout_s=30, max_surge_percent=100,
                   ray_actor_options={"num_cpus": 1, "num_gpus": 0})
 @serve.ingress(api)
 class ChatServer:
