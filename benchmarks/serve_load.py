@@ -100,6 +100,14 @@ def serve_config(port: int, args: dict, **deployment) -> dict:
     return config
 
 
+def start_serve(port: int) -> str:
+    """Serve's controller and proxy on a loopback port, kept for every scenario (apps come and go); the base URL."""
+    from ray import serve
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
 def deploy_config(config: dict, timeout_s: float = 180) -> str:
     """Deploy a Serve config as `serve run`/`serve deploy`/KubeRay do; wait until RUNNING; the base URL."""
     from ray.serve._private import api as private_api
@@ -242,9 +250,9 @@ def sample_until(load: Load, timeline: list, done, timeout_s: float, every_s: fl
 
 # -- scenarios --------------------------------------------------------------------------------------------------------
 
-def autoscaling(args: dict, clients: int, hold_s: float, timeout_s: float = 90) -> dict:
+def autoscaling(port: int, args: dict, clients: int, hold_s: float, timeout_s: float = 90) -> dict:
     """Replicas 1 -> 2 under load -> 1 after; the replica count over time."""
-    url = deploy_config(serve_config(free_port(), args, num_replicas=None, autoscaling_config=QUICK_AUTOSCALING))
+    url = deploy_config(serve_config(port, args, num_replicas=None, autoscaling_config=QUICK_AUTOSCALING))
     timeline = []
     with Load(url, clients) as load:
         up = sample_until(load, timeline, lambda n: n >= 2, timeout_s)
@@ -257,11 +265,12 @@ def autoscaling(args: dict, clients: int, hold_s: float, timeout_s: float = 90) 
             "max_replicas": max(n for _, n in timeline), "final_replicas": timeline[-1][1]}
 
 
-def failover(args: dict, clients: int, hold_s: float, timeout_s: float = 90) -> dict:
+def failover(port: int, args: dict, clients: int, hold_s: float, timeout_s: float = 90) -> dict:
     """2 replicas under load; SIGKILL one replica's process; Serve replaces it."""
-    url = deploy_config(serve_config(free_port(), args, num_replicas=2, autoscaling_config=None))
+    url = deploy_config(serve_config(port, args, num_replicas=2, autoscaling_config=None))
     timeline = []
     with Load(url, clients) as load:
+        sample_until(load, timeline, lambda n: n == 2, timeout_s)
         sample_until(load, timeline, lambda n: False, hold_s)
         pids = replica_pids()
         killed_at = load.now()
@@ -275,14 +284,12 @@ def failover(args: dict, clients: int, hold_s: float, timeout_s: float = 90) -> 
             "new_pids": replica_pids() != pids}
 
 
-def alias_move(args: dict, tracking_uri: str, clients: int, hold_s: float) -> dict:
+def alias_move(port: int, args: dict, tracking_uri: str, clients: int, hold_s: float) -> dict:
     """Serve @champion (version 1), move the alias to version 2 under load, redeploy; the served version switches."""
     from ray import serve
 
     from components.serve.app import build_app
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     app_args = dict(args, model_uri=f"models:/{REGISTERED}@champion", tracking_uri=tracking_uri)
     serve.run(build_app(app_args), name=APP, route_prefix="/")
@@ -309,20 +316,23 @@ def alias_move(args: dict, tracking_uri: str, clients: int, hold_s: float) -> di
 
 
 def run_all(root: Path, clients: int, hold_s: float, checkpoint: Path | None = None) -> list[dict]:
-    """The three scenarios on the running local Ray (Serve shut down after each)."""
+    """The three scenarios on the running local Ray, one Serve instance (the app deleted after each)."""
     from ray import serve
 
+    port = free_port()
+    start_serve(port)
     checkpoints = tiny_checkpoints(root)
     base = {"model_uri": str(checkpoint or checkpoints[0]), "cache_dir": str(root / "cache"), "model_name": SERVED,
             "default_max_tokens": 16}
     results = []
-    for scenario in (lambda: autoscaling(base, clients, hold_s), lambda: failover(base, clients, hold_s),
-                     lambda: alias_move(base, registry(root, checkpoints), clients, hold_s)):
+    for scenario in (lambda: autoscaling(port, base, clients, hold_s), lambda: failover(port, base, clients, hold_s),
+                     lambda: alias_move(port, base, registry(root, checkpoints), clients, hold_s)):
         try:
             results.append(scenario())
             print(results[-1], file=sys.stderr, flush=True)  # the raw numbers, as each scenario ends
         finally:
-            serve.shutdown()
+            serve.delete(APP)
+    serve.shutdown()
     return results
 
 

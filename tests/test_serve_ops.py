@@ -1,17 +1,18 @@
 """The served endpoint under load (benchmarks/serve_load.py's scenarios, small): Serve's autoscaling takes the app of
 infra/serve.yaml from 1 to 2 replicas and back, a replica killed with SIGKILL fails no client request (clients retry
 as the openai client does; only requests running on the killed replica need it), and moving the `champion` alias
-then redeploying switches the served version with no failed request and no pause. Real Ray Serve, real HTTP on loopback, a real
-sqlite MLflow registry; a few clients for a few seconds each."""
+then redeploying switches the served version with no failed request and no pause. Real Ray Serve, real HTTP on
+loopback, a real sqlite MLflow registry; a few clients for a few seconds each."""
 
 from __future__ import annotations
 
 import pytest
 from ray import serve
 
-from benchmarks.serve_load import REGISTERED, alias_move, autoscaling, failover, registry, tiny_checkpoints
+from benchmarks.serve_load import (APP, REGISTERED, alias_move, autoscaling, failover, free_port, registry,
+                                   start_serve, tiny_checkpoints)
 
-CLIENTS, HOLD_S = 3, 2
+CLIENTS, HOLD_S = 3, 1
 
 
 @pytest.fixture(scope="module")
@@ -20,26 +21,29 @@ def setup(ray_local, tmp_path_factory):
     checkpoints = tiny_checkpoints(root)
     args = {"model_uri": str(checkpoints[0]), "cache_dir": str(root / "cache"), "model_name": "llama2-chat",
             "default_max_tokens": 16}
-    return root, checkpoints, args
-
-
-@pytest.fixture(autouse=True)
-def serve_down():
-    yield
+    port = free_port()
+    start_serve(port)  # one Serve instance for the module: the scenarios' apps replace each other
+    yield root, checkpoints, args, port
     serve.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def app_deleted():
+    yield
+    serve.delete(APP)
+
+
 def test_autoscaling_goes_from_1_to_2_replicas_under_load_and_back(setup):
-    _, _, args = setup
-    result = autoscaling(args, CLIENTS, HOLD_S)
+    _, _, args, port = setup
+    result = autoscaling(port, args, CLIENTS, HOLD_S)
     assert result["timeline"][0][1] == 1, result
     assert result["max_replicas"] == 2 and result["final_replicas"] == 1, result
     assert result["ok"] > 0 and result["failed"] == 0 and result["failed_tries"] == 0, result
 
 
 def test_a_replica_killed_under_load_fails_no_client_request(setup):
-    _, _, args = setup
-    result = failover(args, CLIENTS, HOLD_S)
+    _, _, args, port = setup
+    result = failover(port, args, CLIENTS, HOLD_S)
     assert result["replicas_before"] == 2 and result["new_pids"] and result["final_replicas"] == 2, result
     assert result["replaced_s"] is not None, result
     assert result["ok"] > 0 and result["failed"] == 0, result
@@ -50,8 +54,8 @@ def test_a_replica_killed_under_load_fails_no_client_request(setup):
 
 
 def test_moving_the_champion_alias_and_redeploying_switches_the_version_with_no_failed_request(setup):
-    root, checkpoints, args = setup
-    result = alias_move(args, registry(root, checkpoints), CLIENTS, HOLD_S)
+    root, checkpoints, args, port = setup
+    result = alias_move(port, args, registry(root, checkpoints), CLIENTS, HOLD_S)
     assert result["root_before"] == f"models:/{REGISTERED}/1" and result["root_after"] == f"models:/{REGISTERED}/2"
     assert result["texts_differ"] and result["unknown_texts"] == 0, result
     assert result["by_version"][1] > 0 and result["by_version"][2] > 0, result
