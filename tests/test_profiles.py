@@ -324,7 +324,7 @@ def test_rayjob_runs_dvc_repro_on_a_profile():
 def test_rayservice_serves_the_app_of_serve_yaml_on_gpus():
     from ray.serve.schema import ServeDeploySchema
 
-    from components.serve.app import AppArgs
+    from components.serve.app import API_KEY_ENV, AppArgs
 
     local = {a["name"]: a for a in yaml.safe_load((REPO_ROOT / "infra/serve.yaml").read_text())["applications"]}
     spec = yaml.safe_load((REPO_ROOT / "infra/kuberay/rayservice.yaml").read_text())["spec"]
@@ -333,9 +333,18 @@ def test_rayservice_serves_the_app_of_serve_yaml_on_gpus():
     gpu_pods = sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]
                                           ["nvidia.com/gpu"]) for g in spec["rayClusterConfig"]["workerGroupSpecs"])
     assert sorted(a["name"] for a in serve_config["applications"]) == sorted(local)
+    containers = [spec["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]] + [
+        g["template"]["spec"]["containers"][0] for g in spec["rayClusterConfig"]["workerGroupSpecs"]]
+    for container in containers:  # the API key from a Secret, wherever the app may be built
+        [key] = [e for e in container["env"] if e["name"] == API_KEY_ENV]
+        assert key["valueFrom"]["secretKeyRef"]["name"] and "value" not in key, container["name"]
+    service_host = yaml.safe_load((REPO_ROOT / "infra/kuberay/rayservice.yaml").read_text())["metadata"]["name"]
     for app in serve_config["applications"]:
         assert app["import_path"] == local[app["name"]]["import_path"]
-        AppArgs.model_validate(app["args"])
+        args = AppArgs.model_validate(app["args"])
+        assert args.api_key is None  # never in the manifest
+        assert f"{service_host}-serve-svc" in args.allowed_hosts and "*" not in args.allowed_hosts
+        assert serve_config["http_options"]["request_timeout_s"] > args.request_timeout_s
         assert [d["name"] for d in app["deployments"]] == [d["name"] for d in local[app["name"]]["deployments"]]
         for deployment in app["deployments"]:
             assert deployment["ray_actor_options"]["num_gpus"] == 1

@@ -97,8 +97,10 @@ protocol.add_error_handlers(api)
 api.add_middleware(GuardMiddleware)
 
 
+# max_surge_percent: a redeploy (a new pinned version) starts the new replicas before the old ones stop, so a
+# rollout never leaves the app without a running replica (with the default 0, one replica means a pause).
 @serve.deployment(max_ongoing_requests=_DEFAULTS.max_ongoing_requests, health_check_period_s=10,
-                  health_check_timeout_s=30,
+                  health_check_timeout_s=30, max_surge_percent=100,
                   ray_actor_options={"num_cpus": 1, "num_gpus": 0})
 @serve.ingress(api)
 class ChatServer:
@@ -181,8 +183,10 @@ class ChatServer:
     # -- request handling -----------------------------------------------------------------------------------------
 
     def _model_card(self) -> dict:
+        # root: the registry version served (models:/<name>/<version>, pinned by build_app); no local paths shown.
+        root = self.args.model_uri if self.args.model_uri.startswith("models:/") else self.model_name
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llama2-recipe",
-                "max_model_len": self.context_length}
+                "root": root, "max_model_len": self.context_length}
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
