@@ -186,7 +186,7 @@ def test_prompts_without_room_for_the_answer_are_dropped_before_sampling(tmp_pat
 
 def test_multi_turn_rows_take_one_answer_a_turn_and_no_reward_models():
     rows = [{"prompt": [USER("a")], "later": [USER("b")]}]
-    with pytest.raises(ValueError, match=r"once per turn \(k = 1\), without reward models"):
+    with pytest.raises(ValueError, match=r"once per turn \(k = 1\), unless they carry a GAtt instruction"):
         sample(rows, "unused", SampleConfig(k=2), RAY)
     with pytest.raises(ValueError, match="without reward models"):
         sample(rows, "unused", SampleConfig(), RAY, {"rm_safety": "unused"})
