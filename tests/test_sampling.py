@@ -137,7 +137,7 @@ def test_sample_on_ray_data_answers_k_times_and_scores_against_the_score_prompt(
     assert sample(rows, checkpoints / "policy", cfg, RAY, rms) == results  # seeded: a rerun draws the same
 
 
-def test_ghost_attention_answers_every_turn_and_trains_only_turns_that_keep_the_instruction(ray_local, checkpoints):
+def test_ghost_attention_answers_every_turn_and_trains_the_turns_that_keep_the_instruction(ray_local, checkpoints):
     # One-token answers are one word nearly always: with 8 draws a turn, every turn has one that keeps "one_word".
     one_word = [{"system": "Answer in one word.", "users": ["a", "b", "c"], "instruction": "one_word"},
                 {"system": "One word.", "users": ["d"], "instruction": "one_word"}]
@@ -154,8 +154,8 @@ def test_ghost_attention_answers_every_turn_and_trains_only_turns_that_keep_the_
     training, stats = ghost_attention(one_word, checkpoints / "policy", cfg, RAY, 1.0)
     assert stats["first_turn_dialogs"] == 2 and [len(d) for d in training] == [2, 4, 6, 2]
     assert training[2][0] == USER("Answer in one word. a") and [m["content"] for m in training[2][2::2]] == ["b", "c"]
-    # A debug policy writes no all-uppercase 6-token answer: dialogs are cut at their first turn that drops the
-    # instruction, so what is trained always keeps it (here: nothing).
+    # A debug policy writes no all-uppercase 6-token answer: only turns whose answer keeps the instruction are
+    # trained (here: none).
     shout = [{"system": "Shout.", "users": ["d", "e"], "instruction": "uppercase"}]
     training, stats = ghost_attention(shout, checkpoints / "policy", SampleConfig(k=2, max_new_tokens=6), RAY)
     assert stats["sampled_adherence_turn1"] == stats["turns_kept"] == 0 and training == []

@@ -287,24 +287,24 @@ def ghost_attention(dialogs: list[dict], policy, cfg: SampleConfig, ray_cfg, fir
                     ) -> tuple[list[list[dict]], dict]:
     """§3.3: answer multi-turn dialogs ({"system": str, "users": [str], "instruction": oracle key}) turn by turn with
     the instruction in every user turn, cfg.k answers a turn, going on with one that follows the instruction; some
-    dialogs (first_turn_fraction) carry it in the first user turn instead of the system prompt. A dialog is trained
-    up to its first turn where none of the k followed it (the annotator's check: a dialog that drops its instruction
-    would teach the opposite of GAtt). Stats: how often the drawn answers follow the instruction, per turn
-    (sampled_adherence_), how often the kept ones do (data_adherence_), and how many turns were kept."""
+    dialogs (first_turn_fraction) carry it in the first user turn instead of the system prompt. Every turn whose
+    answer follows the instruction is a training example (the annotator's check: one that drops it would teach the
+    opposite of GAtt); its history is kept as sampled. Stats: how often the drawn answers follow the instruction, per
+    turn (sampled_adherence_), how often the kept ones do (data_adherence_), and the share of turns trained."""
     first_turn = gatt_placements(len(dialogs), first_turn_fraction, cfg.seed)
     sampling = [{**gatt_sampling_dialog(d, f), "instruction": d["instruction"]} for d, f in zip(dialogs, first_turn)]
     results = sample(_turn_rows(sampling), policy, cfg, ray_cfg)
     answers = [r["answers"] for r in results]
-    kept = [said[:next((t for t, n in enumerate(r["adherent"]) if not n), len(said))]
-            for said, r in zip(answers, results, strict=True)]
-    training = gatt_training_dialogs(dialogs, kept, first_turn)
+    follows = [n > 0 for r in results for n in r["adherent"]]  # in gatt_training_dialogs' order: dialog, then turn
+    training = [d for d, keep in zip(gatt_training_dialogs(dialogs, answers, first_turn), follows, strict=True)
+                if keep]
     drawn: dict[int, list[float]] = {}
     for r in results:
         for t, n in enumerate(r["adherent"]):
             drawn.setdefault(t, []).append(n / cfg.k)
     return training, {"dialogs": len(dialogs), "examples": len(training), "first_turn_dialogs": sum(first_turn),
                       "turns_mean": sum(len(a) for a in answers) / len(answers),
-                      "turns_kept": sum(map(len, kept)) / max(1, sum(map(len, answers))),
+                      "turns_kept": len(training) / max(1, len(follows)),
                       **{f"sampled_adherence_turn{t + 1}": sum(v) / len(v) for t, v in sorted(drawn.items())},
                       **adherence_by_turn([d["instruction"] for d in dialogs], answers, "data_adherence_")}
 
