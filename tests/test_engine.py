@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from components.serve.engine import Engine, EngineClosed, EngineFull, StopMatcher
+from components.serve.engine import Engine, EngineClosed, EngineFull, StopMatchers
 from model.generation import SamplingParams, generate, sample_next, sample_rows
 from tests.helpers import debug_model, small_tokenizer
 
@@ -47,7 +47,7 @@ class After:
 
 
 def test_stop_matcher_finds_overlapping_sequences():
-    matcher = StopMatcher([[1, 1, 2], [3]])
+    matcher = StopMatchers([[1, 1, 2], [3]])
     assert [matcher.feed(t) for t in [1, 1, 1, 2, 4, 3, 1, 2]] == [False, False, False, True, False, True, False,
                                                                     False]
 

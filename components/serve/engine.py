@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from components.serve.text import StopMatcher
 from model.generation import (SamplingParams, cache_dtype, decode_step, make_generator, policy_logprobs, prefill,
                               sample_rows)
 from model.llama import ContextLengthError, KVCache, Transformer
@@ -69,39 +70,15 @@ class EngineStats:
     relays: int  # cache windows shifted (a newcomer longer than pos, or the cache full)
 
 
-class StopMatcher:
-    """Whether the ids fed so far end with any stop sequence, O(1) amortised per id (a Knuth-Morris-Pratt automaton
-    per sequence): no re-scan of the output, however long it or the stop sequences are."""
+class StopMatchers:
+    """Whether the ids fed so far end with any of the stop sequences (text.StopMatcher's automaton for each): no
+    re-scan of the output, however long it or the stop sequences are."""
 
     def __init__(self, stops: list[list[int]]):
-        self.stops = [list(s) for s in stops]
-        self.fail = [self._failure(s) for s in self.stops]
-        self.matched = [0] * len(self.stops)
-
-    @staticmethod
-    def _failure(seq: list[int]) -> list[int]:
-        fail, k = [0] * len(seq), 0
-        for i in range(1, len(seq)):
-            while k and seq[i] != seq[k]:
-                k = fail[k - 1]
-            if seq[i] == seq[k]:
-                k += 1
-            fail[i] = k
-        return fail
+        self.matchers = [StopMatcher(list(s)) for s in stops]
 
     def feed(self, token: int) -> bool:
-        hit = False
-        for j, (seq, fail) in enumerate(zip(self.stops, self.fail)):
-            k = self.matched[j]
-            if k == len(seq):
-                k = fail[k - 1]
-            while k and seq[k] != token:
-                k = fail[k - 1]
-            if seq[k] == token:
-                k += 1
-            self.matched[j] = k
-            hit |= k == len(seq)
-        return hit
+        return any([m.feed(token) for m in self.matchers])  # a list: every automaton advances
 
 
 class Handle:
@@ -124,7 +101,7 @@ class Handle:
 class _Row:
     handle: Handle
     generator: torch.Generator | None
-    matcher: StopMatcher
+    matcher: StopMatchers
     start: int = 0  # first cache slot of the row's tokens
     last: int = 0  # the id to feed at the next step
     tokens: list[int] = field(default_factory=list)
@@ -261,7 +238,7 @@ class Engine:
 
     def _admit(self, handles: list[Handle]) -> None:
         """Prefill newcomers, sample their first ids, and put those still running into the batch's free rows."""
-        rows = [_Row(h, make_generator(h.params.seed, self.device), StopMatcher(h.params.stop)) for h in handles]
+        rows = [_Row(h, make_generator(h.params.seed, self.device), StopMatchers(h.params.stop)) for h in handles]
         prompts = [h.prompt for h in handles]
         P = max(len(p) for p in prompts)
         try:

@@ -3,12 +3,12 @@
 from model.tokenizer import Tokenizer
 
 
-class _StopMatcher:
-    """Knuth-Morris-Pratt automaton of one stop string: fed the text a character at a time, it knows the longest
-    prefix of the stop string that the text ends with, in amortised O(1) a character (linear in the text and the
-    stop string, however long either is)."""
+class StopMatcher:
+    """Knuth-Morris-Pratt automaton of one stop sequence (a string's characters, or token ids): fed the output a
+    symbol at a time, it knows the longest prefix of the stop sequence that the output ends with, in amortised O(1) a
+    symbol (linear in the output and the stop sequence, however long either is)."""
 
-    def __init__(self, stop: str):
+    def __init__(self, stop):
         self.stop, self.matched = stop, 0
         self.fail = [0] * len(stop)  # fail[i]: the longest proper border of stop[:i + 1]
         k = 0
@@ -18,14 +18,14 @@ class _StopMatcher:
             k += stop[i] == stop[k]
             self.fail[i] = k
 
-    def feed(self, char: str) -> bool:
-        """Advance over one character; True when the text now ends with the whole stop string."""
+    def feed(self, symbol) -> bool:
+        """Advance over one symbol; True when the output now ends with the whole stop sequence."""
         k = self.matched
         if k == len(self.stop):
             k = self.fail[k - 1]
-        while k and char != self.stop[k]:
+        while k and symbol != self.stop[k]:
             k = self.fail[k - 1]
-        self.matched = k + (char == self.stop[k])
+        self.matched = k + (symbol == self.stop[k])
         return self.matched == len(self.stop)
 
 
@@ -40,7 +40,7 @@ class TextStream:
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str]):
         self.tokenizer = tokenizer
-        self.matchers = [_StopMatcher(s) for s in stop]
+        self.matchers = [StopMatcher(s) for s in stop]
         self.ids: list[int] = []
         self.prefix_offset = self.read_offset = 0  # window ids[prefix_offset:]; ids[:read_offset] are in self.text
         self.text = ""  # the text so far (cut at the stop string once one appeared)
