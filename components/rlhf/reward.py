@@ -201,6 +201,20 @@ def choose_threshold(scores: Sequence[float], unsafe: Sequence[bool], target_pre
     return {**chosen, "target_precision": target_precision, "target_met": bool(met)}
 
 
+def saved_threshold(rm_safety_dir: str | Path) -> float | None:
+    """The threshold the rm_safety stage chose (THRESHOLD_FILE in the RM's folder), or None where it wrote none."""
+    file = Path(rm_safety_dir) / THRESHOLD_FILE
+    if not file.is_file():
+        return None
+    try:
+        value = float(json.loads(file.read_text())["threshold"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{file}: expected a JSON object with a numeric 'threshold' ({exc})") from None
+    if not 0 < value < 1:
+        raise ValueError(f"{file}: threshold {value} is not a probability in (0, 1)")
+    return value
+
+
 def resolve_safety_threshold(value: float | str, rm_safety_dir: str | Path) -> float:
     """rlhf.safety_threshold as a number: itself, or for "auto" the rm_safety stage's choice (its THRESHOLD_FILE)."""
     if not isinstance(value, str):
@@ -208,8 +222,9 @@ def resolve_safety_threshold(value: float | str, rm_safety_dir: str | Path) -> f
     if value != "auto":
         raise SystemExit(f"error: params section 'rlhf': safety_threshold must be a probability or 'auto', "
                          f"got {value!r}")
-    file = Path(rm_safety_dir) / THRESHOLD_FILE
-    if not file.is_file():
-        raise SystemExit(f"error: rlhf.safety_threshold is 'auto' but {file} is missing: rerun the rm_safety stage "
-                         "(it writes the threshold when its held-out pairs carry oracle labels), or set a number")
-    return float(json.loads(file.read_text())["threshold"])
+    chosen = saved_threshold(rm_safety_dir)
+    if chosen is None:
+        raise SystemExit(f"error: rlhf.safety_threshold is 'auto' but {Path(rm_safety_dir) / THRESHOLD_FILE} is "
+                         "missing: rerun the rm_safety stage (it writes the threshold when its held-out pairs carry "
+                         "oracle labels), or set a number")
+    return chosen

@@ -16,7 +16,6 @@ else the paper's 0.15.
 """
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from components.rlhf.reward import PAPER_THRESHOLD, THRESHOLD_FILE, rm_scores
+from components.rlhf.reward import PAPER_THRESHOLD, THRESHOLD_FILE, rm_scores, saved_threshold
 from components.serve import protocol
 from components.serve.resolve import resolve_checkpoint
 from model.chat import ChatFormatError
@@ -46,15 +45,8 @@ def threshold_for(checkpoint: str | Path, threshold: float | None) -> tuple[floa
     RM's folder (THRESHOLD_FILE), else the paper's."""
     if threshold is not None:
         return float(threshold), "configured"
-    file = Path(checkpoint) / THRESHOLD_FILE
-    if file.is_file():
-        try:
-            value = float(json.loads(file.read_text())["threshold"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{file}: expected a JSON object with a numeric 'threshold' ({exc})") from None
-        if not 0 < value < 1:
-            raise ValueError(f"{file}: threshold {value} is not a probability in (0, 1)")
-        return value, str(file)
+    if (saved := saved_threshold(checkpoint)) is not None:
+        return saved, str(Path(checkpoint) / THRESHOLD_FILE)
     return PAPER_THRESHOLD["threshold"], "paper"
 
 
