@@ -37,7 +37,7 @@ def _run(cmd: list[str], cwd: Path, env: dict, timeout: int) -> subprocess.Compl
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, no_ray):
     """A git repo holding the working tree's files (tracked and new, not ignored) on the ci profile, after
-    `dvc repro`."""
+    `python -m flows.repro` (`dvc repro`)."""
     repo = copy_repo(tmp_path_factory.mktemp("e2e") / "repo")
     shutil.copy(repo / "infra/profiles/ci.yaml", repo / "params.yaml")
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(repo),
@@ -47,7 +47,8 @@ def pipeline(tmp_path_factory, no_ray):
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "e2e"]):
         _run(cmd, repo, env, 60)
     start = time.perf_counter()
-    result = _run(["dvc", "repro"], repo, env, 1500)  # ~10 min on a quiet 2-core machine; a hang still fails
+    # what `make run` runs: dvc repro, the stages sharing one local Ray cluster (~10 min on a quiet 2-core machine)
+    result = _run([str(BIN / "python"), "-m", "flows.repro"], repo, env, 1500)  # a hang still fails
     return repo, env, result.stdout + result.stderr, time.perf_counter() - start
 
 
