@@ -294,14 +294,11 @@ class Engine:
     def _sample(self, logprobs: torch.Tensor, rows: list[_Row]) -> None:
         """Pick each row's next id under its own parameters, hand it out and finish the rows that are done."""
         failed: dict[int, Exception] = {}
-        states = [row.generator.get_state() if row.generator is not None else None for row in rows]
         try:
             ids, chosen = sample_rows(logprobs, [r.handle.params for r in rows], [r.generator for r in rows])
         except Exception:  # noqa: BLE001 - some row's parameters are bad: find it, row by row, and fail it alone
             ids, chosen = torch.zeros(len(rows), dtype=torch.long), torch.zeros(len(rows))
-            for i, row in enumerate(rows):
-                if states[i] is not None:  # undo the draws of the failed batched call
-                    row.generator.set_state(states[i])
+            for i, row in enumerate(rows):  # (sample_rows raises before any generator draws: nothing to undo)
                 try:
                     ids[i:i + 1], chosen[i:i + 1] = sample_rows(logprobs[i:i + 1], [row.handle.params],
                                                                 [row.generator])
