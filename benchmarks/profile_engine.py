@@ -1,6 +1,7 @@
 """Where an Engine step's time goes (components/serve/engine.py, no Serve): the engine's pieces wrapped in timers
 while N client threads each send requests one after another (bench_engine's load: prompts of 16-48 random ids, no
-eos, half greedy and half seeded top-p). Prints ms per decode step for each piece, at each client count.
+eos, half greedy and half seeded top-p). Prints the decode thread's CPU ms per decode step for each piece (CPU
+time: comparable on a loaded machine, where wall time is not), at each client count.
 
     .venv/bin/python -m benchmarks.profile_engine --clients 1 16
     .venv/bin/python -m benchmarks.profile_engine --clients 16 --cprofile   # + cProfile of the decode thread
@@ -35,11 +36,11 @@ PIECES = {  # name -> (object, attribute): each call's wall time is summed under
 
 def timed(totals: collections.Counter, name: str, fn):
     def wrapper(*args, **kwargs):
-        t0 = time.perf_counter()
+        t0 = time.thread_time()  # CPU time: a loaded machine stretches wall time, not this
         try:
             return fn(*args, **kwargs)
         finally:
-            totals[name] += time.perf_counter() - t0
+            totals[name] += time.thread_time() - t0
     return wrapper
 
 
@@ -78,12 +79,15 @@ def main() -> None:
     for n in opts.clients:
         totals.clear()
         steps0, tokens0 = engine.stats().steps, engine.stats().tokens
+        clock = time.pthread_getcpuclockid(engine._thread.ident)
+        cpu0 = time.clock_gettime(clock)
         wall = run(n)
+        cpu = time.clock_gettime(clock) - cpu0
         steps, tokens = engine.stats().steps - steps0, engine.stats().tokens - tokens0
         print(f"\n{n} clients: {tokens / wall:.0f} tok/s, {steps} steps, {tokens / steps:.1f} rows a step, "
-              f"{1000 * wall / steps:.2f} ms a step (wall)")
+              f"{1000 * wall / steps:.2f} ms a step (wall), decode thread CPU {1000 * cpu / steps:.2f} ms a step")
         for name in PIECES:
-            print(f"  {name:24s} {1000 * totals[name] / steps:6.2f} ms/step")
+            print(f"  {name:24s} {1000 * totals[name] / steps:6.2f} ms/step (CPU)")
     engine.close()
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)

@@ -3,7 +3,7 @@ leave it when done, each row with its own sampling parameters, on model.generati
 
 One background thread owns the batch. Its rows are left-aligned against one shared write slot `pos`: row i holds
 its tokens in cache slots [start_i, pos), the slots before start_i masked and rotary positions counted from start_i,
-so a row decodes as it would alone. Newcomers are prefilled together (left-padded, as generate() does) and their
+so a row decodes as it would alone (attention spans the slots from the earliest start on). Newcomers are prefilled together (left-padded, as generate() does) and their
 keys/values copied into slots [pos - P, pos) of free rows, P their longest prompt; when P > pos the batch's window
 shifts right first, and when pos reaches the cache's end it shifts left, dropping the slots every live row masks.
 Leaving rows are replaced by the batch's last rows, so the running rows are always the cache's first B.
@@ -269,12 +269,14 @@ class Engine:
         if self._pos == self.max_len:
             self._relay(self._pos - min(row.start for row in self._rows))
         B, pos = len(self._rows), self._pos
-        start = torch.tensor([row.start for row in self._rows], device=self.device)
+        starts = [row.start for row in self._rows]
+        lo = min(starts)  # attention spans slots [lo, pos]: those before every row's start are left out
+        start = torch.tensor(starts, device=self.device)
         tokens = torch.tensor([row.last for row in self._rows], device=self.device)
-        key_valid = None  # every row starts at slot 0 (a row alone, say): no mask, generate()'s unpadded path
-        if any(row.start for row in self._rows):
-            key_valid = torch.arange(pos + 1, device=self.device) >= start[:, None]  # (B, pos + 1)
-        logprobs = decode_step(self.model, tokens, pos - start, key_valid, self._cache.rows(B), pos)
+        key_valid = None  # every row starts at slot lo (a row alone, say): no mask, generate()'s unpadded path
+        if any(s != lo for s in starts):
+            key_valid = torch.arange(lo, pos + 1, device=self.device) >= start[:, None]  # (B, pos + 1 - lo)
+        logprobs = decode_step(self.model, tokens, pos - start, key_valid, self._cache.rows(B, lo), pos - lo)
         self._pos += 1
         self._counts["steps"] += 1
         self._sample(logprobs, self._rows)
