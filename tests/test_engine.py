@@ -142,6 +142,21 @@ def test_per_row_params_in_one_batch_match_alone(model):
     assert len(results[4].tokens) == 16
 
 
+def test_prefill_groups_stay_within_the_token_budget(model):
+    prompts = random_prompts([5, 9, 3, 12])
+    params = [GREEDY, SamplingParams(max_new_tokens=8, temperature=0.8, top_p=0.9, seed=5), GREEDY, GREEDY]
+    engine = Engine(model, NO_EOS, max_batch_size=4, prefill_tokens=10)
+    try:
+        with engine._cond:  # (re-entrant) the decode thread sees the four at once: a burst
+            handles = [engine.submit(p, q) for p, q in zip(prompts, params)]
+        results = [h.future.result(60) for h in handles]
+        assert engine.stats().prefills == 3  # 3 and 5 together (2 x 5 padded tokens), 9 alone, 12 alone
+    finally:
+        engine.close()
+    for prompt, param, result in zip(prompts, params, results):
+        assert result.tokens == alone(model, prompt, param)[0]
+
+
 def test_seeded_row_same_alone_and_batched(model):
     prompt, params = random_prompts([6])[0], SamplingParams(max_new_tokens=20, temperature=1.0, top_p=0.95, seed=42)
     engine = Engine(model, NO_EOS, max_batch_size=8)

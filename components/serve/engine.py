@@ -3,10 +3,12 @@ leave it when done, each row with its own sampling parameters, on model.generati
 
 One background thread owns the batch. Its rows are left-aligned against one shared write slot `pos`: row i holds
 its tokens in cache slots [start_i, pos), the slots before start_i masked and rotary positions counted from start_i,
-so a row decodes as it would alone (attention spans the slots from the earliest start on). Newcomers are prefilled together (left-padded, as generate() does) and their
-keys/values copied into slots [pos - P, pos) of free rows, P their longest prompt; when P > pos the batch's window
-shifts right first, and when pos reaches the cache's end it shifts left, dropping the slots every live row masks.
-Leaving rows are replaced by the batch's last rows, so the running rows are always the cache's first B.
+so a row decodes as it would alone; attention spans the slots from the earliest start on. Newcomers are prefilled
+in groups of similar length (left-padded, as generate() does; each group's first ids sent before the next's prefill)
+and their keys/values copied into slots [pos - P, pos) of free rows, P the group's longest prompt; when P > pos the
+batch's window shifts right first, and when pos reaches the cache's end it shifts left, dropping the slots every
+live row masks. Leaving rows are replaced by the batch's last rows, so the running rows are always the cache's first
+B.
 
     engine = Engine(model, tokenizer, max_batch_size=16)
     handle = engine.submit(prompt_ids, SamplingParams(...), on_token=print)   # any thread
@@ -126,11 +128,13 @@ class Engine:
     """Continuous batching over one model on one device; see the module docstring."""
 
     def __init__(self, model: Transformer, tokenizer, max_batch_size: int = 16, *, max_queued: int | None = None,
-                 max_len: int | None = None):
+                 max_len: int | None = None, prefill_tokens: int = 128):
         """tokenizer: anything with eos_id and pad_id. max_queued: submit() raises EngineFull past it (None: no
-        bound). max_len: cache slots per row (default the model's context length), the bound on prompt + new."""
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        bound). max_len: cache slots per row (default the model's context length), the bound on prompt + new.
+        prefill_tokens: the padded prompt tokens one prefill call takes at most (a longer prompt goes alone)."""
+        if max_batch_size < 1 or prefill_tokens < 1:
+            raise ValueError(f"max_batch_size and prefill_tokens must be >= 1, got {max_batch_size}, {prefill_tokens}")
+        self.prefill_tokens = prefill_tokens
         self.model, self.max_batch_size, self.max_queued = model, max_batch_size, max_queued
         self.eos_id, self.pad_id = tokenizer.eos_id, tokenizer.pad_id
         self.max_len = max_len or model.args.max_seq_len
@@ -237,6 +241,18 @@ class Engine:
             self._pending.clear()
 
     def _admit(self, handles: list[Handle]) -> None:
+        """Prefill newcomers in groups of similar length, at most prefill_tokens padded tokens each, every group's
+        first ids sent before the next group's prefill: a burst of requests (clients that finished together) gets
+        its first tokens in turn, less padded, instead of all after one large prefill."""
+        group: list[Handle] = []
+        for handle in sorted(handles, key=lambda h: len(h.prompt)):
+            if group and (len(group) + 1) * len(handle.prompt) > self.prefill_tokens:
+                self._admit_group(group)
+                group = []
+            group.append(handle)
+        self._admit_group(group)
+
+    def _admit_group(self, handles: list[Handle]) -> None:
         """Prefill newcomers, sample their first ids, and put those still running into the batch's free rows."""
         rows = [_Row(h, make_generator(h.params.seed, self.device), StopMatchers(h.params.stop)) for h in handles]
         prompts = [h.prompt for h in handles]
