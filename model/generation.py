@@ -125,6 +125,9 @@ def sample_rows(logprobs: torch.Tensor, params: list[SamplingParams], generators
     """sample_next for a batch whose rows have their own parameters and generators (a serving batch), all batched
     but the Exp(1) draw of each seeded row, which comes from its own generator (draw): a seeded row's ids do not
     depend on its neighbours. Bad probabilities raise before any generator moves."""
+    if all(p.temperature == 0 for p in params):  # an all-greedy batch (a greedy request alone): sample_next's path
+        chosen, ids = logprobs.max(dim=-1)
+        return ids, chosen
     B = logprobs.shape[0]
     ids = torch.zeros(B, dtype=torch.long, device=logprobs.device)
     chosen = torch.zeros(B, dtype=logprobs.dtype, device=logprobs.device)
