@@ -25,10 +25,11 @@ from model.generation import SamplingParams, generate
 from model.llama import Transformer
 
 
-def tiny_model() -> Transformer:
-    """llama2-6m with params.yaml's model overrides (the tiny profile's shape), random weights."""
+def tiny_model(vocab_size: int | None = None) -> Transformer:
+    """llama2-6m with params.yaml's model overrides (the tiny profile's shape), random weights; vocab_size None:
+    the config's."""
     spec = config_from_dict(ModelSpec, load_yaml(Path(REPO_ROOT, "params.yaml").read_text())["model"], "model")
-    args = spec.args(vocab_size=get_config(spec.config).vocab_size)
+    args = spec.args(vocab_size=vocab_size or get_config(spec.config).vocab_size)
     return Transformer(args).init_weights(generator=torch.Generator().manual_seed(0)).eval()
 
 

@@ -59,9 +59,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def deploy(checkpoint: Path, threads: int, max_batch_size: int) -> None:
-    app = build_app({"model_uri": str(checkpoint), "max_batch_size": max_batch_size, "torch_threads": threads,
-                     "max_ongoing_requests": 64, "request_timeout_s": 600})
+def deploy(checkpoint: Path, threads: int, max_batch_size: int, stream_interval_s: float | None = None) -> None:
+    args = {"model_uri": str(checkpoint), "max_batch_size": max_batch_size, "torch_threads": threads,
+            "max_ongoing_requests": 64, "request_timeout_s": 600}
+    if stream_interval_s is not None:
+        args["stream_interval_s"] = stream_interval_s
+    app = build_app(args)
     serve.run(app, name="bench", route_prefix="/", blocking=False)
     deadline = time.monotonic() + 300
     while serve.status().applications["bench"].status != "RUNNING":
@@ -141,6 +144,7 @@ def main() -> None:
     parser.add_argument("--overhead-reps", type=int, default=20)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--torch-threads", type=int, nargs="+", default=[1], help="the replica's torch threads")
+    parser.add_argument("--stream-interval-s", type=float, help="the app's stream_interval_s (default: its default)")
     opts = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,20 +152,22 @@ def main() -> None:
         vocab = load_checkpoint(checkpoint)[0].args.vocab_size
         port = _free_port()
         pythonpath = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}"
         try:
             for threads in opts.torch_threads:
-                deploy(checkpoint, threads, opts.max_batch_size)
+                deploy(checkpoint, threads, opts.max_batch_size, opts.stream_interval_s)
                 asyncio.run(clients(url, 2, 1, 8, vocab))  # warm-up
                 d, s, ratio, trip = overhead(url, checkpoint, threads, opts.new_tokens, opts.overhead_reps)
                 rows = [(n, asyncio.run(clients(url, n, opts.requests, opts.new_tokens, vocab)))
                         for n in opts.clients]
                 base = rows[0][1]
+                interval = "default" if opts.stream_interval_s is None else opts.stream_interval_s
                 print(f"\nreplica torch threads {threads}, max_batch_size {opts.max_batch_size}, {opts.new_tokens} "
-                      f"new tokens, {opts.requests} requests per client; overhead at batch 1: generate "
+                      f"new tokens, {opts.requests} requests per client, stream_interval_s {interval}; overhead at "
+                      f"batch 1: generate "
                       f"{1000 * d:.1f} ms, served {1000 * s:.1f} ms, **{100 * ratio:+.1f}%** "
                       f"(GET /v1/models round trip {1000 * trip:.1f} ms)")
                 print("\n| clients | tokens/s | vs 1 client | p50 latency ms | p99 latency ms | p50 TTFT ms "

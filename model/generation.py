@@ -61,11 +61,37 @@ def top_p_filter(probs: torch.Tensor, top_p: float | torch.Tensor) -> tuple[torc
     return probs_sort.masked_fill(mask, 0.0), probs_idx
 
 
+def check_probs(probs: torch.Tensor) -> None:
+    """torch.multinomial's refusals, made before any draw (a generator's state only moves on valid input)."""
+    if not bool(((probs.amax(-1) < float("inf")) & (probs.amin(-1) >= 0) & (probs.sum(-1) > 0)).all()):
+        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0, or a row sums to 0")
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None | list[torch.Generator | None]) -> torch.Tensor:
+    """One id per row of probs (B, V), the draw torch.multinomial(probs, 1, generator) makes: argmax(p / q), q ~ Exp(1)
+    (its one-sample path). generator a list: row i draws from generators[i] alone what it would draw as a batch of
+    one, so a seeded row's ids do not depend on its neighbours (None rows share the default generator)."""
+    check_probs(probs)
+    q = torch.empty_like(probs)
+    if not isinstance(generator, list):
+        q.exponential_(1, generator=generator)
+    else:
+        shared = [i for i, g in enumerate(generator) if g is None]
+        if len(shared) == len(generator):
+            q.exponential_(1)
+        elif shared:
+            q[shared] = torch.empty(len(shared), probs.shape[-1], dtype=q.dtype, device=q.device).exponential_(1)
+        for i, g in enumerate(generator):
+            if g is not None:
+                q[i:i + 1].exponential_(1, generator=g)
+    return (probs / q).argmax(-1)
+
+
 def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
     """Sample from the smallest set of tokens whose probability mass exceeds top_p (Meta's sample_top_p)."""
     probs_sort, probs_idx = top_p_filter(probs, top_p)
-    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
-    return torch.gather(probs_idx, -1, next_token).squeeze(-1)
+    next_token = draw(probs_sort, generator)
+    return torch.gather(probs_idx, -1, next_token[:, None]).squeeze(-1)
 
 
 def top_k_filter(logits: torch.Tensor, top_k: int | torch.Tensor) -> torch.Tensor:
@@ -90,15 +116,18 @@ def sample_next(logprobs: torch.Tensor, params: SamplingParams, generator) -> tu
     if params.top_p < 1.0:
         next_token = sample_top_p(probs, params.top_p, generator)
     else:
-        next_token = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+        next_token = draw(probs, generator)
     return next_token, logprobs.gather(-1, next_token[:, None]).squeeze(-1)
 
 
 def sample_rows(logprobs: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """sample_next for a batch whose rows have their own parameters and generators (a serving batch): the
-    filtering is batched, and each sampled row draws from its own generator what sample_next draws for it alone,
-    so a seeded row's ids do not depend on its neighbours."""
+    """sample_next for a batch whose rows have their own parameters and generators (a serving batch), all batched
+    but the Exp(1) draw of each seeded row, which comes from its own generator (draw): a seeded row's ids do not
+    depend on its neighbours. Bad probabilities raise before any generator moves."""
+    if all(p.temperature == 0 for p in params):  # an all-greedy batch (a greedy request alone): sample_next's path
+        chosen, ids = logprobs.max(dim=-1)
+        return ids, chosen
     B = logprobs.shape[0]
     ids = torch.zeros(B, dtype=torch.long, device=logprobs.device)
     chosen = torch.zeros(B, dtype=logprobs.dtype, device=logprobs.device)
@@ -116,19 +145,14 @@ def sample_rows(logprobs: torch.Tensor, params: list[SamplingParams], generators
         if any(p.top_k for p in rows):
             logits = top_k_filter(logits, torch.tensor([p.top_k for p in rows], device=logprobs.device))
         probs = torch.softmax(logits, dim=-1)
-        nucleus = {j: n for n, j in enumerate(j for j, p in enumerate(rows) if p.top_p < 1.0)}  # sorted rows only
+        nucleus = [j for j, p in enumerate(rows) if p.top_p < 1.0]  # these rows draw over sorted probabilities
         if nucleus:
             top_p = torch.tensor([rows[j].top_p for j in nucleus], dtype=probs.dtype, device=probs.device)
-            probs_sort, probs_idx = top_p_filter(probs[list(nucleus)], top_p[:, None])
-        picked = []
-        for j, p in enumerate(rows):
-            generator = generators[sampled[j]]
-            if j in nucleus:
-                n = nucleus[j]
-                picked.append(probs_idx[n, torch.multinomial(probs_sort[n:n + 1], 1, generator=generator)[0]])
-            else:
-                picked.append(torch.multinomial(probs[j:j + 1], 1, generator=generator)[0])
-        token = torch.cat(picked)
+            probs_sort, probs_idx = top_p_filter(probs[nucleus], top_p[:, None])
+            probs[nucleus] = probs_sort
+        token = draw(probs, [generators[i] for i in sampled])
+        if nucleus:
+            token[nucleus] = probs_idx.gather(-1, token[nucleus, None]).squeeze(-1)
         ids[index], chosen[index] = token, scaled.gather(-1, token[:, None]).squeeze(-1)
     return ids, chosen
 

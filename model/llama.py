@@ -66,10 +66,11 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
 
-    def rows(self, n: int) -> "KVCache":
-        """The first n rows, sharing this cache's storage (a batch that grows and shrinks inside one allocation)."""
+    def rows(self, n: int, first_slot: int = 0) -> "KVCache":
+        """The first n rows from slot first_slot on, sharing this cache's storage (a batch that grows and shrinks
+        inside one allocation; slots no row attends to any more left out of attention)."""
         view = object.__new__(KVCache)
-        view.k, view.v = [k[:n] for k in self.k], [v[:n] for v in self.v]
+        view.k, view.v = [k[:n, :, first_slot:] for k in self.k], [v[:n, :, first_slot:] for v in self.v]
         return view
 
     def update(self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from components.serve.engine import Engine, EngineClosed, EngineFull, StopMatchers
-from model.generation import SamplingParams, generate, sample_next, sample_rows
+from model.generation import SamplingParams, draw, generate, sample_next, sample_rows
 from tests.helpers import debug_model, small_tokenizer
 
 NO_EOS = types.SimpleNamespace(eos_id=-1, pad_id=0)  # rows run to max_new_tokens
@@ -64,6 +64,26 @@ def test_sample_rows_draws_what_sample_next_draws_alone():
             generator = None if p.seed is None else torch.Generator().manual_seed(p.seed + step)
             expected_id, expected_logprob = sample_next(logprobs[i:i + 1], p, generator)
             assert ids[i] == expected_id[0] and chosen[i] == expected_logprob[0]
+
+
+def test_draw_is_multinomials_draw_row_by_row():
+    probs = torch.randn(5, 512, generator=torch.Generator().manual_seed(1)).mul(3).softmax(-1)
+    probs[2, 100:] = 0  # a truncated (top-p) row
+    seeds = [7, None, 8, 9, None]
+    generators = [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
+    ids = draw(probs, generators)
+    for i, seed in enumerate(seeds):
+        if seed is not None:
+            generator = torch.Generator().manual_seed(seed)
+            assert ids[i] == torch.multinomial(probs[i:i + 1], 1, generator=generator)[0, 0]
+            assert torch.equal(generator.get_state(), generators[i].get_state())  # as many draws as multinomial's
+    whole = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(3))[:, 0]
+    assert torch.equal(draw(probs, torch.Generator().manual_seed(3)), whole)  # generate()'s one-generator batch
+    assert probs[2, ids[2]] > 0
+    untouched = torch.Generator().manual_seed(5)
+    with pytest.raises(RuntimeError, match="nan"):
+        draw(torch.stack([probs[0], torch.full((512,), float("nan"))]), [untouched, None])
+    assert torch.equal(untouched.get_state(), torch.Generator().manual_seed(5).get_state())  # refused before drawing
 
 
 def test_staggered_greedy_rows_equal_generate_alone(model):
@@ -120,6 +140,21 @@ def test_per_row_params_in_one_batch_match_alone(model):
                zip(greedy.top_logprobs, greedy.tokens, greedy.logprobs))
     assert all(len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1] for r in results for top in r.top_logprobs)
     assert len(results[4].tokens) == 16
+
+
+def test_prefill_groups_stay_within_the_token_budget(model):
+    prompts = random_prompts([5, 9, 3, 12])
+    params = [GREEDY, SamplingParams(max_new_tokens=8, temperature=0.8, top_p=0.9, seed=5), GREEDY, GREEDY]
+    engine = Engine(model, NO_EOS, max_batch_size=4, prefill_tokens=10)
+    try:
+        with engine._cond:  # (re-entrant) the decode thread sees the four at once: a burst
+            handles = [engine.submit(p, q) for p, q in zip(prompts, params)]
+        results = [h.future.result(60) for h in handles]
+        assert engine.stats().prefills == 3  # 3 and 5 together (2 x 5 padded tokens), 9 alone, 12 alone
+    finally:
+        engine.close()
+    for prompt, param, result in zip(prompts, params, results):
+        assert result.tokens == alone(model, prompt, param)[0]
 
 
 def test_seeded_row_same_alone_and_batched(model):

@@ -22,8 +22,10 @@ Run: `serve run infra/serve.yaml` (model from `LLAMA2_MODEL_URI`, else the confi
 # No `from __future__ import annotations`: Ray Serve reads the builder's annotation as a class to validate its args.
 
 import asyncio
+import collections
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -82,6 +84,10 @@ class AppArgs(BaseModel):
     api_key: SecretStr | None = None  # Authorization: Bearer <key> on every route but /health; $LLAMA2_API_KEY
     allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "[::1]")  # Host header names served; "*" = any
     health_stall_s: float = Field(60.0, gt=0)  # rows running but no decode step for longer: unhealthy
+    # A stream's events after its first: at most one per interval, with every token decoded meanwhile (the first
+    # and the last are sent at once). Per-event work (Serve's proxy hop, SSE, the client's parse) then stops
+    # growing with the tokens a busy replica decodes; 0: an event per decode step.
+    stream_interval_s: float = Field(0.05, ge=0, le=1)
     # Safety guard (guard.py), off by default: on, each finished answer the safety RM scores below the threshold
     # becomes refusal_text with finish_reason "content_filter"; guarded streams are sent once scored (buffered).
     safety_guard: bool = False
@@ -91,6 +97,30 @@ class AppArgs(BaseModel):
 
 
 _DEFAULTS = AppArgs()
+
+
+class TokenRelay:
+    """Engine tokens from the decode thread to asyncio queues on one event loop, with one loop wake-up per batch of
+    tokens (a decode step's, all rows' together) instead of one call_soon_threadsafe per token. Order is kept: a
+    row's tokens reach its queue before its result (a later call_soon_threadsafe) is set."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.items, self.lock, self.scheduled = loop, collections.deque(), threading.Lock(), False
+
+    def put(self, queue: asyncio.Queue, item) -> None:  # the decode thread
+        self.items.append((queue, item))
+        with self.lock:
+            if self.scheduled:  # a drain is queued and will see this item
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self.lock:  # cleared first: an item appended from here on schedules the next drain
+            self.scheduled = False
+        while self.items:
+            queue, item = self.items.popleft()
+            queue.put_nowait(item)
 
 api = FastAPI(title="Llama-2-Chat", docs_url=None, redoc_url=None, openapi_url=None)
 protocol.add_error_handlers(api)
@@ -122,6 +152,7 @@ class ChatServer:
         torch.set_num_threads(args.torch_threads)
         self.engine = Engine(self.model, self.tokenizer, args.max_batch_size, max_queued=args.max_queued_rows)
         self._steps = (0, time.monotonic())  # the engine's step count when it last changed (health_stall_s)
+        self._relay: TokenRelay | None = None  # made on the serving event loop, by the first stream
         self.metrics = Metrics(serve.get_replica_context().replica_id.unique_id)
         self.metrics.watch_engine(self.engine.stats, args.max_batch_size)
         api_key = args.api_key.get_secret_value() if args.api_key else None
@@ -205,8 +236,10 @@ class ChatServer:
         sse_headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         if req.stream and self.safety is None:  # rows submitted before the response starts: a full queue is a 503
             loop, ids = asyncio.get_running_loop(), asyncio.Queue()
-            handles = self._submit(prepared, lambda i: lambda token: loop.call_soon_threadsafe(
-                ids.put_nowait, (i, token)))
+            if self._relay is None or self._relay.loop is not loop:
+                self._relay = TokenRelay(loop)
+            relay = self._relay
+            handles = self._submit(prepared, lambda i: lambda token: relay.put(ids, (i, token)))
             # Awaited by the stream, started now: request_timeout_s frees the rows even if the body never starts.
             generation = asyncio.ensure_future(self._results(handles, started))
             return StreamingResponse(self._stream(prepared, handles, generation, ids, chat, head, req.include_usage,
@@ -303,7 +336,10 @@ class ChatServer:
                         "index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                         "finish_reason": None}))
             # The decode thread queues a row's ids before its result is set (both through this loop): none is lost.
+            interval, sent = self.args.stream_interval_s, None
             while not (generation.done() and ids.empty()):
+                if sent is not None and (wait := interval - (time.monotonic() - sent)) > 0:
+                    await asyncio.wait({generation}, timeout=wait)  # ids gather meanwhile; the end comes at once
                 next_id = asyncio.ensure_future(ids.get())
                 await asyncio.wait({next_id, generation}, return_when=asyncio.FIRST_COMPLETED)
                 if not next_id.done():
@@ -314,15 +350,17 @@ class ChatServer:
                     first = False
                 # Every id already queued goes out in one event per choice: a busy replica (or a slow client)
                 # sends fewer, larger events instead of falling behind the decode.
-                arrived, texts = [next_id.result()], {}
+                arrived, fresh = [next_id.result()], {}
                 while not ids.empty():
                     arrived.append(ids.get_nowait())
-                for i, token in arrived:  # (choice, engine Token)
+                for i, token in arrived:  # (choice, engine Token): each choice's new ids up to its eos
                     ended[i] = ended[i] or token.id == self.tokenizer.eos_id
-                    if piece := ("" if ended[i] else streams[i].push(token.id)):
-                        texts[i] = texts.get(i, "") + piece
+                    if not ended[i]:
+                        fresh.setdefault(i, []).append(token.id)
+                texts = {i: text for i, new in fresh.items() if (text := streams[i].push(*new))}  # one decode each
                 for i, text in texts.items():
                     yield event(i, text)
+                sent = time.monotonic() if texts and interval else None
             try:
                 results = generation.result()
             except APIError as exc:  # the stream has begun: the error goes in it, as OpenAI's does

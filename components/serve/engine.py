@@ -3,10 +3,12 @@ leave it when done, each row with its own sampling parameters, on model.generati
 
 One background thread owns the batch. Its rows are left-aligned against one shared write slot `pos`: row i holds
 its tokens in cache slots [start_i, pos), the slots before start_i masked and rotary positions counted from start_i,
-so a row decodes as it would alone. Newcomers are prefilled together (left-padded, as generate() does) and their
-keys/values copied into slots [pos - P, pos) of free rows, P their longest prompt; when P > pos the batch's window
-shifts right first, and when pos reaches the cache's end it shifts left, dropping the slots every live row masks.
-Leaving rows are replaced by the batch's last rows, so the running rows are always the cache's first B.
+so a row decodes as it would alone; attention spans the slots from the earliest start on. Newcomers are prefilled
+in groups of similar length (left-padded, as generate() does; each group's first ids sent before the next's prefill)
+and their keys/values copied into slots [pos - P, pos) of free rows, P the group's longest prompt; when P > pos the
+batch's window shifts right first, and when pos reaches the cache's end it shifts left, dropping the slots every
+live row masks. Leaving rows are replaced by the batch's last rows, so the running rows are always the cache's first
+B.
 
     engine = Engine(model, tokenizer, max_batch_size=16)
     handle = engine.submit(prompt_ids, SamplingParams(...), on_token=print)   # any thread
@@ -126,11 +128,13 @@ class Engine:
     """Continuous batching over one model on one device; see the module docstring."""
 
     def __init__(self, model: Transformer, tokenizer, max_batch_size: int = 16, *, max_queued: int | None = None,
-                 max_len: int | None = None):
+                 max_len: int | None = None, prefill_tokens: int = 128):
         """tokenizer: anything with eos_id and pad_id. max_queued: submit() raises EngineFull past it (None: no
-        bound). max_len: cache slots per row (default the model's context length), the bound on prompt + new."""
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        bound). max_len: cache slots per row (default the model's context length), the bound on prompt + new.
+        prefill_tokens: the padded prompt tokens one prefill call takes at most (a longer prompt goes alone)."""
+        if max_batch_size < 1 or prefill_tokens < 1:
+            raise ValueError(f"max_batch_size and prefill_tokens must be >= 1, got {max_batch_size}, {prefill_tokens}")
+        self.prefill_tokens = prefill_tokens
         self.model, self.max_batch_size, self.max_queued = model, max_batch_size, max_queued
         self.eos_id, self.pad_id = tokenizer.eos_id, tokenizer.pad_id
         self.max_len = max_len or model.args.max_seq_len
@@ -237,6 +241,18 @@ class Engine:
             self._pending.clear()
 
     def _admit(self, handles: list[Handle]) -> None:
+        """Prefill newcomers in groups of similar length, at most prefill_tokens padded tokens each, every group's
+        first ids sent before the next group's prefill: a burst of requests (clients that finished together) gets
+        its first tokens in turn, less padded, instead of all after one large prefill."""
+        group: list[Handle] = []
+        for handle in sorted(handles, key=lambda h: len(h.prompt)):
+            if group and (len(group) + 1) * len(handle.prompt) > self.prefill_tokens:
+                self._admit_group(group)
+                group = []
+            group.append(handle)
+        self._admit_group(group)
+
+    def _admit_group(self, handles: list[Handle]) -> None:
         """Prefill newcomers, sample their first ids, and put those still running into the batch's free rows."""
         rows = [_Row(h, make_generator(h.params.seed, self.device), StopMatchers(h.params.stop)) for h in handles]
         prompts = [h.prompt for h in handles]
@@ -269,12 +285,14 @@ class Engine:
         if self._pos == self.max_len:
             self._relay(self._pos - min(row.start for row in self._rows))
         B, pos = len(self._rows), self._pos
-        start = torch.tensor([row.start for row in self._rows], device=self.device)
+        starts = [row.start for row in self._rows]
+        lo = min(starts)  # attention spans slots [lo, pos]: those before every row's start are left out
+        start = torch.tensor(starts, device=self.device)
         tokens = torch.tensor([row.last for row in self._rows], device=self.device)
-        key_valid = None  # every row starts at slot 0 (a row alone, say): no mask, generate()'s unpadded path
-        if any(row.start for row in self._rows):
-            key_valid = torch.arange(pos + 1, device=self.device) >= start[:, None]  # (B, pos + 1)
-        logprobs = decode_step(self.model, tokens, pos - start, key_valid, self._cache.rows(B), pos)
+        key_valid = None  # every row starts at slot lo (a row alone, say): no mask, generate()'s unpadded path
+        if any(s != lo for s in starts):
+            key_valid = torch.arange(lo, pos + 1, device=self.device) >= start[:, None]  # (B, pos + 1 - lo)
+        logprobs = decode_step(self.model, tokens, pos - start, key_valid, self._cache.rows(B, lo), pos - lo)
         self._pos += 1
         self._counts["steps"] += 1
         self._sample(logprobs, self._rows)
@@ -294,14 +312,11 @@ class Engine:
     def _sample(self, logprobs: torch.Tensor, rows: list[_Row]) -> None:
         """Pick each row's next id under its own parameters, hand it out and finish the rows that are done."""
         failed: dict[int, Exception] = {}
-        states = [row.generator.get_state() if row.generator is not None else None for row in rows]
         try:
             ids, chosen = sample_rows(logprobs, [r.handle.params for r in rows], [r.generator for r in rows])
         except Exception:  # noqa: BLE001 - some row's parameters are bad: find it, row by row, and fail it alone
             ids, chosen = torch.zeros(len(rows), dtype=torch.long), torch.zeros(len(rows))
-            for i, row in enumerate(rows):
-                if states[i] is not None:  # undo the draws of the failed batched call
-                    row.generator.set_state(states[i])
+            for i, row in enumerate(rows):  # (sample_rows raises before any generator draws: nothing to undo)
                 try:
                     ids[i:i + 1], chosen[i:i + 1] = sample_rows(logprobs[i:i + 1], [row.handle.params],
                                                                 [row.generator])

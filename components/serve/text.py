@@ -47,10 +47,11 @@ class TextStream:
         self.sent = 0  # characters of self.text already returned
         self.stopped = False
 
-    def push(self, token_id: int) -> str:
+    def push(self, *token_ids: int) -> str:
+        """The text the ids add (several at once: one decode for all of them, the same text in the end)."""
         if self.stopped:
             return ""
-        self.ids.append(token_id)
+        self.ids.extend(token_ids)
         return self._advance(final=False)
 
     def flush(self) -> str:
