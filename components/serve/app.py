@@ -84,10 +84,10 @@ class AppArgs(BaseModel):
     api_key: SecretStr | None = None  # Authorization: Bearer <key> on every route but /health; $LLAMA2_API_KEY
     allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "[::1]")  # Host header names served; "*" = any
     health_stall_s: float = Field(60.0, gt=0)  # rows running but no decode step for longer: unhealthy
-    # A stream's events after its first: at most one per interval, with every token decoded meanwhile (the first
-    # and the last are sent at once). Per-event work (Serve's proxy hop, SSE, the client's parse) then stops
-    # growing with the tokens a busy replica decodes; 0: an event per decode step.
-    stream_interval_s: float = Field(0.05, ge=0, le=1)
+    # 0 (default): a stream sends each decode step's tokens as they are decoded. > 0: at most one event per interval
+    # after the first, carrying every token decoded meanwhile (the last is sent at once): per-event work (Serve's
+    # proxy hop, SSE, the client's parse) then stops growing with the tokens a busy replica decodes.
+    stream_interval_s: float = Field(0.0, ge=0, le=1)
     # Safety guard (guard.py), off by default: on, each finished answer the safety RM scores below the threshold
     # becomes refusal_text with finish_reason "content_filter"; guarded streams are sent once scored (buffered).
     safety_guard: bool = False
