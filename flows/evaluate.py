@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 from components.common import read_json, write_json
 from components.data.datasets import read_table
-from components.rlhf.evaluate import EvalConfig, eval_set_sha256, evaluate_checkpoint, promotion_gate
+from components.rlhf.evaluate import EvalConfig, eval_set_sha256, evaluate_checkpoints, promotion_gate
 from components.track.tracking import RUN_FILE, stage_run
 from flows._stage import final_round, load_params, path, rlhf_rounds, stage_config, write_metrics
 
@@ -41,13 +41,13 @@ def main() -> None:
         eval_sha = eval_set_sha256(records, gatt)
         mlflow.set_tag("eval_set_sha256", eval_sha)
         distill = read_json(path("metrics/distill.json"))  # whether chat is a distilled model or gatt passed on
-        table, samples = {}, {}
-        for name, ckpt in checkpoints.items():  # each stage's models load in Ray Data actors (evaluate.ray)
-            if name == "chat" and distill.get("chat_is_gatt"):  # the same weights: greedy answers are gatt's
-                table[name], samples[name] = table["gatt"], samples["gatt"]
-            else:
-                table[name], samples[name] = evaluate_checkpoint(ckpt, records, gatt, rms, cfg)
-            print(f"[evaluate] {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in table[name].items()
+        # chat_is_gatt: the same weights as gatt, so the same greedy answers (not evaluated twice)
+        source = {n: "gatt" if n == "chat" and distill.get("chat_is_gatt") else n for n in checkpoints}
+        done = evaluate_checkpoints({n: c for n, c in checkpoints.items() if source[n] == n}, records, gatt, rms, cfg)
+        table = {n: done[s][0] for n, s in source.items()}
+        samples = {n: done[s][1] for n, s in source.items()}
+        for name, metrics in table.items():
+            print(f"[evaluate] {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
                                                       if isinstance(v, float)))
         run_ids = {name: read_json(ckpt / RUN_FILE)["run_id"] for name, ckpt in checkpoints.items()
                    if (ckpt / RUN_FILE).is_file()}

@@ -120,6 +120,22 @@ def test_evaluation_on_the_actor_pool_equals_the_driver_side_evaluation(ray_loca
     assert answer_turns(dialogs, folder / "policy", CFG.sampling(), CFG.ray) == said  # every turn's text
 
 
+def test_models_evaluated_in_one_pass_equal_each_evaluated_alone(ray_local, setup):
+    """evaluate_checkpoints: several models (and both reward models, loaded once) in one Ray Data pass, their jobs
+    interleaved on two actors that load a model when a job needs it: each model's metrics and answers are exactly
+    those of evaluating it alone."""
+    from components.rlhf.evaluate import evaluate_checkpoints
+
+    folder, records, gatt = setup
+    tok = small_tokenizer()
+    other = save_checkpoint(folder / "other", debug_model(tok.vocab_size, seed=2, max_seq_len=512), tok)
+    rm_paths = {name: folder / name for name in ("rm_helpful", "rm_safety")}
+    both = evaluate_checkpoints({"policy": folder / "policy", "other": other}, records, gatt, rm_paths, CFG)
+    assert list(both) == ["policy", "other"] and both["policy"][1] != both["other"][1]
+    for name, ckpt in (("policy", folder / "policy"), ("other", other)):
+        assert both[name] == evaluate_checkpoint(ckpt, records, gatt, rm_paths, CFG)
+
+
 def test_eval_set_hash_is_canonical_and_sensitive(setup):
     _, records, gatt = setup
     digest = eval_set_sha256(records, gatt)

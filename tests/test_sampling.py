@@ -3,6 +3,8 @@ distillation. Selection rules are tested on hand-written results; the sampler ru
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -184,12 +186,10 @@ def test_prompts_without_room_for_the_answer_are_dropped_before_sampling(tmp_pat
                         lambda r: [{"role": "system", "content": "be safe " * 60}] + r["prompt"])
 
 
-def test_multi_turn_rows_take_one_answer_a_turn_and_no_reward_models():
+def test_multi_turn_rows_take_one_answer_a_turn():
     rows = [{"prompt": [USER("a")], "later": [USER("b")]}]
     with pytest.raises(ValueError, match=r"once per turn \(k = 1\), unless they carry a GAtt instruction"):
         sample(rows, "unused", SampleConfig(k=2), RAY)
-    with pytest.raises(ValueError, match="without reward models"):
-        sample(rows, "unused", SampleConfig(), RAY, {"rm_safety": "unused"})
 
 
 def test_scores_are_the_reward_models_on_the_sampled_answers_and_the_policy_actor_holds_no_reward_model(
@@ -210,7 +210,10 @@ def test_scores_are_the_reward_models_on_the_sampled_answers_and_the_policy_acto
                        for row, r in job for a in r["answers"]]
             assert [s for _, r in job for s in r[name]] == rm_scores(rm, tok, dialogs, cfg.batch_size)
     assert len({s for r in results for s in r["rm_safety"]}) > 5  # distinct scores: a shifted row would show
-    sampler = Sampler(str(checkpoints / "policy"), cfg, threads=1)
+    sampler = Sampler(cfg, threads=1)
+    job = {"task": [0], "policy": [str(checkpoints / "policy")], "start": [0],
+           "rows": [json.dumps([{"prompt": rows[0]["prompt"], "later": [], "instruction": None}])]}
+    sampler(job)  # the job's policy loads with it
     assert [v for v in vars(sampler).values() if isinstance(v, torch.nn.Module)] == [sampler.model]
     assert sorted(Scorer({k: str(v) for k, v in rms.items()}, cfg, threads=1).rms) == sorted(rms)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from components.cluster import RayConfig
 from components.data import oracle
 from components.rlhf.gate import PromotionConfig, choose_baseline, decide
-from components.rlhf.sampling import SampleConfig, answer_turns, sample
+from components.rlhf.sampling import SampleConfig, sample_many, turn_rows
 from components.rlhf.stats import mean_summary, rate_summary
 
 
@@ -77,21 +77,19 @@ def score_answers(records: list[dict], prompts: list[list[dict]], responses: lis
 
 def evaluate_prompts(checkpoint, records: list[dict], reward_models: dict, cfg: EvalConfig) -> tuple[dict, list[dict]]:
     """Greedy answers to eval_prompts records, scored by the oracle and by each reward model (mean sigmoid score)."""
-    prompts = [json.loads(r["prompt"]) for r in records]
-    results = sample([{"prompt": p} for p in prompts], checkpoint, cfg.sampling(), cfg.ray, reward_models)
-    metrics, samples = score_answers(records, prompts, [r["answers"][0] for r in results])
-    for name in reward_models:
-        metrics.update(mean_summary(f"{name}_score", [r[name][0] for r in results]))
-    return metrics, samples
+    return evaluate_checkpoint(checkpoint, records, [], reward_models, cfg)
 
 
-def gatt_adherence_by_turn(checkpoint, dialogs: list[dict], cfg: EvalConfig) -> dict:
-    """Multi-turn eval_gatt dialogs with a system instruction: the model answers turn after turn (its own answers kept
-    in the history); per turn (as many as the longest dialog has), the fraction of answers that follow the
-    instruction, with its n and Wilson interval."""
-    turns = [{"system": d["system"], "users": [m["content"] for m in json.loads(d["messages"]) if m["role"] == "user"]}
-             for d in dialogs]
-    answers = answer_turns(turns, checkpoint, cfg.sampling(), cfg.ray)
+def gatt_turn_dialogs(dialogs: list[dict]) -> list[dict]:
+    """eval_gatt rows as turn_rows dialogs: the system instruction, then the user turns (answered by the model)."""
+    return [{"system": d["system"], "users": [m["content"] for m in json.loads(d["messages"]) if m["role"] == "user"]}
+            for d in dialogs]
+
+
+def gatt_metrics(dialogs: list[dict], answers: list[list[str]]) -> dict:
+    """Per turn (as many as the longest dialog has), the fraction of the model's answers to multi-turn eval_gatt
+    dialogs (its own answers kept in the history) that follow the system instruction, with its n and Wilson
+    interval."""
     by_turn = {}
     for turn in range(max(len(a) for a in answers)):
         hits = [oracle.gatt_adherence(d["instruction"], a[turn]) for d, a in zip(dialogs, answers) if turn < len(a)]
@@ -110,13 +108,31 @@ def eval_set_sha256(records: list[dict], gatt_dialogs: list[dict]) -> str:
     return digest.hexdigest()
 
 
+def evaluate_checkpoints(checkpoints: dict[str, str | Path], eval_records: list[dict], gatt_dialogs: list[dict],
+                         reward_models: dict[str, str | Path], cfg: EvalConfig) -> dict[str, tuple[dict, list[dict]]]:
+    """Each model stage's metrics and answer samples ({name: checkpoint folder} -> {name: (metrics, samples)}), all
+    from one Ray Data pass (sample_many): the models load in cfg.ray's actors one after the other, the reward models
+    (name -> checkpoint folder) once, never in the caller. gatt_dialogs may be empty (no GAtt metrics)."""
+    prompts = [json.loads(r["prompt"]) for r in eval_records]
+    tasks = [(ckpt, [{"prompt": p} for p in prompts]) for ckpt in checkpoints.values()]
+    if gatt_dialogs:  # answered without reward models: multi-turn rows are not scored
+        tasks += [(ckpt, turn_rows(gatt_turn_dialogs(gatt_dialogs))) for ckpt in checkpoints.values()]
+    results = sample_many(tasks, cfg.sampling(), cfg.ray, reward_models)
+    out = {}
+    for i, name in enumerate(checkpoints):
+        metrics, samples = score_answers(eval_records, prompts, [r["answers"][0] for r in results[i]])
+        for rm in reward_models:
+            metrics.update(mean_summary(f"{rm}_score", [r[rm][0] for r in results[i]]))
+        if gatt_dialogs:
+            metrics.update(gatt_metrics(gatt_dialogs, [r["answers"] for r in results[len(checkpoints) + i]]))
+        out[name] = metrics, samples
+    return out
+
+
 def evaluate_checkpoint(checkpoint: str | Path, eval_records: list[dict], gatt_dialogs: list[dict],
                         reward_models: dict[str, str | Path], cfg: EvalConfig) -> tuple[dict, list[dict]]:
-    """One model stage's metrics and answer samples; reward_models: name -> checkpoint folder. The models load in
-    cfg.ray's Ray Data actors, never in the caller."""
-    metrics, samples = evaluate_prompts(checkpoint, eval_records, reward_models, cfg)
-    metrics.update(gatt_adherence_by_turn(checkpoint, gatt_dialogs, cfg))
-    return metrics, samples
+    """One model stage's metrics and answer samples (evaluate_checkpoints)."""
+    return evaluate_checkpoints({"model": checkpoint}, eval_records, gatt_dialogs, reward_models, cfg)["model"]
 
 
 def promotion_gate(candidate: str, samples: dict[str, list[dict]], run_ids: dict[str, str], records: list[dict],

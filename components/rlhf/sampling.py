@@ -71,18 +71,23 @@ def _device(threads: int) -> str:
 
 
 class Sampler:
-    """A Ray Data actor: the policy loaded once, many jobs answered."""
+    """A Ray Data actor: many jobs answered, each job's policy loaded when the job needs it (one at a time: the jobs
+    come grouped by policy, so an actor loads each policy once)."""
 
-    def __init__(self, policy: str, cfg: SampleConfig, threads: int):
-        self.cfg, self.device = cfg, _device(threads)
-        self.model, self.tokenizer = load_for_inference(policy, self.device, cfg.bf16)
+    def __init__(self, cfg: SampleConfig, threads: int):
+        self.cfg, self.device, self.policy = cfg, _device(threads), None
 
     def __call__(self, batch: dict) -> dict:
-        """Each dataset row is one job cut by sample(): the index of its first row, and its rows (JSON); the rows
-        pass on beside their results for the Scorer."""
-        return {"start": batch["start"], "rows": batch["rows"],
-                "results": [json.dumps(self.answer(int(start), json.loads(rows)))
-                            for start, rows in zip(batch["start"], batch["rows"])]}
+        """Each dataset row is one job cut by sample_many(): its policy, the index of its first row among its task's
+        rows, and its rows (JSON); the rows pass on beside their results for the Scorer."""
+        results = []
+        for policy, start, rows in zip(batch["policy"], batch["start"], batch["rows"]):
+            if policy != self.policy:
+                self.model = self.tokenizer = None  # the previous policy's memory goes first
+                self.model, self.tokenizer = load_for_inference(str(policy), self.device, self.cfg.bf16)
+                self.policy = policy
+            results.append(json.dumps(self.answer(int(start), json.loads(rows))))
+        return {"task": batch["task"], "start": batch["start"], "rows": batch["rows"], "results": results}
 
     def answer(self, start: int, rows: list[dict]) -> list[dict]:
         """A job's rows ({"prompt", "score_prompt", "later"}) answered turn after turn, each turn's rows in generate()
@@ -127,19 +132,21 @@ class Scorer:
         self.rms = {name: load_for_inference(path, device, cfg.bf16) for name, path in reward_models.items()}
 
     def __call__(self, batch: dict) -> dict:
-        return {"start": batch["start"], "results": [json.dumps(self.score(json.loads(rows), json.loads(results)))
-                                                     for rows, results in zip(batch["rows"], batch["results"])]}
+        return {"task": batch["task"], "start": batch["start"],
+                "results": [json.dumps(self.score(json.loads(rows), json.loads(results)))
+                            for rows, results in zip(batch["rows"], batch["results"])]}
 
     def score(self, rows: list[dict], results: list[dict]) -> list[dict]:
         """Each answer appended to its row's score_prompt, the job's answers in rm_scores batches of cfg.batch_size:
-        results with <rm name>: [k float] added."""
+        results with <rm name>: [k float] added (multi-turn rows pass unscored)."""
         begin, k = time.perf_counter(), self.cfg.k
-        dialogs = [r["score_prompt"] + [{"role": "assistant", "content": a}]
-                   for r, result in zip(rows, results, strict=True) for a in result["answers"]]
+        scored = [i for i, r in enumerate(rows) if not r["later"]]
+        dialogs = [rows[i]["score_prompt"] + [{"role": "assistant", "content": a}]
+                   for i in scored for a in results[i]["answers"]]
         for name, (rm, tokenizer) in self.rms.items():
-            scores = rm_scores(rm, tokenizer, dialogs, self.cfg.batch_size)
-            for i, result in enumerate(results):
-                result[name] = scores[i * k:(i + 1) * k]
+            scores = rm_scores(rm, tokenizer, dialogs, self.cfg.batch_size) if dialogs else []
+            for j, i in enumerate(scored):
+                results[i][name] = scores[j * k:(j + 1) * k]
         print(f"[score] {len(dialogs)} answers x {len(self.rms)} reward models in "
               f"{time.perf_counter() - begin:.1f} s", flush=True)
         return results
@@ -150,26 +157,37 @@ def sample(rows: list[dict], policy, cfg: SampleConfig, ray_cfg, reward_models: 
     cpus_per_worker threads each); given reward models, then score the answers on a pool of as many Scorer actors.
     A row is {"prompt": messages, "score_prompt": messages (default: prompt), "later":
     [user messages] (default: none), "instruction": a GAtt instruction key (default: none)}: its prompt answered
-    cfg.k times, or with later user turns (no reward models) once per turn, each answer kept in the history the next
-    turn is asked in. A row with an instruction draws k answers a turn and goes on with the first that follows it
-    (oracle.gatt_adherence, the annotator's check; else the first drawn), counting them in "adherent". Returns, in
-    row order, {"answers": [str], <rm name>: [k float]: each answer appended to score_prompt, scored}."""
+    cfg.k times, or with later user turns once per turn, each answer kept in the history the next turn is asked in
+    (such a row is not scored). A row with an instruction draws k answers a turn and goes on with the first that
+    follows it (oracle.gatt_adherence, the annotator's check; else the first drawn), counting them in "adherent".
+    Returns, in row order, {"answers": [str], <rm name>: [k float]: each answer appended to score_prompt, scored}."""
+    return sample_many([(policy, rows)], cfg, ray_cfg, reward_models)[0]
+
+
+def sample_many(tasks: list[tuple[object, list[dict]]], cfg: SampleConfig, ray_cfg,
+                reward_models: dict | None = None) -> list[list[dict]]:
+    """Several sample() calls, [(policy, rows)], in one Ray Data pass: one Sampler pool that loads each policy when
+    its jobs come (the jobs go in task order), one Scorer pool that loads the reward models once. Each task's
+    results are those sample() gives it alone: its rows cut into their own jobs, seeded the same."""
     import ray
 
     from components.cluster import init_ray
 
-    if not rows:
-        raise ValueError("nothing to sample: no prompts")
-    rows = [{"prompt": r["prompt"], "score_prompt": r.get("score_prompt") or r["prompt"], "later": r.get("later", []),
-             "instruction": r.get("instruction")} for r in rows]
-    if any(r["later"] for r in rows) and reward_models:
-        raise ValueError("multi-turn rows are answered without reward models")
-    if any(r["later"] and r["instruction"] is None for r in rows) and cfg.k != 1:
-        raise ValueError("multi-turn rows are answered once per turn (k = 1), unless they carry a GAtt instruction")
+    checked = []
+    for policy, rows in tasks:
+        if not rows:
+            raise ValueError("nothing to sample: no prompts")
+        rows = [{"prompt": r["prompt"], "score_prompt": r.get("score_prompt") or r["prompt"],
+                 "later": r.get("later", []), "instruction": r.get("instruction")} for r in rows]
+        if any(r["later"] and r["instruction"] is None for r in rows) and cfg.k != 1:
+            raise ValueError("multi-turn rows are answered once per turn (k = 1), unless they carry a GAtt "
+                             "instruction")
+        checked.append((str(policy), rows))
     init_ray(ray_cfg)
     # One dataset row per job of cfg.batch_size rows, cut here in row order: which prompts are padded together (and
     # each batch's seed) then depends on the rows alone, not on how Ray Data bundles blocks into batches.
-    jobs = [{"start": s, "rows": json.dumps(rows[s:s + cfg.batch_size])} for s in range(0, len(rows), cfg.batch_size)]
+    jobs = [{"task": t, "policy": policy, "start": s, "rows": json.dumps(rows[s:s + cfg.batch_size])}
+            for t, (policy, rows) in enumerate(checked) for s in range(0, len(rows), cfg.batch_size)]
 
     def on_actors(ds, actor, **kwargs):  # a pool of num_workers actors, one job a call
         return ds.map_batches(actor, batch_size=1, batch_format="numpy",
@@ -177,18 +195,21 @@ def sample(rows: list[dict], policy, cfg: SampleConfig, ray_cfg, reward_models: 
                               compute=ray.data.ActorPoolStrategy(size=ray_cfg.num_workers),
                               num_cpus=ray_cfg.cpus_per_worker, num_gpus=1 if ray_cfg.use_gpu else 0)
 
-    ds = on_actors(ray.data.from_items(jobs, override_num_blocks=len(jobs)), Sampler, policy=str(policy))
+    ds = on_actors(ray.data.from_items(jobs, override_num_blocks=len(jobs)), Sampler)
     if reward_models:
         # Materialized first: the Sampler pool finishes and releases its GPUs before the Scorer pool asks for them.
         ds = on_actors(ds.materialize(), Scorer, reward_models={name: str(p) for name, p in reward_models.items()})
-    by_start = {int(r["start"]): json.loads(r["results"]) for r in ds.take_all()}
-    results = [result for start in sorted(by_start) for result in by_start[start]]
-    if len(results) != len(rows):
-        raise RuntimeError(f"sampling returned {len(results)} of {len(rows)} rows")
-    return results
+    by_job = {(int(r["task"]), int(r["start"])): json.loads(r["results"]) for r in ds.take_all()}
+    out = []
+    for t, (_, rows) in enumerate(checked):
+        results = [result for (task, start) in sorted(by_job) if task == t for result in by_job[task, start]]
+        if len(results) != len(rows):
+            raise RuntimeError(f"sampling returned {len(results)} of {len(rows)} rows")
+        out.append(results)
+    return out
 
 
-def _turn_rows(dialogs: list[dict]) -> list[dict]:
+def turn_rows(dialogs: list[dict]) -> list[dict]:
     return [{"prompt": ([{"role": "system", "content": d["system"]}] if d["system"] else [])
              + [{"role": "user", "content": d["users"][0]}],
              "later": [{"role": "user", "content": u} for u in d["users"][1:]],
@@ -199,7 +220,7 @@ def answer_turns(dialogs: list[dict], policy, cfg: SampleConfig, ray_cfg) -> lis
     """Answer multi-turn dialogs ({"system": str ("" = none), "users": [str]}) turn after turn, the policy's own
     answers kept in the history (one Ray Data pass: each actor holds its dialogs' histories). Returns each dialog's
     answers, one per turn."""
-    return [r["answers"] for r in sample(_turn_rows([{**d, "instruction": None} for d in dialogs]), policy, cfg,
+    return [r["answers"] for r in sample(turn_rows([{**d, "instruction": None} for d in dialogs]), policy, cfg,
                                          ray_cfg)]
 
 
@@ -293,7 +314,7 @@ def ghost_attention(dialogs: list[dict], policy, cfg: SampleConfig, ray_cfg, fir
     turn (sampled_adherence_), how often the kept ones do (data_adherence_), and the share of turns trained."""
     first_turn = gatt_placements(len(dialogs), first_turn_fraction, cfg.seed)
     sampling = [{**gatt_sampling_dialog(d, f), "instruction": d["instruction"]} for d, f in zip(dialogs, first_turn)]
-    results = sample(_turn_rows(sampling), policy, cfg, ray_cfg)
+    results = sample(turn_rows(sampling), policy, cfg, ray_cfg)
     answers = [r["answers"] for r in results]
     follows = [n > 0 for r in results for n in r["adherent"]]  # in gatt_training_dialogs' order: dialog, then turn
     training = [d for d, keep in zip(gatt_training_dialogs(dialogs, answers, first_turn), follows, strict=True)
