@@ -45,12 +45,10 @@ class _Noop(mlflow.pyfunc.PythonModel):
         return model_input
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    """A tiny checkpoint, registered as a pyfunc model whose artifacts hold it; alias `champion` on version 1."""
-    root = tmp_path_factory.mktemp("serving")
-    tokenizer = small_tokenizer()
-    checkpoint = save_checkpoint(root / "checkpoint", debug_model(tokenizer.vocab_size), tokenizer)
+def register_model(root, model, tokenizer) -> tuple:
+    """A checkpoint of `model`, registered as a pyfunc model whose artifacts hold it, in a new MLflow store under
+    root; alias `champion` on version 1. Returns (checkpoint, tracking URI, root): what deploy() takes."""
+    checkpoint = save_checkpoint(root / "checkpoint", model, tokenizer)
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(tracking_uri)
     experiment_id = client.create_experiment("serving-test", artifact_location=(root / "mlartifacts").as_uri())
@@ -66,6 +64,13 @@ def registry(tmp_path_factory):
             mlflow.set_tracking_uri(None)  # back to the environment's URI (the monkeypatch restores it)
     client.set_registered_model_alias(REGISTERED, "champion", info.registered_model_version)
     return checkpoint, tracking_uri, root
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """A tiny debug checkpoint, registered (register_model)."""
+    tokenizer = small_tokenizer()
+    return register_model(tmp_path_factory.mktemp("serving"), debug_model(tokenizer.vocab_size), tokenizer)
 
 
 def _free_port() -> int:
