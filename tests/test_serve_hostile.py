@@ -13,10 +13,8 @@ from urllib.parse import urlsplit
 import httpx
 import openai
 import pytest
-import torch
 
-from tests.helpers import debug_model, small_tokenizer
-from tests.test_serving import MESSAGES, SERVED, deploy, register_model, registry  # noqa: F401 - a fixture
+from tests.test_serving import MESSAGES, SERVED, deploy, registry  # noqa: F401 - registry is a fixture
 
 KEY = "sk-hostile-test"
 MAX_BODY = 32 * 1024
@@ -283,7 +281,7 @@ def _metric(http, name: str) -> float:
 
 def test_client_disconnects_leave_the_server_serving(server, http):
     """Clients that leave mid-stream and right after sending: the server keeps answering. (That the decode stops
-    for them: the next test, on a model whose answers are long enough to leave in the middle of.)"""
+    for them: tests/test_serve_cancel.py, on a model whose answers are long enough to leave in the middle of.)"""
     room = http.get("/v1/models", headers=AUTH).json()["data"][0]["max_model_len"] - 32
     body = json.dumps(_with(max_tokens=room, stream=True, temperature=1.0,
                             messages=[{"role": "user", "content": "hi"}])).encode()
@@ -294,39 +292,6 @@ def test_client_disconnects_leave_the_server_serving(server, http):
     assert _metric(http, "llama2_serve_cancelled_total") >= 0
     assert _post(server, OK).json()["usage"]["completion_tokens"] == 4
     _assert_alive(http)
-
-
-@pytest.fixture(scope="module")
-def endless(tmp_path_factory):
-    """A registered debug model with a 4096-token context that never writes eos when greedy: its eos output row is
-    zero, so eos would need every other logit below 0."""
-    tokenizer = small_tokenizer()
-    model = debug_model(tokenizer.vocab_size, max_seq_len=4096)
-    with torch.no_grad():
-        model.output.weight[tokenizer.eos_id] = 0
-    return register_model(tmp_path_factory.mktemp("endless"), model, tokenizer)
-
-
-def test_a_client_that_leaves_mid_stream_frees_its_row_at_once(ray_local, endless):
-    """Over HTTP: a streamed greedy answer of ~4000 tokens (several seconds of decode) whose client leaves after
-    the first event is cancelled in the engine within seconds, and its decode stops there."""
-    with deploy(endless, api_key=KEY) as url, httpx.Client(base_url=url, timeout=30) as http:
-        room = http.get("/v1/models", headers=AUTH).json()["data"][0]["max_model_len"] - 32
-        body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": room, "temperature": 0,
-                           "stream": True}).encode()
-        with _raw(url, _head(CHAT, len(body)) + body) as sock:
-            assert b"data: " in _read_until(sock, b"data: ")  # the stream has begun; the client leaves
-        left = time.monotonic()
-        while _metric(http, "llama2_serve_engine_rows_cancelled_total") < 1:
-            assert time.monotonic() - left < 10, "the row of a client that left was not cancelled"
-            time.sleep(0.05)
-        tokens = _metric(http, "llama2_serve_engine_tokens_total")
-        time.sleep(0.5)
-        assert _metric(http, "llama2_serve_engine_tokens_total") == tokens < room / 2  # stopped, far from the end
-        assert _metric(http, "llama2_serve_cancelled_total") == 1
-        # The control: read to the end, the same request decodes all `room` tokens (it does not stop by itself).
-        done = _post(url, {**json.loads(body), "stream": False}).json()
-        assert done["usage"]["completion_tokens"] == room and done["choices"][0]["finish_reason"] == "length"
 
 
 def test_openai_client_every_route_with_the_api_key(server):
