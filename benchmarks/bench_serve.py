@@ -1,7 +1,8 @@
 """The served endpoint under load (loopback, a local Ray, the real app of components/serve/app.py): Serve's overhead
 over calling `generate` directly at batch 1 (same prompt, same max_tokens, greedy; the median latency ratio - 1),
 then aggregate tokens/s, p50/p99 latency and p50 time to first token (streamed) at 1, 4, 16 and 32 concurrent
-clients. Each client sends its requests one after another (/v1/completions, prompts of 16-48 random ids), half
+clients, and where the CPU went: CPU ms per generated token in the clients (this process), Serve's HTTP proxy and the
+replica, and how busy the machine's cores were (the clients share them with the server here). Each client sends its requests one after another (/v1/completions, prompts of 16-48 random ids), half
 greedy and half seeded top-p sampling, so no two clients share sampling parameters. Prints a markdown table.
 
     .venv/bin/python -m benchmarks.bench_serve                      # tiny profile's shape (params.yaml), random weights
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import ray
 import torch
 from ray import serve
@@ -101,6 +104,21 @@ def overhead(url: str, checkpoint: Path, threads: int, new_tokens: int, reps: in
     return d, s, s / d - 1, statistics.median(trip)
 
 
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds so far of this process (the clients), Serve's HTTP proxy and the replicas (by Ray's process
+    titles)."""
+    mine = psutil.Process().cpu_times()
+    out = {"clients": mine.user + mine.system, "proxy": 0.0, "replica": 0.0}
+    for proc in psutil.process_iter(["cmdline"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        role = "proxy" if "ProxyActor" in title else "replica" if "ServeReplica" in title else None
+        if role:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                out[role] += times.user + times.system
+    return out
+
+
 async def clients(url: str, n: int, per_client: int, new_tokens: int, vocab: int) -> dict:
     latencies, ttfts, tokens = [], [], []
 
@@ -126,13 +144,15 @@ async def clients(url: str, n: int, per_client: int, new_tokens: int, vocab: int
 
     limits = httpx.Limits(max_connections=n + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-        start = time.perf_counter()
+        cpu, start = cpu_seconds(), time.perf_counter()
         await asyncio.gather(*(client(c, http) for c in range(n)))
         wall = time.perf_counter() - start
+        cpu = {role: used - cpu[role] for role, used in cpu_seconds().items()}
     latencies.sort()
     return {"tok_s": sum(tokens) / wall, "p50": statistics.median(latencies),
             "p99": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
-            "ttft": statistics.median(ttfts)}
+            "ttft": statistics.median(ttfts), "cpu_ms_per_token": {r: 1000 * c / sum(tokens) for r, c in cpu.items()},
+            "busy_cores": sum(cpu.values()) / wall}
 
 
 def main() -> None:
@@ -171,12 +191,13 @@ def main() -> None:
                       f"{1000 * d:.1f} ms, served {1000 * s:.1f} ms, **{100 * ratio:+.1f}%** "
                       f"(GET /v1/models round trip {1000 * trip:.1f} ms)")
                 print("\n| clients | tokens/s | vs 1 client | p50 latency ms | p99 latency ms | p50 TTFT ms "
-                      "| TTFT vs 1 client |")
-                print("|---:|---:|---:|---:|---:|---:|---:|")
+                      "| TTFT vs 1 client | CPU ms/token: clients / proxy / replica | busy cores |")
+                print("|---:|---:|---:|---:|---:|---:|---:|---|---:|")
                 for n, r in rows:
+                    cpu = " / ".join(f"{r['cpu_ms_per_token'][k]:.2f}" for k in ("clients", "proxy", "replica"))
                     print(f"| {n} | {r['tok_s']:.0f} | {r['tok_s'] / base['tok_s']:.2f}x | {1000 * r['p50']:.0f} "
-                          f"| {1000 * r['p99']:.0f} | {1000 * r['ttft']:.0f} | {r['ttft'] / base['ttft']:.2f}x |",
-                          flush=True)
+                          f"| {1000 * r['p99']:.0f} | {1000 * r['ttft']:.0f} | {r['ttft'] / base['ttft']:.2f}x "
+                          f"| {cpu} | {r['busy_cores']:.2f} |", flush=True)
                 serve.delete("bench")
         finally:
             serve.shutdown()
