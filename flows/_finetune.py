@@ -75,10 +75,10 @@ def sft_replay(n: int, seed: int) -> list[list[dict]]:
 
 
 def finetune(stage: str, cfg: LMTrainConfig, init: Path, dialogs: list[list[dict]], out: Path, run_id: str,
-             too_long: str, last_turn_only: bool = False, extra_metrics: dict | None = None,
+             too_long: str, turns: list[list[int]] | None = None, extra_metrics: dict | None = None,
              finish: bool = True) -> dict:
     """The tail every chat fine-tuning stage shares (sft, rejection, gatt, distill): dialogs in the chat format with
-    loss on the assistant tokens (or the last turn only), plus any SFT replay -> the shared LM loop on Ray Train from
+    loss on the assistant tokens (or, given turns, one list per dialog: those answers only), plus any SFT replay -> the shared LM loop on Ray Train from
     `init` -> out, metrics, curves (finish=False: the caller finishes the stage)."""
     from components.data.datasets import examples_data
     from components.train.lm import train_lm
@@ -86,7 +86,8 @@ def finetune(stage: str, cfg: LMTrainConfig, init: Path, dialogs: list[list[dict
     from model.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(init / "tokenizer.model")
-    examples = [encode_dialog(tokenizer, d, last_turn_only=last_turn_only) for d in dialogs]
+    turns = [None] * len(dialogs) if turns is None else turns
+    examples = [encode_dialog(tokenizer, d, t) for d, t in zip(dialogs, turns, strict=True)]
     replay = sft_replay(cfg.replay, cfg.seed) if isinstance(cfg, SampledFinetuneConfig) and cfg.replay else []
     examples += [encode_dialog(tokenizer, d) for d in replay]
     train, val, stats = examples_data(examples, tokenizer.pad_id, cfg.seq_len, cfg.val_fraction, cfg.seed, stage,

@@ -26,10 +26,9 @@ def main() -> None:
         rows = read_table(path("data/raw/gatt.parquet")).to_pylist()[:cfg.sample.prompts or None]
         dialogs = [{"system": r["system"], "instruction": r["instruction"],
                     "users": [m["content"] for m in json.loads(r["messages"]) if m["role"] == "user"]} for r in rows]
-        training, stats = ghost_attention(dialogs, policy, cfg.sample, cfg.ray, cfg.first_turn_fraction)
+        training, turns, stats = ghost_attention(dialogs, policy, cfg.sample, cfg.ray, cfg.first_turn_fraction)
         print(f"[gatt] {stats}")
-        finetune("gatt", cfg, policy, training, OUT, run.info.run_id, too_long, last_turn_only=True,
-                 extra_metrics=stats)
+        finetune("gatt", cfg, policy, training, OUT, run.info.run_id, too_long, turns, extra_metrics=stats)
 
 
 if __name__ == "__main__":

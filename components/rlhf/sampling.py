@@ -246,28 +246,19 @@ def gatt_placements(n: int, first_turn_fraction: float, seed: int) -> list[bool]
     return [rng.random() < first_turn_fraction for _ in range(n)]
 
 
-def gatt_sampling_dialog(dialog: dict, first_turn: bool) -> dict:
-    """The dialog as GAtt samples it: the instruction concatenated to every user turn, so the policy sees it wherever
-    it answers; a system-prompt dialog keeps it there for the first turn (the place the SFT data taught)."""
-    system, users = dialog["system"], dialog["users"]
-    if first_turn:
-        return {"system": "", "users": [f"{system} {u}" for u in users]}
-    return {"system": system, "users": users[:1] + [f"{system} {u}" for u in users[1:]]}
-
-
 def gatt_training_dialogs(dialogs: list[dict], answers: list[list[str]], first_turn: list[bool] | None = None,
                           ) -> list[list[dict]]:
     """GAtt's training data: the instruction only where the dialog places it (the system prompt, or the first user
-    turn), the later user turns plain, the sampled answers; one dialog per turn prefix, each to be trained with loss
-    on its last turn only (the earlier turns, sampled with the instruction in view, get none)."""
+    turn), the later user turns plain, the sampled answers (as many turns as answers); one conversation per dialog,
+    to be trained on the answers that keep the instruction (earlier turns were sampled with it in view)."""
     training = []
     for d, said, first in zip(dialogs, answers, first_turn or [False] * len(dialogs), strict=True):
         dialog, users = [] if first else [{"role": "system", "content": d["system"]}], list(d["users"])
         if first:
             users[0] = f"{d['system']} {users[0]}"
         for user, answer in zip(users, said):
-            dialog = dialog + [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-            training.append(dialog)
+            dialog += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        training.append(dialog)
     return training
 
 
@@ -284,29 +275,37 @@ def adherence_by_turn(instructions: list[str], answers: list[list[str]], prefix:
 
 
 def ghost_attention(dialogs: list[dict], policy, cfg: SampleConfig, ray_cfg, first_turn_fraction: float = 0.0,
-                    ) -> tuple[list[list[dict]], dict]:
-    """§3.3: answer multi-turn dialogs ({"system": str, "users": [str], "instruction": oracle key}) turn by turn with
-    the instruction in every user turn, cfg.k answers a turn, going on with one that follows the instruction; some
-    dialogs (first_turn_fraction) carry it in the first user turn instead of the system prompt. Every turn whose
-    answer follows the instruction is a training example (the annotator's check: one that drops it would teach the
-    opposite of GAtt); its history is kept as sampled. Stats: how often the drawn answers follow the instruction, per
-    turn (sampled_adherence_), how often the kept ones do (data_adherence_), and the share of turns trained."""
+                    ) -> tuple[list[list[dict]], list[list[int]], dict]:
+    """§3.3: every turn of the multi-turn dialogs ({"system": str, "users": [str], "instruction": oracle key})
+    answered cfg.k times with the instruction in view, the first answer that follows it kept (the annotator's check;
+    else the first drawn, in the history only). The instruction is shown as the system prompt of that one user turn:
+    the paper concatenates it to every user turn of the history, which a small policy ignores (tiny profile, r2 PPO
+    policy: end_ok and start_well kept in 0 of 4 draws at turns 2-4 that way, 14% and 52% of draws this way). The
+    training dialogs carry it in one place only (the system prompt, or the first user turn for first_turn_fraction of
+    them), cut after their last kept answer. Returns them, the turns to train in each (those whose answer keeps the
+    instruction: one that drops it would teach the opposite of GAtt) and stats: how often the drawn answers follow it,
+    per turn (sampled_adherence_), how often the kept ones do (data_adherence_), and the share of turns trained."""
     first_turn = gatt_placements(len(dialogs), first_turn_fraction, cfg.seed)
-    sampling = [{**gatt_sampling_dialog(d, f), "instruction": d["instruction"]} for d, f in zip(dialogs, first_turn)]
-    results = sample(_turn_rows(sampling), policy, cfg, ray_cfg)
-    answers = [r["answers"] for r in results]
-    follows = [n > 0 for r in results for n in r["adherent"]]  # in gatt_training_dialogs' order: dialog, then turn
-    training = [d for d, keep in zip(gatt_training_dialogs(dialogs, answers, first_turn), follows, strict=True)
-                if keep]
+    rows = [{"prompt": [{"role": "system", "content": d["system"]}, {"role": "user", "content": u}],
+             "instruction": d["instruction"]} for d in dialogs for u in d["users"]]
+    results = iter(sample(rows, policy, cfg, ray_cfg))
+    turns = [[next(results) for _ in d["users"]] for d in dialogs]
+    answers = [[r["answers"][0] for r in rs] for rs in turns]
+    adherent = [[r["adherent"][0] for r in rs] for rs in turns]
+    kept = [[t for t, n in enumerate(ns) if n] for ns in adherent]
+    whole = gatt_training_dialogs(dialogs, [a[:k[-1] + 1] if k else [] for a, k in zip(answers, kept)], first_turn)
+    training = [(d, k) for d, k in zip(whole, kept) if k]
     drawn: dict[int, list[float]] = {}
-    for r in results:
-        for t, n in enumerate(r["adherent"]):
+    for ns in adherent:
+        for t, n in enumerate(ns):
             drawn.setdefault(t, []).append(n / cfg.k)
-    return training, {"dialogs": len(dialogs), "examples": len(training), "first_turn_dialogs": sum(first_turn),
-                      "turns_mean": sum(len(a) for a in answers) / len(answers),
-                      "turns_kept": len(training) / max(1, len(follows)),
-                      **{f"sampled_adherence_turn{t + 1}": sum(v) / len(v) for t, v in sorted(drawn.items())},
-                      **adherence_by_turn([d["instruction"] for d in dialogs], answers, "data_adherence_")}
+    trained = sum(len(k) for k in kept)
+    return [d for d, _ in training], [k for _, k in training], {
+        "dialogs": len(dialogs), "examples": len(training), "first_turn_dialogs": sum(first_turn),
+        "turns_mean": sum(len(a) for a in answers) / len(answers), "turns_trained": trained,
+        "turns_kept": trained / max(1, len(rows)),
+        **{f"sampled_adherence_turn{t + 1}": sum(v) / len(v) for t, v in sorted(drawn.items())},
+        **adherence_by_turn([d["instruction"] for d in dialogs], answers, "data_adherence_")}
 
 
 def select_distilled(prompts: list[list[dict]], with_preprompt: list[dict], without: list[dict], plain_below: float,
