@@ -27,11 +27,19 @@ class RejectionConfig(SampledFinetuneConfig):
 @dataclass(frozen=True, kw_only=True)
 class GattConfig(SampledFinetuneConfig):
     first_turn_fraction: float = 0.0  # dialogs with the instruction in the first user turn, not the system prompt
+    max_turns: int = 0  # the table's dialogs of one instruction joined up to this many user turns (0: as they are)
+    history: bool = True  # sample as the paper: whole dialogs, the instruction in every user turn (else turn by turn)
+    redraws: int = 0  # history false: turns whose k answers all drop the instruction drawn k more times, up to this
 
     def __post_init__(self):
         super().__post_init__()
         if not 0 <= self.first_turn_fraction <= 1:
             raise ValueError(f"first_turn_fraction must be in [0, 1], got {self.first_turn_fraction}")
+        for name in ("max_turns", "redraws"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.history and self.redraws:
+            raise ValueError("redraws need history: false (a redrawn turn would change the later turns' history)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,18 +83,20 @@ def sft_replay(n: int, seed: int) -> list[list[dict]]:
 
 
 def finetune(stage: str, cfg: LMTrainConfig, init: Path, dialogs: list[list[dict]], out: Path, run_id: str,
-             too_long: str, last_turn_only: bool = False, extra_metrics: dict | None = None,
+             too_long: str, turns: list[list[int]] | None = None, extra_metrics: dict | None = None,
              finish: bool = True) -> dict:
     """The tail every chat fine-tuning stage shares (sft, rejection, gatt, distill): dialogs in the chat format with
-    loss on the assistant tokens (or the last turn only), plus any SFT replay -> the shared LM loop on Ray Train from
-    `init` -> out, metrics, curves (finish=False: the caller finishes the stage)."""
+    loss on the assistant tokens (or, given turns, one list per dialog: those answers only), plus any SFT replay ->
+    the shared LM loop on Ray Train from `init` -> out, metrics, curves (finish=False: the caller finishes the
+    stage)."""
     from components.data.datasets import examples_data
     from components.train.lm import train_lm
     from model.chat import encode_dialog
     from model.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(init / "tokenizer.model")
-    examples = [encode_dialog(tokenizer, d, last_turn_only=last_turn_only) for d in dialogs]
+    turns = [None] * len(dialogs) if turns is None else turns
+    examples = [encode_dialog(tokenizer, d, t) for d, t in zip(dialogs, turns, strict=True)]
     replay = sft_replay(cfg.replay, cfg.seed) if isinstance(cfg, SampledFinetuneConfig) and cfg.replay else []
     examples += [encode_dialog(tokenizer, d) for d in replay]
     train, val, stats = examples_data(examples, tokenizer.pad_id, cfg.seq_len, cfg.val_fraction, cfg.seed, stage,

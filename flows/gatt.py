@@ -1,7 +1,8 @@
-"""DVC stage `gatt`: Ghost Attention (§3.3): multi-turn dialogs sampled from the last round's PPO policy with the
-system instruction in every user turn, fine-tuned with it in one place only (the system prompt, or the first user turn
-for gatt.first_turn_fraction of the dialogs) and loss on the last turn only -> checkpoints/gatt/. metrics/gatt.json says
-how often the sampled training answers follow their instruction, per turn (data_adherence_turn<t>)."""
+"""DVC stage `gatt`: Ghost Attention (§3.3): every turn of multi-turn dialogs sampled from the last round's PPO policy
+with the system instruction in view, k draws a turn, one that keeps it chosen; fine-tuned with the instruction in one
+place only (the system prompt, or the first user turn for gatt.first_turn_fraction of the dialogs), one row per dialog
+with loss on the answers that keep it -> checkpoints/gatt/. metrics/gatt.json says how often the sampled answers
+follow their instruction, per turn (sampled_adherence_turn<t>: the first k draws; data_adherence_turn<t>: kept)"""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 from dataclasses import asdict
 
 from components.data.datasets import read_table, too_long_policy
-from components.rlhf.sampling import ghost_attention
+from components.rlhf.sampling import ghost_attention, pack_gatt_dialogs
 from components.track.tracking import stage_run
 from flows._finetune import GattConfig, finetune
 from flows._stage import final_round, load_params, path, stage_config
@@ -26,10 +27,11 @@ def main() -> None:
         rows = read_table(path("data/raw/gatt.parquet")).to_pylist()[:cfg.sample.prompts or None]
         dialogs = [{"system": r["system"], "instruction": r["instruction"],
                     "users": [m["content"] for m in json.loads(r["messages"]) if m["role"] == "user"]} for r in rows]
-        training, stats = ghost_attention(dialogs, policy, cfg.sample, cfg.ray, cfg.first_turn_fraction)
+        dialogs = pack_gatt_dialogs(dialogs, cfg.max_turns)
+        training, turns, stats = ghost_attention(dialogs, policy, cfg.sample, cfg.ray, cfg.first_turn_fraction,
+                                                 cfg.history, cfg.redraws)
         print(f"[gatt] {stats}")
-        finetune("gatt", cfg, policy, training, OUT, run.info.run_id, too_long, last_turn_only=True,
-                 extra_metrics=stats)
+        finetune("gatt", cfg, policy, training, OUT, run.info.run_id, too_long, turns, extra_metrics=stats)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ it, so a user typing "<s>" or "</s>" gets plain text tokens.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from model.tokenizer import Tokenizer
@@ -57,19 +58,22 @@ def _encode_turn(tokenizer: Tokenizer, user: str, answer: str) -> tuple[list[int
     return tokens, len(prompt_tokens)
 
 
-def encode_dialog(tokenizer: Tokenizer, dialog: list[dict], last_turn_only: bool = False) -> EncodedDialog:
+def encode_dialog(tokenizer: Tokenizer, dialog: list[dict], turns: Collection[int] | None = None) -> EncodedDialog:
     """Tokens and loss mask of a complete conversation (ending with an assistant turn), for training.
 
-    last_turn_only: mask only the final assistant answer (Ghost Attention trains on the last turn).
+    turns: the indexes (0 = the first) of the assistant answers to train on, the others masked (Ghost Attention
+    trains only the answers that keep the instruction); None: every answer.
     """
     dialog = _validate(dialog)
     if dialog[-1]["role"] != "assistant":
         raise ChatFormatError("a training conversation must end with an assistant turn")
     tokens, mask = [], []
     pairs = list(zip(dialog[::2], dialog[1::2]))
+    if turns is not None and not set(turns) <= set(range(len(pairs))):
+        raise ChatFormatError(f"turns {sorted(turns)} to train on: the conversation has {len(pairs)} answers")
     for i, (user, answer) in enumerate(pairs):
         turn, n_prompt = _encode_turn(tokenizer, user["content"], answer["content"])
-        train = not last_turn_only or i == len(pairs) - 1
+        train = turns is None or i in turns
         tokens += turn
         mask += [0] * n_prompt + [int(train)] * (len(turn) - n_prompt)
     return EncodedDialog(tokens, mask)

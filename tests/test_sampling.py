@@ -10,9 +10,9 @@ import torch
 
 from components.cluster import RayConfig
 from components.rlhf.reward import init_reward_model, rm_scores
-from components.rlhf.sampling import (SampleConfig, adherence_by_turn, choose_reward, gatt_placements,
-                                      gatt_sampling_dialog, gatt_training_dialogs, ghost_attention, mean_scores, sample,
-                                      select_best, select_distilled, with_preprompt)
+from components.rlhf.sampling import (SampleConfig, adherence_by_turn, choose_reward, gatt_examples, gatt_placements,
+                                      gatt_sampling_dialog, gatt_training_dialogs, ghost_attention, mean_scores,
+                                      pack_gatt_dialogs, sample, select_best, select_distilled, with_preprompt)
 from model.chat import encode_dialog
 from model.checkpoint import save_checkpoint
 from tests.helpers import debug_model, small_tokenizer
@@ -41,25 +41,38 @@ def test_select_best_keeps_the_highest_reward_answer_per_prompt():
     assert stats["reward_gain"] > 0 and stats["samples"] == 6
 
 
-def test_gatt_samples_with_the_instruction_in_every_turn_and_trains_with_it_in_one_place_only():
-    d = {"system": "Be brief.", "users": ["q1", "q2"]}
+def test_gatt_trains_with_the_instruction_in_one_place_only_and_on_the_answers_that_keep_it():
+    a = lambda text: {"role": "assistant", "content": text}  # noqa: E731
+    d = {"system": "Be brief.", "users": ["q1", "q2"]}  # the paper's sampling: the instruction in every user turn
     assert gatt_sampling_dialog(d, False) == {"system": "Be brief.", "users": ["q1", "Be brief. q2"]}
     assert gatt_sampling_dialog(d, True) == {"system": "", "users": ["Be brief. q1", "Be brief. q2"]}
-    dialogs = [d, {"system": "Shout.", "users": ["r1", "r2"]}]
+    dialogs = [{"system": "Be brief.", "users": ["q1", "q2", "q3"]}, {"system": "Shout.", "users": ["r1", "r2"]}]
     training = gatt_training_dialogs(dialogs, [["a1", "a2"], ["B1", "B2"]], [False, True])
-    assert training == [
-        [{"role": "system", "content": "Be brief."}, USER("q1"), {"role": "assistant", "content": "a1"}],
-        [{"role": "system", "content": "Be brief."}, USER("q1"), {"role": "assistant", "content": "a1"}, USER("q2"),
-         {"role": "assistant", "content": "a2"}],
-        [USER("Shout. r1"), {"role": "assistant", "content": "B1"}],  # the instruction in the first user turn only
-        [USER("Shout. r1"), {"role": "assistant", "content": "B1"}, USER("r2"), {"role": "assistant", "content": "B2"}]]
+    assert training == [  # as many turns as answers
+        [{"role": "system", "content": "Be brief."}, USER("q1"), a("a1"), USER("q2"), a("a2")],
+        [USER("Shout. r1"), a("B1"), USER("r2"), a("B2")]]  # the instruction in the first user turn only
     assert gatt_training_dialogs(dialogs[:1], [["a1"]])[0][0]["role"] == "system"  # the default: system prompt
-    # Trained with loss on the last turn only: the earlier answer contributes no target token.
+    # Per turn, how many draws kept the instruction: a dialog is cut after its last kept answer and trained on the
+    # kept ones only; one with none is left out.
+    answers = [["a1", "a2", "a3"], ["B1", "B2"]]
+    kept, turns = gatt_examples(dialogs, answers, [[0, 2, 0], [1, 0]], [False, True])
+    assert kept == [training[0], training[1][:2]] and turns == [[1], [0]]
+    assert gatt_examples(dialogs, answers, [[0, 0, 0], [0, 0]], [False, True]) == ([], [])
+    # The dropped first answer stays in the history with no loss: the model learns to keep the instruction after it.
     tok = small_tokenizer()
-    for whole, first in ((training[1], training[0]), (training[3], training[2])):
-        enc = encode_dialog(tok, whole, last_turn_only=True)
-        first_answer_end = len(encode_dialog(tok, first).tokens)
-        assert sum(enc.loss_mask[:first_answer_end]) == 0 and sum(enc.loss_mask) > 0
+    enc = encode_dialog(tok, kept[0], turns[0])
+    first_answer_end = len(encode_dialog(tok, kept[0][:3]).tokens)
+    assert sum(enc.loss_mask[:first_answer_end]) == 0 and sum(enc.loss_mask) > 0
+
+
+def test_pack_gatt_dialogs_joins_one_instruction_up_to_max_turns():
+    d = lambda system, key, users: {"system": system, "instruction": key, "users": users}  # noqa: E731
+    dialogs = [d("s1", "a", ["1", "2"]), d("t", "b", ["x"]), d("s2", "a", ["3", "4", "5"]), d("s3", "a", ["6", "7"]),
+               d("s4", "a", ["8"] * 7)]
+    assert pack_gatt_dialogs(dialogs, 0) == dialogs
+    assert pack_gatt_dialogs(dialogs, 6) == [d("s1", "a", ["1", "2", "3", "4", "5"]), d("s3", "a", ["6", "7"]),
+                                             d("s4", "a", ["8"] * 7), d("t", "b", ["x"])]  # a longer one stays whole
+    assert dialogs[0]["users"] == ["1", "2"]  # the input is not changed
 
 
 def test_gatt_placements_are_seeded_and_follow_the_fraction():
@@ -144,23 +157,29 @@ def test_ghost_attention_answers_every_turn_and_trains_the_turns_that_keep_the_i
     one_word = [{"system": "Answer in one word.", "users": ["a", "b", "c"], "instruction": "one_word"},
                 {"system": "One word.", "users": ["d"], "instruction": "one_word"}]
     cfg = SampleConfig(k=8, temperature=1.0, max_new_tokens=1)
-    training, stats = ghost_attention(one_word, checkpoints / "policy", cfg, RAY)
-    assert {k: stats[k] for k in ("dialogs", "examples", "turns_mean", "first_turn_dialogs", "turns_kept")} == {
-        "dialogs": 2, "examples": 4, "turns_mean": 2.0, "first_turn_dialogs": 0, "turns_kept": 1.0}
+    for history in (True, False):  # the paper's whole dialogs, or turn by turn
+        training, turns, stats = ghost_attention(one_word, checkpoints / "policy", cfg, RAY, history=history)
+        assert [len(d) for d in training] == [7, 3] and turns == [[0, 1, 2], [0]]
+    assert {k: stats[k] for k in ("dialogs", "examples", "turns_mean", "first_turn_dialogs", "turns_kept",
+                                  "turns_trained")} == {
+        "dialogs": 2, "examples": 2, "turns_mean": 2.0, "first_turn_dialogs": 0, "turns_kept": 1.0, "turns_trained": 4}
     assert stats["data_adherence_turn1"] == stats["data_adherence_turn3"] == 1.0
     assert 0 < stats["sampled_adherence_turn1"] <= 1
-    assert [len(d) for d in training] == [3, 5, 7, 3]
-    assert all(m["content"] in ("a", "b", "c") for m in training[2] if m["role"] == "user")  # no instruction
-    assert all(len(d[-1]["content"].split()) == 1 for d in training)
+    assert [len(d) for d in training] == [7, 3] and turns == [[0, 1, 2], [0]]
+    assert [m["content"] for m in training[0] if m["role"] == "user"] == ["a", "b", "c"]  # no instruction
+    assert all(len(m["content"].split()) == 1 for d in training for m in d if m["role"] == "assistant")
     # Every dialog with its instruction in the first user turn: no system prompt anywhere.
-    training, stats = ghost_attention(one_word, checkpoints / "policy", cfg, RAY, 1.0)
-    assert stats["first_turn_dialogs"] == 2 and [len(d) for d in training] == [2, 4, 6, 2]
-    assert training[2][0] == USER("Answer in one word. a") and [m["content"] for m in training[2][2::2]] == ["b", "c"]
+    training, turns, stats = ghost_attention(one_word, checkpoints / "policy", cfg, RAY, 1.0)
+    assert stats["first_turn_dialogs"] == 2 and [len(d) for d in training] == [6, 2]
+    assert training[0][0] == USER("Answer in one word. a") and [m["content"] for m in training[0][2::2]] == ["b", "c"]
     # A debug policy writes no all-uppercase 6-token answer: only turns whose answer keeps the instruction are
     # trained (here: none).
     shout = [{"system": "Shout.", "users": ["d", "e"], "instruction": "uppercase"}]
-    training, stats = ghost_attention(shout, checkpoints / "policy", SampleConfig(k=2, max_new_tokens=6), RAY)
-    assert stats["sampled_adherence_turn1"] == stats["turns_kept"] == 0 and training == []
+    training, turns, stats = ghost_attention(shout, checkpoints / "policy", SampleConfig(k=2, max_new_tokens=6), RAY,
+                                             history=False, redraws=1)
+    assert stats["sampled_adherence_turn1"] == stats["turns_kept"] == 0 and training == turns == []
+    with pytest.raises(ValueError, match="redraws"):
+        ghost_attention(shout, checkpoints / "policy", cfg, RAY, redraws=1)
 
 
 def test_mean_scores_are_the_reward_models_on_greedy_answers(ray_local, checkpoints):

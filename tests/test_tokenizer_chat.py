@@ -86,9 +86,14 @@ def test_multi_turn_tokens_and_masks():
     answer_ids = [t for t, m in zip(out.tokens, out.loss_mask) if m]
     assert answer_ids.count(EOS_ID) == 2
     assert tok.decode(answer_ids).split() == ["hello", "world", "a", "cat"]
-    last = encode_dialog(tok, dialog, last_turn_only=True)
+    last = encode_dialog(tok, dialog, turns=[1])
     assert last.tokens == out.tokens
     assert last.loss_mask == [0] * len(turn1) + out.loss_mask[len(turn1):]
+    first = encode_dialog(tok, dialog, turns=[0])  # the answers to train on: the first only
+    assert first.loss_mask == out.loss_mask[:len(turn1)] + [0] * len(turn2)
+    assert encode_dialog(tok, dialog, turns=[]).loss_mask == [0] * len(out.tokens)
+    with pytest.raises(ChatFormatError, match="turns"):
+        encode_dialog(tok, dialog, turns=[2])
     # Prompting on the same conversation minus the last answer gives the training tokens' prefix.
     assert encode_prompt(tok, dialog[:-1]) == out.tokens[:len(turn1) + len(prompt2)]
 

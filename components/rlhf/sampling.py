@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -110,13 +110,17 @@ class Sampler:
                 with bf16_autocast(self.device, cfg.bf16):
                     out = generate(self.model, encoded, params, tok.eos_id, tok.pad_id)
                 answers = [tok.decode(t).strip() for t in out.tokens]
+                likely = [sum(lp) / max(1, len(lp)) for lp in out.logprobs]  # mean log-probability per token
                 for j, i in enumerate(batch):
                     drawn = answers[j * cfg.k:(j + 1) * cfg.k]
                     if rows[i]["instruction"] is None:
                         results[i]["answers"] += drawn
-                    else:  # a dialog goes on with one answer a turn: the first of the k that keeps its instruction
+                    else:  # a dialog goes on with one answer a turn: the policy's likeliest of the k that keep the
+                        # instruction (closest to its greedy answer: a random one of them is more often wrong)
                         follows = [oracle.gatt_adherence(rows[i]["instruction"], a) for a in drawn]
-                        results[i]["answers"].append(drawn[follows.index(True)] if any(follows) else drawn[0])
+                        best = max((n for n in range(cfg.k) if follows[n]), default=0,
+                                   key=lambda n: likely[j * cfg.k + n])
+                        results[i]["answers"].append(drawn[best])
                         results[i].setdefault("adherent", []).append(sum(follows))
                 tokens += sum(len(t) for t in out.tokens)
         print(f"[sample] {len(rows)} prompts x {cfg.k}: {tokens} tokens in {time.perf_counter() - begin:.1f} s",
@@ -158,7 +162,7 @@ def sample(rows: list[dict], policy, cfg: SampleConfig, ray_cfg, reward_models: 
     A row is {"prompt": messages, "score_prompt": messages (default: prompt), "later":
     [user messages] (default: none), "instruction": a GAtt instruction key (default: none)}: its prompt answered
     cfg.k times, or with later user turns once per turn, each answer kept in the history the next turn is asked in
-    (such a row is not scored). A row with an instruction draws k answers a turn and goes on with the first that
+    (such a row is not scored). A row with an instruction draws k answers a turn and goes on with the likeliest that
     follows it (oracle.gatt_adherence, the annotator's check; else the first drawn), counting them in "adherent".
     Returns, in row order, {"answers": [str], <rm name>: [k float]: each answer appended to score_prompt, scored}."""
     return sample_many([(policy, rows)], cfg, ray_cfg, reward_models)[0]
@@ -267,29 +271,50 @@ def gatt_placements(n: int, first_turn_fraction: float, seed: int) -> list[bool]
     return [rng.random() < first_turn_fraction for _ in range(n)]
 
 
-def gatt_sampling_dialog(dialog: dict, first_turn: bool) -> dict:
-    """The dialog as GAtt samples it: the instruction concatenated to every user turn, so the policy sees it wherever
-    it answers; a system-prompt dialog keeps it there for the first turn (the place the SFT data taught)."""
-    system, users = dialog["system"], dialog["users"]
-    if first_turn:
-        return {"system": "", "users": [f"{system} {u}" for u in users]}
-    return {"system": system, "users": users[:1] + [f"{system} {u}" for u in users[1:]]}
+def pack_gatt_dialogs(dialogs: list[dict], max_turns: int) -> list[dict]:
+    """Dialogs of one instruction joined in table order (the first one's system prompt and key) into dialogs of at
+    most max_turns user turns (0: as they are; a longer one stays whole): training dialogs as long as the held-out
+    ones (6 turns) from a table of 2-4 (sampled turn by turn, history false, a join changes only the history)."""
+    if max_turns <= 0:
+        return dialogs
+    packed, growing = [], {}
+    for d in dialogs:
+        current = growing.get(d["instruction"])
+        if current is not None and len(current["users"]) + len(d["users"]) <= max_turns:
+            current["users"] += d["users"]
+            continue
+        if current is not None:
+            packed.append(current)
+        growing[d["instruction"]] = {**d, "users": list(d["users"])}
+    return packed + list(growing.values())
 
 
 def gatt_training_dialogs(dialogs: list[dict], answers: list[list[str]], first_turn: list[bool] | None = None,
                           ) -> list[list[dict]]:
     """GAtt's training data: the instruction only where the dialog places it (the system prompt, or the first user
-    turn), the later user turns plain, the sampled answers; one dialog per turn prefix, each to be trained with loss
-    on its last turn only (the earlier turns, sampled with the instruction in view, get none)."""
+    turn), the later user turns plain, the sampled answers (as many turns as answers); one conversation per dialog,
+    to be trained on the answers that keep the instruction (earlier turns were sampled with it in view)."""
     training = []
     for d, said, first in zip(dialogs, answers, first_turn or [False] * len(dialogs), strict=True):
         dialog, users = [] if first else [{"role": "system", "content": d["system"]}], list(d["users"])
         if first:
             users[0] = f"{d['system']} {users[0]}"
         for user, answer in zip(users, said):
-            dialog = dialog + [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-            training.append(dialog)
+            dialog += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        training.append(dialog)
     return training
+
+
+def gatt_examples(dialogs: list[dict], answers: list[list[str]], adherent: list[list[int]], first_turn: list[bool],
+                  ) -> tuple[list[list[dict]], list[list[int]]]:
+    """The training dialogs (gatt_training_dialogs) cut after their last answer that keeps the instruction
+    (adherent: per turn, how many of the draws kept it), and per dialog the turns to train; a dialog without one is
+    left out."""
+    kept = [[t for t, n in enumerate(ns) if n] for ns in adherent]
+    whole = gatt_training_dialogs(dialogs, [a[:k[-1] + 1] if k else [] for a, k in zip(answers, kept, strict=True)],
+                                  first_turn)
+    pairs = [(d, k) for d, k in zip(whole, kept) if k]
+    return [d for d, _ in pairs], [k for _, k in pairs]
 
 
 def adherence_by_turn(instructions: list[str], answers: list[list[str]], prefix: str) -> dict:
@@ -304,30 +329,70 @@ def adherence_by_turn(instructions: list[str], answers: list[list[str]], prefix:
     return {prefix.rstrip("_"): sum(every) / max(1, len(every)), **out}
 
 
+def gatt_sampling_dialog(dialog: dict, first_turn: bool) -> dict:
+    """The dialog as the paper's GAtt samples it: the instruction concatenated to every user turn, so the policy sees
+    it wherever it answers; a system-prompt dialog keeps it there for the first turn (the place the SFT data taught)."""
+    system, users = dialog["system"], dialog["users"]
+    if first_turn:
+        return {"system": "", "users": [f"{system} {u}" for u in users]}
+    return {"system": system, "users": users[:1] + [f"{system} {u}" for u in users[1:]]}
+
+
+def _gatt_turns_alone(dialogs: list[dict], policy, cfg: SampleConfig, ray_cfg, redraws: int,
+                      ) -> tuple[list[list[str]], list[list[int]], list[list[int]]]:
+    """Every user turn answered on its own, the instruction as its system prompt; a turn none of whose k answers keeps
+    it drawn k more times (another seed), up to redraws times. Per dialog and turn: the answer, how many draws kept the
+    instruction in the end, and in the first k."""
+    rows = [{"prompt": [{"role": "system", "content": d["system"]}, {"role": "user", "content": u}],
+             "instruction": d["instruction"]} for d in dialogs for u in d["users"]]
+    results = sample(rows, policy, cfg, ray_cfg)
+    first = [r["adherent"][0] for r in results]
+    for attempt in range(1, redraws + 1):
+        missing = [i for i, r in enumerate(results) if not r["adherent"][0]]
+        if missing:
+            for i, r in zip(missing, sample([rows[i] for i in missing], policy, replace(cfg, seed=cfg.seed + attempt),
+                                            ray_cfg), strict=True):
+                results[i] = r
+    ends = [sum(len(d["users"]) for d in dialogs[:i + 1]) for i in range(len(dialogs))]
+    per_dialog = lambda xs: [xs[end - len(d["users"]):end] for d, end in zip(dialogs, ends)]  # noqa: E731
+    return (per_dialog([r["answers"][0] for r in results]), per_dialog([r["adherent"][0] for r in results]),
+            per_dialog(first))
+
+
 def ghost_attention(dialogs: list[dict], policy, cfg: SampleConfig, ray_cfg, first_turn_fraction: float = 0.0,
-                    ) -> tuple[list[list[dict]], dict]:
-    """§3.3: answer multi-turn dialogs ({"system": str, "users": [str], "instruction": oracle key}) turn by turn with
-    the instruction in every user turn, cfg.k answers a turn, going on with one that follows the instruction; some
-    dialogs (first_turn_fraction) carry it in the first user turn instead of the system prompt. Every turn whose
-    answer follows the instruction is a training example (the annotator's check: one that drops it would teach the
-    opposite of GAtt); its history is kept as sampled. Stats: how often the drawn answers follow the instruction, per
-    turn (sampled_adherence_), how often the kept ones do (data_adherence_), and the share of turns trained."""
+                    history: bool = True, redraws: int = 0) -> tuple[list[list[dict]], list[list[int]], dict]:
+    """§3.3: every turn of the multi-turn dialogs ({"system": str, "users": [str], "instruction": oracle key})
+    answered cfg.k times with the instruction in view, the policy's likeliest answer that follows it kept (the
+    annotator's check; else the first drawn). history: as the paper, the dialog sampled turn after turn with the instruction concatenated
+    to every user turn, the kept answers in the history; else each turn on its own with the instruction as its system
+    prompt (a small policy ignores it in a user turn: tiny profile, r2 PPO policy, end_ok and start_well kept in 0 of
+    4 draws at turns 2-4 with history, in 14% and 52% alone), with redraws (_gatt_turns_alone). The training dialogs
+    carry the instruction in one place only (the system prompt, or the first user turn for first_turn_fraction of
+    them), cut after their last kept answer. Returns them, the turns to train in each (those whose answer keeps the
+    instruction: one that drops it would teach the opposite of GAtt) and stats: how often the first k drawn answers
+    follow it, per turn (sampled_adherence_), how often the kept ones do (data_adherence_), the share of turns
+    trained."""
+    if history and redraws:
+        raise ValueError("redraws need history=False: a redrawn turn would change the history of the later ones")
     first_turn = gatt_placements(len(dialogs), first_turn_fraction, cfg.seed)
-    sampling = [{**gatt_sampling_dialog(d, f), "instruction": d["instruction"]} for d, f in zip(dialogs, first_turn)]
-    results = sample(turn_rows(sampling), policy, cfg, ray_cfg)
-    answers = [r["answers"] for r in results]
-    follows = [n > 0 for r in results for n in r["adherent"]]  # in gatt_training_dialogs' order: dialog, then turn
-    training = [d for d, keep in zip(gatt_training_dialogs(dialogs, answers, first_turn), follows, strict=True)
-                if keep]
+    if history:
+        rows = [{**gatt_sampling_dialog(d, f), "instruction": d["instruction"]} for d, f in zip(dialogs, first_turn)]
+        results = sample(turn_rows(rows), policy, cfg, ray_cfg)
+        answers, adherent = [r["answers"] for r in results], [r["adherent"] for r in results]
+        first_draws = adherent
+    else:
+        answers, adherent, first_draws = _gatt_turns_alone(dialogs, policy, cfg, ray_cfg, redraws)
+    training, kept = gatt_examples(dialogs, answers, adherent, first_turn)
     drawn: dict[int, list[float]] = {}
-    for r in results:
-        for t, n in enumerate(r["adherent"]):
+    for ns in first_draws:
+        for t, n in enumerate(ns):
             drawn.setdefault(t, []).append(n / cfg.k)
-    return training, {"dialogs": len(dialogs), "examples": len(training), "first_turn_dialogs": sum(first_turn),
-                      "turns_mean": sum(len(a) for a in answers) / len(answers),
-                      "turns_kept": len(training) / max(1, len(follows)),
-                      **{f"sampled_adherence_turn{t + 1}": sum(v) / len(v) for t, v in sorted(drawn.items())},
-                      **adherence_by_turn([d["instruction"] for d in dialogs], answers, "data_adherence_")}
+    trained, turns = sum(len(k) for k in kept), sum(len(a) for a in answers)
+    return training, kept, {
+        "dialogs": len(dialogs), "examples": len(training), "first_turn_dialogs": sum(first_turn),
+        "turns_mean": turns / len(answers), "turns_trained": trained, "turns_kept": trained / max(1, turns),
+        **{f"sampled_adherence_turn{t + 1}": sum(v) / len(v) for t, v in sorted(drawn.items())},
+        **adherence_by_turn([d["instruction"] for d in dialogs], answers, "data_adherence_")}
 
 
 def select_distilled(prompts: list[list[dict]], with_preprompt: list[dict], without: list[dict], plain_below: float,
