@@ -81,3 +81,15 @@ def test_choose_baseline():
     untagged = choose_baseline({"version": 1, "tags": {}}, "tiny")
     assert untagged[0] == "sft" and "no profile tag" in untagged[1]
     assert choose_baseline({"version": 4, "tags": {"profile": "tiny"}}, "tiny")[0] == "champion"
+
+
+def test_make_run_says_whether_the_gate_moved_the_champion():
+    from components.track.tracking import gate_line
+
+    passed = {"passed": True, "compared_with": "sft", "metrics": {"helpfulness": {"passed": True}}}
+    failed = {"passed": False, "compared_with": "sft",
+              "metrics": {"helpfulness": {"passed": True}, "refusal_rate_harmful": {"passed": False}}}
+    assert "passed" in gate_line(passed) and "champion" in gate_line(passed)
+    line = gate_line(failed)
+    assert "FAILED on refusal_rate_harmful" in line and "LLAMA2_MODEL_URI=checkpoints/chat make serve" in line
+    assert gate_line({}) == ""

@@ -332,6 +332,11 @@ def test_resolve_checkpoint_paths_and_registry(registry, tmp_path):
     with pytest.raises(ValueError, match="unsupported model URI"):
         resolve_checkpoint(f"models:/{REGISTERED}", tracking_uri)
     assert pin_version(f"models:/{REGISTERED}@champion", tracking_uri) == f"models:/{REGISTERED}/1"
+    for missing in (f"models:/{REGISTERED}@never-promoted", "models:/no-such-model@champion"):
+        with pytest.raises(LookupError, match="promotion gate .* LLAMA2_MODEL_URI=checkpoints/chat"):
+            resolve_checkpoint(missing, tracking_uri, tmp_path / "cache")
+        with pytest.raises(LookupError, match="no such registered model or alias"):
+            pin_version(missing, tracking_uri)
     cache = tmp_path / "cache"
     assert cache.stat().st_mode & 0o777 == 0o700 and len(list(cache.rglob(HASHES_FILE))) == 1
     weights = by_version / "model.safetensors"

@@ -74,7 +74,22 @@ def pin_version(model_uri: str, tracking_uri: str | None = None) -> str:
 
     tracking_uri = tracking_uri or default_tracking_uri()
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    return f"models:/{name}/{client.get_model_version_by_alias(name, alias).version}"
+    return f"models:/{name}/{alias_version(client, name, alias, tracking_uri)}"
+
+
+def alias_version(client, name: str, alias: str, tracking_uri: str) -> str:
+    """The version `alias` points at; a clear error when the model or the alias does not exist (the pipeline's
+    `champion` moves only when evaluate's gate passes: after a first run that failed it, there is none)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias).version
+    except MlflowException as e:
+        raise LookupError(
+            f"models:/{name}@{alias}: no such registered model or alias in {tracking_uri} ({e.message}). The pipeline "
+            f"moves '{alias}' only when evaluate's promotion gate passes (metrics/eval.json 'gate'); serve a version "
+            f"(models:/{name}/<n>) or a checkpoint folder instead, e.g. LLAMA2_MODEL_URI=checkpoints/chat make serve"
+        ) from None
 
 
 def find_checkpoint_dir(root: Path) -> Path:
@@ -126,7 +141,7 @@ def resolve_checkpoint(model_uri: str, tracking_uri: str | None = None, cache_di
     name, alias, version = _parse_models_uri(model_uri)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     if alias is not None:
-        version = client.get_model_version_by_alias(name, alias).version
+        version = alias_version(client, name, alias, tracking_uri)
 
     cache_root = private_dir(Path(cache_dir) if cache_dir else default_cache_dir())
     key = hashlib.sha1(tracking_uri.encode()).hexdigest()[:10]

@@ -236,7 +236,21 @@ def summary() -> str:
     if experiment is not None:  # MLflow 3.x's UI opens in its GenAI view unless the URL asks for the training one
         lines.append(f"\nMLflow UI page of these runs (once `mlflow ui` runs): http://127.0.0.1:5000/#/experiments/"
                      f"{experiment.experiment_id}?workflowType=machine_learning")
+    if (REPO_ROOT / "metrics/eval.json").is_file():
+        lines.append(gate_line(read_json(REPO_ROOT / "metrics/eval.json").get("gate") or {}))
     return "\n".join(lines)
+
+
+def gate_line(gate: dict) -> str:
+    """evaluate's promotion gate in one line: whether `make serve` (the champion alias) serves this run's chat."""
+    if not gate:
+        return ""
+    if gate.get("passed"):
+        return f"Promotion gate vs {gate['compared_with']}: passed; this run's chat model is the champion."
+    failed = ", ".join(m for m, check in gate.get("metrics", {}).items() if not check.get("passed"))
+    return (f"Promotion gate vs {gate['compared_with']}: FAILED on {failed} (metrics/eval.json 'gate'): the champion "
+            f"alias did not move. `make serve` serves the previous champion, if any; to serve this run's model: "
+            f"LLAMA2_MODEL_URI=checkpoints/chat make serve")
 
 
 if __name__ == "__main__":
