@@ -2,8 +2,9 @@
 over calling `generate` directly at batch 1 (same prompt, same max_tokens, greedy; the median latency ratio - 1),
 then aggregate tokens/s, p50/p99 latency and p50 time to first token (streamed) at 1, 4, 16 and 32 concurrent
 clients, and where the CPU went: CPU ms per generated token in the clients (this process), Serve's HTTP proxy and the
-replica, and how busy the machine's cores were (the clients share them with the server here). Each client sends its requests one after another (/v1/completions, prompts of 16-48 random ids), half
-greedy and half seeded top-p sampling, so no two clients share sampling parameters. Prints a markdown table.
+replica, and how busy the machine's cores were (the clients share them with the server here). Each client sends its
+requests one after another (/v1/completions, prompts of 16-48 random ids), half greedy and half seeded top-p
+sampling, so no two clients share sampling parameters. Prints a markdown table.
 
     .venv/bin/python -m benchmarks.bench_serve                      # tiny profile's shape (params.yaml), random weights
     .venv/bin/python -m benchmarks.bench_serve --checkpoint PATH    # a checkpoint folder (the pipeline's chat model)

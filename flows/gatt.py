@@ -6,11 +6,10 @@ follow their instruction, per turn (sampled_adherence_turn<t>: the first k draws
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 
 from components.data.datasets import read_table, too_long_policy
-from components.rlhf.sampling import ghost_attention, pack_gatt_dialogs
+from components.rlhf.sampling import ghost_attention, pack_gatt_dialogs, table_dialogs
 from components.track.tracking import stage_run
 from flows._finetune import GattConfig, finetune
 from flows._stage import final_round, load_params, path, stage_config
@@ -25,9 +24,7 @@ def main() -> None:
     cfg = stage_config(params, "gatt", GattConfig)
     with stage_run("gatt", asdict(cfg), params["profile"], [policy, path("data/raw")], OUT) as run:
         rows = read_table(path("data/raw/gatt.parquet")).to_pylist()[:cfg.sample.prompts or None]
-        dialogs = [{"system": r["system"], "instruction": r["instruction"],
-                    "users": [m["content"] for m in json.loads(r["messages"]) if m["role"] == "user"]} for r in rows]
-        dialogs = pack_gatt_dialogs(dialogs, cfg.max_turns)
+        dialogs = pack_gatt_dialogs(table_dialogs(rows), cfg.max_turns)
         training, turns, stats = ghost_attention(dialogs, policy, cfg.sample, cfg.ray, cfg.first_turn_fraction,
                                                  cfg.history, cfg.redraws)
         print(f"[gatt] {stats}")

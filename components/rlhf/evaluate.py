@@ -14,7 +14,7 @@ from pathlib import Path
 from components.cluster import RayConfig
 from components.data import oracle
 from components.rlhf.gate import PromotionConfig, choose_baseline, decide
-from components.rlhf.sampling import SampleConfig, sample_many, turn_rows
+from components.rlhf.sampling import SampleConfig, sample_many, table_dialogs, turn_rows
 from components.rlhf.stats import mean_summary, rate_summary
 
 
@@ -80,12 +80,6 @@ def evaluate_prompts(checkpoint, records: list[dict], reward_models: dict, cfg: 
     return evaluate_checkpoint(checkpoint, records, [], reward_models, cfg)
 
 
-def gatt_turn_dialogs(dialogs: list[dict]) -> list[dict]:
-    """eval_gatt rows as turn_rows dialogs: the system instruction, then the user turns (answered by the model)."""
-    return [{"system": d["system"], "users": [m["content"] for m in json.loads(d["messages"]) if m["role"] == "user"]}
-            for d in dialogs]
-
-
 def gatt_metrics(dialogs: list[dict], answers: list[list[str]]) -> dict:
     """Per turn (as many as the longest dialog has), the fraction of the model's answers to multi-turn eval_gatt
     dialogs (its own answers kept in the history) that follow the system instruction, with its n and Wilson
@@ -115,8 +109,9 @@ def evaluate_checkpoints(checkpoints: dict[str, str | Path], eval_records: list[
     (name -> checkpoint folder) once, never in the caller. gatt_dialogs may be empty (no GAtt metrics)."""
     prompts = [json.loads(r["prompt"]) for r in eval_records]
     tasks = [(ckpt, [{"prompt": p} for p in prompts]) for ckpt in checkpoints.values()]
-    if gatt_dialogs:  # answered without reward models: multi-turn rows are not scored
-        tasks += [(ckpt, turn_rows(gatt_turn_dialogs(gatt_dialogs))) for ckpt in checkpoints.values()]
+    if gatt_dialogs:  # answered plainly (no instruction check), and not scored: multi-turn rows
+        plain = turn_rows([{**d, "instruction": None} for d in table_dialogs(gatt_dialogs)])
+        tasks += [(ckpt, plain) for ckpt in checkpoints.values()]
     results = sample_many(tasks, cfg.sampling(), cfg.ray, reward_models)
     out = {}
     for i, name in enumerate(checkpoints):

@@ -213,6 +213,12 @@ def sample_many(tasks: list[tuple[object, list[dict]]], cfg: SampleConfig, ray_c
     return out
 
 
+def table_dialogs(rows: list[dict]) -> list[dict]:
+    """Rows of the world's gatt / eval_gatt tables as dialogs: {"system", "instruction", "users": [user turns]}."""
+    return [{"system": r["system"], "instruction": r["instruction"],
+             "users": [m["content"] for m in json.loads(r["messages"]) if m["role"] == "user"]} for r in rows]
+
+
 def turn_rows(dialogs: list[dict]) -> list[dict]:
     return [{"prompt": ([{"role": "system", "content": d["system"]}] if d["system"] else [])
              + [{"role": "user", "content": d["users"][0]}],
@@ -363,12 +369,12 @@ def ghost_attention(dialogs: list[dict], policy, cfg: SampleConfig, ray_cfg, fir
                     history: bool = True, redraws: int = 0) -> tuple[list[list[dict]], list[list[int]], dict]:
     """§3.3: every turn of the multi-turn dialogs ({"system": str, "users": [str], "instruction": oracle key})
     answered cfg.k times with the instruction in view, the policy's likeliest answer that follows it kept (the
-    annotator's check; else the first drawn). history: as the paper, the dialog sampled turn after turn with the instruction concatenated
-    to every user turn, the kept answers in the history; else each turn on its own with the instruction as its system
-    prompt (a small policy ignores it in a user turn: tiny profile, r2 PPO policy, end_ok and start_well kept in 0 of
-    4 draws at turns 2-4 with history, in 14% and 52% alone), with redraws (_gatt_turns_alone). The training dialogs
-    carry the instruction in one place only (the system prompt, or the first user turn for first_turn_fraction of
-    them), cut after their last kept answer. Returns them, the turns to train in each (those whose answer keeps the
+    annotator's check; else the first drawn). history: as the paper, the dialog sampled turn after turn with the
+    instruction concatenated to every user turn, the kept answers in the history; else each turn on its own with the
+    instruction as its system prompt (a small policy ignores it in a user turn: tiny profile, r2 PPO policy, end_ok
+    and start_well kept in 0 of 4 draws at turns 2-4 with history, in 14% and 52% alone), with redraws
+    (_gatt_turns_alone). The training dialogs carry the instruction in one place only (the system prompt, or the first
+    user turn for first_turn_fraction of them), cut after their last kept answer. Returns them, the turns to train in each (those whose answer keeps the
     instruction: one that drops it would teach the opposite of GAtt) and stats: how often the first k drawn answers
     follow it, per turn (sampled_adherence_), how often the kept ones do (data_adherence_), the share of turns
     trained."""
