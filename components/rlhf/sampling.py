@@ -374,10 +374,10 @@ def ghost_attention(dialogs: list[dict], policy, cfg: SampleConfig, ray_cfg, fir
     instruction as its system prompt (a small policy ignores it in a user turn: tiny profile, r2 PPO policy, end_ok
     and start_well kept in 0 of 4 draws at turns 2-4 with history, in 14% and 52% alone), with redraws
     (_gatt_turns_alone). The training dialogs carry the instruction in one place only (the system prompt, or the first
-    user turn for first_turn_fraction of them), cut after their last kept answer. Returns them, the turns to train in each (those whose answer keeps the
-    instruction: one that drops it would teach the opposite of GAtt) and stats: how often the first k drawn answers
-    follow it, per turn (sampled_adherence_), how often the kept ones do (data_adherence_), the share of turns
-    trained."""
+    user turn for first_turn_fraction of them), cut after their last kept answer. Returns them, the turns to train in
+    each (those whose answer keeps the instruction: one that drops it would teach the opposite of GAtt) and stats: how
+    often the first k drawn answers follow it, per turn (sampled_adherence_), how often the kept ones do
+    (data_adherence_), the share of turns trained."""
     if history and redraws:
         raise ValueError("redraws need history=False: a redrawn turn would change the history of the later ones")
     first_turn = gatt_placements(len(dialogs), first_turn_fraction, cfg.seed)
