@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TypeVar
@@ -126,6 +127,26 @@ def finish_stage(stage: str, metrics: dict, checkpoint: Path | None = None) -> N
     write_metrics(files_name(stage), metrics)
     if checkpoint is not None:
         write_curves(files_name(stage), checkpoint)
+
+
+def run_stage(main: Callable[[], object]) -> None:
+    """A stage script's entry point: main(), then leave without the interpreter's teardown. With torch, Ray and MLflow
+    loaded, freeing every module at exit takes 1.5-2.5 s of CPU on 2 cores, once per stage, for nothing: main() has
+    ended the MLflow run and written every output by then. Ray is left cleanly (its atexit would do the same). An
+    exception propagates and takes the normal exit, traceback and status included."""
+    import logging
+    import os
+    import sys
+
+    main()
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def files_name(stage: str) -> str:

@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 from components.rlhf.benchmarks import BenchmarkConfig, BenchmarkDataError, benchmark
 from components.track.tracking import stage_run
-from flows._stage import load_params, path, stage_config, write_metrics
+from flows._stage import load_params, path, run_stage, stage_config, write_metrics
 
 CHAT = path("checkpoints/chat")
 
@@ -39,4 +39,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

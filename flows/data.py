@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 from components.data.ingest import DataConfig, IngestError, build_data, lineage_params, write_data
 from components.track.tracking import stage_run
-from flows._stage import load_params, path, section, write_metrics
+from flows._stage import load_params, path, run_stage, section, write_metrics
 
 OUT = path("data/raw")
 
@@ -34,4 +34,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -15,7 +15,7 @@ from components.data.datasets import read_table, too_long_policy
 from components.rlhf.sampling import context_distillation, mean_scores, with_preprompt
 from components.track.tracking import stage_run
 from flows._finetune import DistillConfig, finetune, fitting_prompts
-from flows._stage import final_round, finish_stage, load_params, path, stage_config
+from flows._stage import final_round, finish_stage, load_params, path, run_stage, stage_config
 from model.checkpoint import copy_checkpoint
 
 POLICY, OUT = path("checkpoints/gatt"), path("checkpoints/chat")
@@ -83,4 +83,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

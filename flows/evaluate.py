@@ -9,7 +9,7 @@ from components.common import read_json, write_json
 from components.data.datasets import read_table
 from components.rlhf.evaluate import EvalConfig, eval_set_sha256, evaluate_checkpoints, promotion_gate
 from components.track.tracking import RUN_FILE, stage_run
-from flows._stage import final_round, load_params, path, rlhf_rounds, stage_config, write_metrics
+from flows._stage import final_round, load_params, path, rlhf_rounds, run_stage, stage_config, write_metrics
 
 
 def model_stages(params: dict) -> dict[str, object]:
@@ -95,4 +95,4 @@ def print_table(table: dict, gate: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -8,7 +8,7 @@ from components.data.filter import FilterConfig, run_filter
 from components.cluster import init_ray
 from components.track.tracking import stage_run
 from components.data.oracle import TOXIC_LEXICON
-from flows._stage import load_params, path, ray_config, section
+from flows._stage import load_params, path, ray_config, run_stage, section
 
 OUT = path("data/clean")
 
@@ -37,4 +37,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -12,7 +12,7 @@ from components.data.datasets import read_table, too_long_policy
 from components.rlhf.sampling import ghost_attention, pack_gatt_dialogs, table_dialogs
 from components.track.tracking import stage_run
 from flows._finetune import GattConfig, finetune
-from flows._stage import final_round, load_params, path, stage_config
+from flows._stage import final_round, load_params, path, run_stage, stage_config
 
 OUT = path("checkpoints/gatt")
 
@@ -32,4 +32,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -10,7 +10,7 @@ from components.data.datasets import fit_context, read_table
 from components.rlhf.reward import resolve_safety_threshold
 from components.train.ppo import PPOStageConfig, train_ppo
 from components.track.tracking import stage_run
-from flows._stage import finish_stage, load_params, path, rlhf_round, round_arg, stage_config
+from flows._stage import finish_stage, load_params, path, rlhf_round, round_arg, run_stage, stage_config
 from model.chat import encode_prompt
 from model.checkpoint import load_args
 from model.tokenizer import Tokenizer
@@ -37,4 +37,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

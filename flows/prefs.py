@@ -14,7 +14,7 @@ from components.data.datasets import fit_context, read_table
 from components.rlhf.annotate import KINDS, PrefsConfig, annotate, counts, draw_prompts, kind_of, pooled
 from components.rlhf.sampling import sample
 from components.track.tracking import stage_run
-from flows._stage import load_params, path, rlhf_round, round_arg, stage_config, write_metrics
+from flows._stage import load_params, path, rlhf_round, round_arg, run_stage, stage_config, write_metrics
 from model.chat import encode_prompt
 from model.checkpoint import load_args
 from model.tokenizer import Tokenizer
@@ -58,4 +58,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -12,7 +12,7 @@ from pathlib import Path
 from components.data.token_blocks import pretrain_data
 from components.train.lm import PretrainConfig, scratch_blocks, train_lm
 from components.track.tracking import stage_run
-from flows._stage import finish_stage, load_params, path, stage_config, write_metrics
+from flows._stage import finish_stage, load_params, path, run_stage, stage_config, write_metrics
 from model.checkpoint import atomic_dir
 from model.tokenizer import Tokenizer
 
@@ -49,4 +49,4 @@ def main() -> None:
         finish_stage("pretrain", metrics, OUT)
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

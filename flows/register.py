@@ -9,7 +9,7 @@ from components.common import read_json
 from components.rlhf.gate import PromotionConfig
 from components.track.registry import register_checkpoint
 from components.track.tracking import stage_run
-from flows._stage import final_round, load_params, path, stage_config, write_metrics
+from flows._stage import final_round, load_params, path, run_stage, stage_config, write_metrics
 
 
 def main() -> None:
@@ -37,4 +37,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -16,7 +16,7 @@ from components.rlhf.reward import resolve_safety_threshold
 from components.rlhf.sampling import rejection_sampling
 from components.track.tracking import stage_run
 from flows._finetune import RejectionConfig, finetune, fitting_prompts
-from flows._stage import load_params, path, rlhf_round, round_arg, stage_config
+from flows._stage import load_params, path, rlhf_round, round_arg, run_stage, stage_config
 
 
 def samples_file(name: str):
@@ -58,4 +58,4 @@ def write_jsonl(file, dialogs: list[list[dict]]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

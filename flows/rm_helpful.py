@@ -2,6 +2,7 @@
 checkpoints/<round>/rm_helpful/."""
 
 from flows._rm import run
+from flows._stage import run_stage
 
 if __name__ == "__main__":
-    run("rm_helpful", "prefs_helpful")
+    run_stage(lambda: run("rm_helpful", "prefs_helpful"))

@@ -2,6 +2,7 @@
 checkpoints/<round>/rm_safety/."""
 
 from flows._rm import run
+from flows._stage import run_stage
 
 if __name__ == "__main__":
-    run("rm_safety", "prefs_safety")
+    run_stage(lambda: run("rm_safety", "prefs_safety"))

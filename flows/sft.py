@@ -9,7 +9,7 @@ from components.data.datasets import messages_column, read_table, too_long_polic
 from components.track.tracking import stage_run
 from components.train.lm import LMTrainConfig
 from flows._finetune import finetune
-from flows._stage import load_params, path, stage_config
+from flows._stage import load_params, path, run_stage, stage_config
 
 OUT = path("checkpoints/sft")
 
@@ -25,4 +25,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

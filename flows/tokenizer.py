@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 from components.data.datasets import TokenizerConfig, train_corpus_tokenizer
 from components.track.tracking import stage_run
-from flows._stage import load_params, path, stage_config, write_metrics
+from flows._stage import load_params, path, run_stage, stage_config, write_metrics
 
 OUT = path("artifacts/tokenizer")
 
@@ -32,4 +32,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

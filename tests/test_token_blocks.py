@@ -83,10 +83,11 @@ def test_pretrain_data_packs_the_tokenised_corpus_into_blocks_and_holds_out_ever
     tok.save(tmp_path / "tokenizer.model")
     texts = corpus(300, seed=2)
     order = list(range(len(texts)))
-    random.Random(0).shuffle(order)  # rows stored out of doc_id order: packing follows doc_id
-    pq.write_table(pa.table({"doc_id": order, "text": [texts[i] for i in order]}), tmp_path / "clean.parquet")
+    random.Random(0).shuffle(order)  # rows stored out of doc_id order: packing follows the stored order
+    for part, chunk in enumerate((order[:100], order[100:])):  # across files, in file-name order
+        pq.write_table(pa.table({"doc_id": chunk, "text": [texts[i] for i in chunk]}), tmp_path / f"part-{part}.parquet")
     blocks, val = pretrain_data(tmp_path, tmp_path / "tokenizer.model", 16, 0.1, str(tmp_path / "blocks"))
-    whole = pack_documents([tok.encode(t) for t in texts], 16, tok.bos_id, tok.eos_id)
+    whole = pack_documents([tok.encode(texts[i]) for i in order], 16, tok.bos_id, tok.eos_id)
     held = np.arange(whole["inputs"].shape[0]) % 10 == 9
     train = np.concatenate([blocks.read(i)[0] for i in range(len(blocks.blocks))])
     np.testing.assert_array_equal(train, whole["inputs"].numpy()[~held])
