@@ -4,11 +4,13 @@ distillation. Selection rules are tested on hand-written results; the sampler ru
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from components.cluster import RayConfig
+from components.data import oracle
 from components.rlhf.reward import init_reward_model, rm_scores
 from components.rlhf.sampling import (SampleConfig, adherence_by_turn, choose_reward, gatt_examples, gatt_placements,
                                       gatt_sampling_dialog, gatt_training_dialogs, ghost_attention, mean_scores,
@@ -180,6 +182,36 @@ def test_ghost_attention_answers_every_turn_and_trains_the_turns_that_keep_the_i
     assert stats["sampled_adherence_turn1"] == stats["turns_kept"] == 0 and training == turns == []
     with pytest.raises(ValueError, match="redraws"):
         ghost_attention(shout, checkpoints / "policy", cfg, RAY, redraws=1)
+
+
+def test_a_redraw_replaces_a_turn_only_with_an_answer_that_keeps_the_instruction():
+    from components.rlhf.sampling import Sampler
+
+    result = {"answers": []}
+    Sampler.keep(result, "one_word", [("two words", -0.1), ("three more words", -0.2)], redrawn=False)
+    assert result == {"answers": ["two words"], "adherent": [0], "adherent_first": [0]}
+    Sampler.keep(result, "one_word", [("still two", -0.1), ("nope again", -0.3)], redrawn=True)
+    assert result["answers"] == ["two words"] and result["adherent"] == [0]  # nothing better: unchanged
+    Sampler.keep(result, "one_word", [("yes", -2.0), ("two words", -0.1), ("ok", -0.5)], redrawn=True)
+    assert result == {"answers": ["ok"], "adherent": [2], "adherent_first": [0]}  # the likeliest keeping draw
+
+
+def test_redraws_run_in_the_same_pass_and_draw_first_what_no_redraw_draws(ray_local, checkpoints):
+    # Two-token answers of a debug policy are one word only sometimes: some turns need a redraw.
+    rows = [{"prompt": [{"role": "system", "content": "One word."}, USER(f"q{i}")], "instruction": "one_word"}
+            for i in range(12)]
+    cfg = SampleConfig(k=1, temperature=1.0, max_new_tokens=2, batch_size=4, seed=3)
+    plain = sample(rows, checkpoints / "policy", cfg, RAY)
+    redrawn = sample(rows, checkpoints / "policy", replace(cfg, redraws=4), RAY)
+    assert [r["adherent"] for r in plain] == [r["adherent_first"] for r in plain] == [
+        r["adherent_first"] for r in redrawn]  # attempt 0 is seeded as without redraws
+    kept_plain = [bool(r["adherent"][0]) for r in plain]
+    kept = [bool(r["adherent"][0]) for r in redrawn]
+    assert 0 < sum(kept_plain) < sum(kept)  # some turns dropped it at first, and a redraw found one that keeps it
+    for a, b, first_kept in zip(plain, redrawn, kept_plain):
+        if first_kept:  # a turn kept at first is not drawn again
+            assert b["answers"] == a["answers"]
+        assert oracle.gatt_adherence("one_word", b["answers"][0]) == bool(b["adherent"][0])
 
 
 def test_mean_scores_are_the_reward_models_on_greedy_answers(ray_local, checkpoints):

@@ -39,6 +39,9 @@ class SampleConfig:
     batch_size: int = 64  # prompts per generate() call (each expanded k times)
     seed: int = 0
     bf16: bool = True  # bf16 autocast where the device computes it natively (evaluation decodes in fp32)
+    # A row with a GAtt instruction whose k draws at a turn all drop it: k more draws (another seed), at most this
+    # many times, in the same Sampler call (a new Ray Data pass would start a pool and load the policy again).
+    redraws: int = 0
 
 
 def load_for_inference(path: str, device: str, bf16: bool) -> tuple[Transformer, Tokenizer]:
@@ -103,29 +106,50 @@ class Sampler:
             for first in range(0, len(active), cfg.batch_size):
                 batch = active[first:first + cfg.batch_size]
                 # Seeded per batch from its first row's index and the turn: a rerun on the same data draws the same.
-                params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                        top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + start + batch[0] + (turn << 32))
-                budget = self.model.args.max_seq_len - cfg.max_new_tokens
-                encoded = [fit_prompt(tok, histories[i], budget) for i in batch for _ in range(cfg.k)]
-                with bf16_autocast(self.device, cfg.bf16):
-                    out = generate(self.model, encoded, params, tok.eos_id, tok.pad_id)
-                answers = [tok.decode(t).strip() for t in out.tokens]
-                likely = [sum(lp) / max(1, len(lp)) for lp in out.logprobs]  # mean log-probability per token
-                for j, i in enumerate(batch):
-                    drawn = answers[j * cfg.k:(j + 1) * cfg.k]
-                    if rows[i]["instruction"] is None:
-                        results[i]["answers"] += drawn
-                    else:  # a dialog goes on with one answer a turn: the policy's likeliest of the k that keep the
-                        # instruction (closest to its greedy answer: a random one of them is more often wrong)
-                        follows = [oracle.gatt_adherence(rows[i]["instruction"], a) for a in drawn]
-                        best = max((n for n in range(cfg.k) if follows[n]), default=0,
-                                   key=lambda n: likely[j * cfg.k + n])
-                        results[i]["answers"].append(drawn[best])
-                        results[i].setdefault("adherent", []).append(sum(follows))
-                tokens += sum(len(t) for t in out.tokens)
+                seed = cfg.seed * 1_000_003 + start + batch[0] + (turn << 32)
+                for attempt in range(1 + cfg.redraws):
+                    drawn, n = self.draw([histories[i] for i in batch], seed + (attempt << 40))
+                    tokens += n
+                    for j, i in enumerate(batch):
+                        if rows[i]["instruction"] is None:
+                            results[i]["answers"] += [a for a, _ in drawn[j]]
+                        else:
+                            self.keep(results[i], rows[i]["instruction"], drawn[j], redrawn=attempt > 0)
+                    # the rows none of whose k draws kept the instruction go again
+                    batch = [i for i in batch if rows[i]["instruction"] is not None and not results[i]["adherent"][-1]]
+                    if not batch:
+                        break
         print(f"[sample] {len(rows)} prompts x {cfg.k}: {tokens} tokens in {time.perf_counter() - begin:.1f} s",
               flush=True)
         return results
+
+    def draw(self, dialogs: list[list[dict]], seed: int) -> tuple[list[list[tuple[str, float]]], int]:
+        """k answers to each dialog in one generate() call: per dialog [(answer, mean log-probability per token)],
+        and the tokens drawn."""
+        cfg, tok = self.cfg, self.tokenizer
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                seed=seed)
+        budget = self.model.args.max_seq_len - cfg.max_new_tokens
+        encoded = [fit_prompt(tok, d, budget) for d in dialogs for _ in range(cfg.k)]
+        with bf16_autocast(self.device, cfg.bf16):
+            out = generate(self.model, encoded, params, tok.eos_id, tok.pad_id)
+        drawn = [(tok.decode(t).strip(), sum(lp) / max(1, len(lp))) for t, lp in zip(out.tokens, out.logprobs)]
+        return [drawn[j * cfg.k:(j + 1) * cfg.k] for j in range(len(dialogs))], sum(len(t) for t in out.tokens)
+
+    @staticmethod
+    def keep(result: dict, instruction: str, drawn: list[tuple[str, float]], redrawn: bool) -> None:
+        """A dialog goes on with one answer a turn: the policy's likeliest of the k draws that keep the instruction
+        (closest to its greedy answer: a random one of them is more often wrong), else the first drawn. A redraw
+        replaces the turn's answer only where one of its draws keeps it. "adherent": per turn, how many of the k
+        draws kept the instruction (the redraw's, where it replaced the answer); "adherent_first": of the first k."""
+        follows = [oracle.gatt_adherence(instruction, a) for a, _ in drawn]
+        best = max((n for n in range(len(drawn)) if follows[n]), default=0, key=lambda n: drawn[n][1])
+        if not redrawn:
+            result["answers"].append(drawn[best][0])
+            result.setdefault("adherent", []).append(sum(follows))
+            result.setdefault("adherent_first", []).append(sum(follows))
+        elif any(follows):
+            result["answers"][-1], result["adherent"][-1] = drawn[best][0], sum(follows)
 
 
 class Scorer:
@@ -347,18 +371,12 @@ def gatt_sampling_dialog(dialog: dict, first_turn: bool) -> dict:
 def _gatt_turns_alone(dialogs: list[dict], policy, cfg: SampleConfig, ray_cfg, redraws: int,
                       ) -> tuple[list[list[str]], list[list[int]], list[list[int]]]:
     """Every user turn answered on its own, the instruction as its system prompt; a turn none of whose k answers keeps
-    it drawn k more times (another seed), up to redraws times. Per dialog and turn: the answer, how many draws kept the
-    instruction in the end, and in the first k."""
+    it drawn k more times (another seed), up to redraws times (SampleConfig.redraws). Per dialog and turn: the answer,
+    how many draws kept the instruction in the end, and in the first k."""
     rows = [{"prompt": [{"role": "system", "content": d["system"]}, {"role": "user", "content": u}],
              "instruction": d["instruction"]} for d in dialogs for u in d["users"]]
-    results = sample(rows, policy, cfg, ray_cfg)
-    first = [r["adherent"][0] for r in results]
-    for attempt in range(1, redraws + 1):
-        missing = [i for i, r in enumerate(results) if not r["adherent"][0]]
-        if missing:
-            for i, r in zip(missing, sample([rows[i] for i in missing], policy, replace(cfg, seed=cfg.seed + attempt),
-                                            ray_cfg), strict=True):
-                results[i] = r
+    results = sample(rows, policy, replace(cfg, redraws=redraws), ray_cfg)
+    first = [r["adherent_first"][0] for r in results]
     ends = [sum(len(d["users"]) for d in dialogs[:i + 1]) for i in range(len(dialogs))]
     per_dialog = lambda xs: [xs[end - len(d["users"]):end] for d, end in zip(dialogs, ends)]  # noqa: E731
     return (per_dialog([r["answers"][0] for r in results]), per_dialog([r["adherent"][0] for r in results]),
