@@ -139,9 +139,8 @@ def run_stage(main: Callable[[], object]) -> None:
     import sys
 
     main()
-    import ray
-
-    if ray.is_initialized():
+    ray = sys.modules.get("ray")  # a stage that never imported Ray does not pay for importing it here
+    if ray is not None and ray.is_initialized():
         ray.shutdown()
     logging.shutdown()
     sys.stdout.flush()
