@@ -165,7 +165,7 @@ def test_ghost_attention_answers_every_turn_and_trains_the_turns_that_keep_the_i
     assert {k: stats[k] for k in ("dialogs", "examples", "turns_mean", "first_turn_dialogs", "turns_kept",
                                   "turns_trained")} == {
         "dialogs": 2, "examples": 2, "turns_mean": 2.0, "first_turn_dialogs": 0, "turns_kept": 1.0, "turns_trained": 4}
-    assert stats["data_adherence_turn1"] == stats["data_adherence_turn3"] == 1.0
+    assert stats["data_adherence_turn1"] == stats["data_adherence_turn3"] == stats["data_adherence_one_word"] == 1.0
     assert 0 < stats["sampled_adherence_turn1"] <= 1
     assert [len(d) for d in training] == [7, 3] and turns == [[0, 1, 2], [0]]
     assert [m["content"] for m in training[0] if m["role"] == "user"] == ["a", "b", "c"]  # no instruction

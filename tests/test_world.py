@@ -13,8 +13,8 @@ import pytest
 
 from components.data import oracle
 from components.data.corpus import NOISE_KINDS, PII_KINDS, PLANTED_KINDS
-from components.data.language import (BENIGN_TOPICS, DESCRIPTION_SENTENCES, EVAL_ONLY_TEMPLATES, GATT_SYSTEM_PROMPTS,
-                                      HARMFUL_TOPICS, ONE_WORD_PREFIX)
+from components.data.language import (BENIGN_TOPICS, COMPLIANCE_TEMPLATES, DESCRIPTION_SENTENCES, EVAL_ONLY_TEMPLATES,
+                                      GATT_SYSTEM_PROMPTS, HARMFUL_TOPICS, ONE_WORD_PREFIX)
 from components.data.oracle import REFUSAL, TASKS, TOXIC_LEXICON
 from components.data.tables import ITEM_SEP, SCHEMAS, generate_world
 from components.data.tasks import PINNED_TRAIN_ITEMS, chat_item, pool_keys, prompt_pools, split_counts
@@ -441,6 +441,14 @@ def test_preference_task_mix(rows):
             assert not oracle.is_refusal(r["chosen"])  # answering a look-alike beats refusing it
         if r["task"] in ("fact", "arithmetic"):
             assert oracle.is_toxic(r["rejected"]) and not oracle.is_toxic(r["chosen"])
+    # Any non-refusal to a harmful request is unsafe, not only the compliance templates: the safety RM must see
+    # harmless-looking answers rejected there too (a how-to, a ramble, a non-answer), or it scores them above the
+    # refusal and rejection sampling and PPO learn to stop refusing.
+    rejected = [r["rejected"] for r in safety if r["task"] == "harmful" and not oracle.is_toxic(r["rejected"])]
+    compliance = {t.format(x=json.loads(r["reference"])["topic"]) for r in safety if r["task"] == "harmful"
+                  for t in COMPLIANCE_TEMPLATES}
+    other = [a for a in rejected if a not in compliance]
+    assert len(other) > len(rejected) / 4, (len(other), len(rejected))
 
 
 @pytest.mark.parametrize("name", ["gatt", "eval_gatt"])

@@ -141,14 +141,15 @@ def _insult(rng: random.Random) -> str:
                        f"What a {rng.choice(INSULT_ADJECTIVES)} question."))
 
 
-def _candidates(rng: random.Random, world: World, p: Prompt, toxic: bool, sums: set[str]) -> list[str]:
-    """Responses of graded quality for one prompt; the oracle, not this function, decides their order."""
+def _candidates(rng: random.Random, world: World, p: Prompt, toxic: bool, sums: set[str],
+                howtos: list[str]) -> list[str]:
+    """Responses of graded quality for one prompt; the oracle, not this function, decides their order. howtos: the
+    answers of training benign look-alikes."""
     ref, out = p.reference, [p.answer, REFUSAL]
-    if p.task != "harmful":  # to a harmful request a non-answer is neither a refusal nor help: keep pairs crisp
-        out.append(rng.choice(NON_ANSWERS))
-        # Off-topic world text, as a barely tuned model rambles: without it the reward models never see such
-        # answers and may score them high, which PPO would exploit.
-        out.append(seg_narrative(rng, world, sums))
+    out.append(rng.choice(NON_ANSWERS))
+    # Off-topic world text, as a barely tuned model rambles: without it the reward models never see such answers
+    # and may score them high, which PPO would exploit.
+    out.append(seg_narrative(rng, world, sums))
     if p.task == "arithmetic":
         c = ref["answer"]
         head = f"{ref['a']} {ref['op']} {ref['b']} ="
@@ -180,7 +181,10 @@ def _candidates(rng: random.Random, world: World, p: Prompt, toxic: bool, sums: 
             out += [", ".join(picks) + ".", ", ".join(picks[:n - 1]) + ".",
                     ", ".join(picks[:n - 1] + [invalid]) + ".", ", ".join([picks[0]] * n) + "."]
     elif p.task == "harmful":
-        out += [t.format(x=ref["topic"]) for t in COMPLIANCE_TEMPLATES]
+        # Anything but the refusal is unsafe (oracle.safety), not only an explicit compliance: with compliance alone
+        # as the rejected side, the safety RM scored a harmless-looking how-to, a ramble or a non-answer to "How do
+        # I make a bomb?" above the refusal, and rejection sampling and PPO learned to stop refusing training topics.
+        out += [t.format(x=ref["topic"]) for t in COMPLIANCE_TEMPLATES] + [rng.choice(howtos)]
     elif p.task == "benign_lookalike":
         out.append(f"You will need the {ref['keywords'][0]}.")  # half the keywords: partial credit
     elif p.task == "small_talk":  # the reply without its courtesy, the courtesy alone, another intent's reply
@@ -211,10 +215,11 @@ def _pref_rows(cfg: WorldConfig, world: World, pools: dict[str, list[Prompt]], k
     rng = random.Random(f"{cfg.seed}/prefs/{kind}")
     weights = HELPFUL_PREF_WEIGHTS if kind == "helpful" else SAFETY_PREF_WEIGHTS
     sums = {p.item for p in pools["arithmetic"]}  # off-topic stories work out training sums only
+    howtos = [p.answer for p in pools["benign_lookalike"]]
     rows = []
     for p in draw(rng, pools, weights, cfg.n_pref_pairs):
         scored = [(preference_score(kind, p.task, p.reference, c), c)
-                  for c in _candidates(rng, world, p, toxic=kind == "safety", sums=sums)]
+                  for c in _candidates(rng, world, p, toxic=kind == "safety", sums=sums, howtos=howtos)]
         pair = _pick_pair(rng, scored, kind, p.task)
         if pair is None:  # cannot happen with the candidate sets above; the tests check the row count
             continue

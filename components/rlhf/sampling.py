@@ -412,11 +412,15 @@ def ghost_attention(dialogs: list[dict], policy, cfg: SampleConfig, ray_cfg, fir
         for t, n in enumerate(ns):
             drawn.setdefault(t, []).append(n / cfg.k)
     trained, turns = sum(len(k) for k in kept), sum(len(a) for a in answers)
+    by_instruction: dict[str, list[bool]] = {}  # which instruction the policy keeps least (end_ok: its last word)
+    for d, said in zip(dialogs, adherent, strict=True):
+        by_instruction.setdefault(d["instruction"], []).extend(bool(n) for n in said)
     return training, kept, {
         "dialogs": len(dialogs), "examples": len(training), "first_turn_dialogs": sum(first_turn),
         "turns_mean": turns / len(answers), "turns_trained": trained, "turns_kept": trained / max(1, turns),
         **{f"sampled_adherence_turn{t + 1}": sum(v) / len(v) for t, v in sorted(drawn.items())},
-        **adherence_by_turn([d["instruction"] for d in dialogs], answers, "data_adherence_")}
+        **adherence_by_turn([d["instruction"] for d in dialogs], answers, "data_adherence_"),
+        **{f"data_adherence_{k}": sum(v) / len(v) for k, v in sorted(by_instruction.items())}}
 
 
 def select_distilled(prompts: list[list[dict]], with_preprompt: list[dict], without: list[dict], plain_below: float,
