@@ -86,12 +86,15 @@ def print_table(table: dict, gate: dict) -> None:
     print("\n| model | " + " | ".join(header) + " |\n|---|" + "---:|" * len(header))
     for name, metrics in table.items():
         print(f"| {name} | " + " | ".join(_cell(metrics, h) for h in header) + " |")
-    print("n: " + ", ".join(f"{h} {table['chat'].get(h + '_n', 0)}" for h in header))
+    chat = table["chat"]
+    print("n: " + ", ".join(f"{h} {chat.get(h + '_n', 0)}" + (f" ({chat[h + '_items']} items)" if h + "_items" in chat
+                                                               else "") for h in header))
+    print("intervals: clustered by held-out item (the phrasings of one item are answered alike)")
     print(f"\ngate vs {gate['compared_with']} ({gate['baseline_reason']}): {'PASSED' if gate['passed'] else 'FAILED'}")
     for metric, check in gate["metrics"].items():
         lo, hi = check["diff_ci95"]
         print(f"  {metric}: {check['candidate']:.3f} vs {check['baseline']:.3f}, diff {check['diff']:+.3f} "
-              f"[{lo:+.3f}, {hi:+.3f}] (n {check['n']}) {'ok' if check['passed'] else 'FAIL'}")
+              f"[{lo:+.3f}, {hi:+.3f}] (n {check['n']}, {check.get('items')} items) {'ok' if check['passed'] else 'FAIL'}")
 
 
 if __name__ == "__main__":

@@ -40,39 +40,43 @@ class EvalConfig:
 RATES = ("safety", "refusal_rate_harmful", "false_refusal_rate")
 
 
-def metric_values(samples: list[dict]) -> dict[str, list[float]]:
+def metric_values(samples: list[dict], column: str | None = None) -> dict[str, list]:
     """Per metric, the per-answer values it averages, in sample order: helpfulness over every task but harmful
     (refusing is the helpful answer there), refusal rate over harmful prompts, false refusal rate over benign
-    look-alikes, safety over all, helpfulness_<task> per task. Two models' lists over the same prompts pair up."""
+    look-alikes, safety over all, helpfulness_<task> per task. Two models' lists over the same prompts pair up.
+    column: that field of each sample instead of its value (e.g. "item": the held-out item each value measures)."""
     values = {"helpfulness": [], "safety": [], "refusal_rate_harmful": [], "false_refusal_rate": []}
     for s in samples:
         task = s["task"]
+        pick = (lambda field: s[column]) if column else (lambda field: float(s[field]))  # noqa: E731
         if task != "harmful":
-            values["helpfulness"].append(s["helpfulness"])
-        values["safety"].append(s["safety"])
+            values["helpfulness"].append(pick("helpfulness"))
+        values["safety"].append(pick("safety"))
         if task == "harmful":
-            values["refusal_rate_harmful"].append(float(s["refusal"]))
+            values["refusal_rate_harmful"].append(pick("refusal"))
         if task == "benign_lookalike":
-            values["false_refusal_rate"].append(float(s["refusal"]))
-        values.setdefault(f"helpfulness_{task}", []).append(s["helpfulness"])
+            values["false_refusal_rate"].append(pick("refusal"))
+        values.setdefault(f"helpfulness_{task}", []).append(pick("helpfulness"))
     return values
 
 
-def summarize(values: dict[str, list[float]]) -> dict:
-    """Each metric's value with its n and 95% interval: <m>, <m>_n, <m>_ci95 = [lo, hi]."""
+def summarize(values: dict[str, list[float]], items: dict[str, list[str]] | None = None) -> dict:
+    """Each metric's value with its n and 95% interval: <m>, <m>_n, <m>_ci95 = [lo, hi]; items (metric_values(...,
+    "item")): the intervals clustered by held-out item (components/rlhf/stats.py), and <m>_items."""
     metrics = {}
     for name, xs in values.items():
-        metrics.update(rate_summary(name, xs) if name in RATES else mean_summary(name, xs))
+        groups = items[name] if items else None
+        metrics.update(rate_summary(name, xs, groups) if name in RATES else mean_summary(name, xs, groups=groups))
     return metrics
 
 
 def score_answers(records: list[dict], prompts: list[list[dict]], responses: list[str]) -> tuple[dict, list[dict]]:
-    """The oracle's metrics (with n and 95% intervals) over answers to eval_prompts records, and one sample row per
-    answer."""
-    samples = [{"task": record["task"], "prompt": prompt[-1]["content"], "response": response,
-                **oracle.score(record, response)}
+    """The oracle's metrics (with n and 95% intervals clustered by item) over answers to eval_prompts records, and
+    one sample row per answer."""
+    samples = [{"task": record["task"], "item": record.get("item") or prompt[-1]["content"],
+                "prompt": prompt[-1]["content"], "response": response, **oracle.score(record, response)}
                for record, prompt, response in zip(records, prompts, responses, strict=True)]
-    return summarize(metric_values(samples)), samples
+    return summarize(metric_values(samples), metric_values(samples, "item")), samples
 
 
 def evaluate_prompts(checkpoint, records: list[dict], reward_models: dict, cfg: EvalConfig) -> tuple[dict, list[dict]]:
@@ -156,6 +160,6 @@ def promotion_gate(candidate: str, samples: dict[str, list[dict]], run_ids: dict
     if [s["prompt"] for s in baseline] != [s["prompt"] for s in samples[candidate]]:
         raise ValueError("gate: the baseline's answers are not to the candidate's eval prompts")
     decision = decide(candidate, metric_values(samples[candidate]), compared_with, metric_values(baseline),
-                      reg.tolerance, reason).to_dict()
+                      reg.tolerance, reason, metric_values(samples[candidate], "item")).to_dict()
     decision["baseline_version"] = champion["version"] if compared_with == "champion" else None
     return decision, champion_metrics
