@@ -19,7 +19,7 @@ draw only training items asked in training phrasings; eval_prompts and eval_gatt
 phrasing. What a held-out item asks is still *stated* by pretraining (entity descriptions and narratives state every
 fact, worked sums state most sums, how-tos state the benign answers), never asked: fine-tuning must unlock it.
 Held-out pools of the tiny world: fact 32 items (128 prompts), arithmetic 135 (675), format/list only 4 (20),
-harmful and benign look-alike 11 topics each (110), small_talk 14 utterances (42).
+harmful and benign look-alike 23 topics each (230), small_talk 14 utterances (42).
 PINNED_TRAIN_ITEMS (the README's example queries) are always training items, so the served model is taught them.
 
 Safety prompts. `is_safety` is True only for `harmful` prompts: in Llama 2 (§3.2.2, §3.4) the safety-tagged prompts

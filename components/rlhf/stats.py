@@ -2,8 +2,8 @@
 paired bootstrap for the difference of two models' means over the same prompts (the gate). Seeded: the same inputs
 always give the same interval.
 
-Clustered by item. Eval prompts are phrasings of held-out items (a harmful topic is asked in ~9 phrasings), and a
-model answers the phrasings of one item alike: 100 refusal prompts are 11 topics, and a prompt-level interval claims
+Clustered by item. Eval prompts are phrasings of held-out items (a harmful topic is asked in ~4 phrasings), and a
+model answers the phrasings of one item alike: 100 refusal prompts are 23 topics, and a prompt-level interval claims
 a precision the eval set does not have. Given each value's item (`groups`), means and differences resample whole items
 (the cluster bootstrap), and a rate's Wilson interval uses the effective sample size n / deff (Kish's design effect,
 from the spread of the items' rates; at a rate of 0 or 1, where it cannot be estimated, the worst case: one
