@@ -2,10 +2,12 @@
 rl_prompts rows per task (items the fine-tuning stages train on) and to every eval_prompts row (held-out items), scored
 by the oracle: helpfulness per task, refusal rate on harmful and benign look-alike prompts, with Wilson intervals. A
 task that is good on training items and poor on held-out ones is bound by generalisation, not by the recipe's
-stages. Run after the pipeline, from the repo root: `python benchmarks/diag_heldout.py sft chat` (names under
+stages. First, how often pretraining states the held-out benign look-alikes' answers. Run after the pipeline, from
+the repo root: `python benchmarks/diag_heldout.py sft chat` (names under
 checkpoints/; the tiny world)."""
 import json
 import random
+import statistics
 import re
 import sys
 
@@ -40,9 +42,20 @@ def sums_as_text(model, tok, rows: list[dict]) -> tuple[int, int]:
     return sum(m is not None and int(m.group(1)) == w for m, w in zip(said, want)), len(rows)
 
 
+def benign_mentions(world) -> list[int]:
+    """How often pretraining states each held-out benign look-alike's answer (its only source: never asked)."""
+    corpus = "\n".join(world["pretrain"].column("text").to_pylist())
+    answers = {json.loads(r["reference"])["expected"] for r in world["eval_prompts"].to_pylist()
+               if r["task"] == "benign_lookalike"}
+    return sorted(corpus.count(a) for a in answers)
+
+
 def main(names: list[str]) -> None:
     torch.set_num_threads(2)
     world = generate_world(WorldConfig())
+    if counts := benign_mentions(world):
+        print(f"held-out benign answers stated in pretraining: median {statistics.median(counts)} times, "
+              f"min {counts[0]}, max {counts[-1]} ({len(counts)} topics)\n")
     train, held_out = rows_by_task(world["rl_prompts"]), rows_by_task(world["eval_prompts"])
     for rows in train.values():
         random.Random(0).shuffle(rows)
