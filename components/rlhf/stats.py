@@ -37,21 +37,14 @@ def _wilson_rate(p: float, n: float, z: float = Z95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def _bootstrap_means(values: np.ndarray, seed: int, resamples: int) -> np.ndarray:
-    """Means of `resamples` resamples (with replacement) of values' rows; one generator per call, so an interval
+def _resampled_means(values: np.ndarray, groups, seed: int, resamples: int) -> np.ndarray:
+    """Means of `resamples` resamples, each drawing as many groups as there are, with replacement, and averaging all
+    their values (groups None: every value its own group, the plain bootstrap). One generator per call, so an interval
     does not depend on which intervals were computed before it."""
-    rng = np.random.default_rng(seed)
-    n = len(values)
-    means = []
-    for start in range(0, resamples, _CHUNK):
-        idx = rng.integers(0, n, size=(min(_CHUNK, resamples - start), n))
-        means.append(values[idx].mean(axis=1))
-    return np.concatenate(means)
-
-
-def _cluster_bootstrap_means(values: np.ndarray, groups, seed: int, resamples: int) -> np.ndarray:
-    """Means of `resamples` resamples of whole groups (as many as there are, with replacement), each the mean over all
-    the values of the groups drawn."""
+    if groups is None:
+        groups = np.arange(len(values))
+    elif len(groups) != len(values):
+        raise ValueError(f"need one group per value: {len(values)} values, {len(groups)} groups")
     _, inverse = np.unique(np.asarray(groups), return_inverse=True)
     sums, counts = np.bincount(inverse, weights=values), np.bincount(inverse).astype(np.float64)
     rng = np.random.default_rng(seed)
@@ -60,14 +53,6 @@ def _cluster_bootstrap_means(values: np.ndarray, groups, seed: int, resamples: i
         idx = rng.integers(0, len(sums), size=(min(_CHUNK, resamples - start), len(sums)))
         means.append(sums[idx].sum(axis=1) / counts[idx].sum(axis=1))
     return np.concatenate(means)
-
-
-def _resampled_means(values: np.ndarray, groups, seed: int, resamples: int) -> np.ndarray:
-    if groups is None:
-        return _bootstrap_means(values, seed, resamples)
-    if len(groups) != len(values):
-        raise ValueError(f"need one group per value: {len(values)} values, {len(groups)} groups")
-    return _cluster_bootstrap_means(values, groups, seed, resamples)
 
 
 def design_effect(values, groups) -> float:
