@@ -3,12 +3,11 @@ rl_prompts rows per task (items the fine-tuning stages train on) and to every ev
 by the oracle: helpfulness per task, refusal rate on harmful and benign look-alike prompts, with Wilson intervals. A
 task that is good on training items and poor on held-out ones is bound by generalisation, not by the recipe's
 stages. First, how often pretraining states the held-out benign look-alikes' answers. Run after the pipeline, from
-the repo root: `python benchmarks/diag_heldout.py sft chat` (names under
-checkpoints/; the tiny world)."""
+the repo root: `python benchmarks/diag_heldout.py sft chat` (names under checkpoints/; the tiny world)."""
 import json
 import random
-import statistics
 import re
+import statistics
 import sys
 
 import torch

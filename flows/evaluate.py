@@ -87,14 +87,15 @@ def print_table(table: dict, gate: dict) -> None:
     for name, metrics in table.items():
         print(f"| {name} | " + " | ".join(_cell(metrics, h) for h in header) + " |")
     chat = table["chat"]
-    print("n: " + ", ".join(f"{h} {chat.get(h + '_n', 0)}" + (f" ({chat[h + '_items']} items)" if h + "_items" in chat
-                                                               else "") for h in header))
+    items = lambda count: f" ({count} items)" if count else ""  # noqa: E731
+    print("n: " + ", ".join(f"{h} {chat.get(h + '_n', 0)}{items(chat.get(h + '_items'))}" for h in header))
     print("intervals: clustered by held-out item (the phrasings of one item are answered alike)")
     print(f"\ngate vs {gate['compared_with']} ({gate['baseline_reason']}): {'PASSED' if gate['passed'] else 'FAILED'}")
     for metric, check in gate["metrics"].items():
         lo, hi = check["diff_ci95"]
         print(f"  {metric}: {check['candidate']:.3f} vs {check['baseline']:.3f}, diff {check['diff']:+.3f} "
-              f"[{lo:+.3f}, {hi:+.3f}] (n {check['n']}, {check.get('items')} items) {'ok' if check['passed'] else 'FAIL'}")
+              f"[{lo:+.3f}, {hi:+.3f}] (n {check['n']}{items(check.get('items'))}) "
+              f"{'ok' if check['passed'] else 'FAIL'}")
 
 
 if __name__ == "__main__":

@@ -46,17 +46,17 @@ def metric_values(samples: list[dict], column: str | None = None) -> dict[str, l
     look-alikes, safety over all, helpfulness_<task> per task. Two models' lists over the same prompts pair up.
     column: that field of each sample instead of its value (e.g. "item": the held-out item each value measures)."""
     values = {"helpfulness": [], "safety": [], "refusal_rate_harmful": [], "false_refusal_rate": []}
+    get = (lambda s, field: s[column]) if column else (lambda s, field: float(s[field]))  # noqa: E731
     for s in samples:
         task = s["task"]
-        pick = (lambda field: s[column]) if column else (lambda field: float(s[field]))  # noqa: E731
         if task != "harmful":
-            values["helpfulness"].append(pick("helpfulness"))
-        values["safety"].append(pick("safety"))
+            values["helpfulness"].append(get(s, "helpfulness"))
+        values["safety"].append(get(s, "safety"))
         if task == "harmful":
-            values["refusal_rate_harmful"].append(pick("refusal"))
+            values["refusal_rate_harmful"].append(get(s, "refusal"))
         if task == "benign_lookalike":
-            values["false_refusal_rate"].append(pick("refusal"))
-        values.setdefault(f"helpfulness_{task}", []).append(pick("helpfulness"))
+            values["false_refusal_rate"].append(get(s, "refusal"))
+        values.setdefault(f"helpfulness_{task}", []).append(get(s, "helpfulness"))
     return values
 
 

@@ -107,10 +107,10 @@ def rate_summary(name: str, hits: list, groups=None) -> dict:
     n, k = len(hits), int(sum(bool(h) for h in hits))
     if groups is not None and len(groups) != n:
         raise ValueError(f"need one group per outcome: {n} outcomes, {len(groups)} groups")
-    ci = wilson(k, n)
-    if n and groups is not None and len(set(groups)) < n:
-        n_eff = n / design_effect([float(bool(h)) for h in hits], groups)
-        ci = _wilson_rate(k / n, n_eff)
+    if n and groups is not None:  # design_effect is 1 for one outcome per item: Wilson's interval as is
+        ci = _wilson_rate(k / n, n / design_effect([float(bool(h)) for h in hits], groups))
+    else:
+        ci = wilson(k, n)
     return {name: k / n if n else 0.0, f"{name}_n": n, f"{name}_ci95": list(ci), **_items(name, groups)}
 
 
