@@ -92,6 +92,8 @@ def rm_train_loop(config: dict) -> None:
         epoch, offset = divmod(step, steps_per_epoch)
         order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
         idx = order[offset * cfg.batch_size:(offset + 1) * cfg.batch_size][rank * local:(rank + 1) * local]
+        if micro < len(idx):  # like lengths in one micro-batch pad less; the step's gradient is the same sum
+            idx = sorted(idx, key=lambda j: max(len(train_pairs[j].chosen), len(train_pairs[j].rejected)))
         chunks = [idx[i:i + micro] for i in range(0, len(idx), micro)]
         metrics = {"loss": 0.0, "accuracy": 0.0}
         for i, chunk in enumerate(chunks):
