@@ -39,7 +39,8 @@ def main() -> None:
         if cfg.sample.prompts:  # a draw of its own each round (seeded by the round): rounds ask different prompts
             rows = random.Random(f"{cfg.sample.seed}/rejection/{name}").sample(rows, min(cfg.sample.prompts,
                                                                                        len(rows)))
-        records = [{"prompt": json.loads(r["prompt"]), "is_safety": r["is_safety"]} for r in rows]
+        records = [{"prompt": json.loads(r["prompt"]), **{k: r.get(k) for k in ("is_safety", "task", "reference")}}
+                   for r in rows]  # task and reference: the oracle's diagnostic of the pick (select_best)
         records, counts = fitting_prompts(stage, records, policy, cfg)
         dialogs, stats = rejection_sampling(records, policy, reward_models, cfg.sample, cfg.ray, cfg.safety_threshold)
         write_jsonl(samples_file(name), dialogs)

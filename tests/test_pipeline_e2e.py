@@ -74,7 +74,9 @@ def test_every_stage_did_its_job(pipeline):
         rm_metrics = _metrics(repo, f"r1/{rm}")
         assert rm_metrics["val_accuracy"] > 0.6 and rm_metrics["round_pairs"] > 0, rm
         assert rm_metrics["world_val_pairs"] > 0 and "world_val_accuracy" in rm_metrics, rm
-    assert _metrics(repo, "r1/rejection")["reward_gain"] > 0  # best of k beats the average sample
+    rejection = _metrics(repo, "r1/rejection")
+    assert rejection["reward_gain"] > 0  # best of k beats the average sample
+    assert rejection["oracle_prompts"] > 0 and rejection["oracle_best"] >= rejection["oracle_pick"]  # the diagnostic
     assert (repo / "data/rounds/r1/rs_samples.jsonl").read_text().strip()  # kept for later rounds to pool
     assert distill["prompts"] > 0 and 0 <= distill["kept"] <= distill["prompts"]
     assert distill["kept"] == 0 or distill["safety_gain_kept"] > 0  # kept only where the safety RM prefers it

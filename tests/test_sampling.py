@@ -41,6 +41,25 @@ def test_select_best_keeps_the_highest_reward_answer_per_prompt():
     assert stats["reward_mean"] == pytest.approx((1.6 / 3 + 1.2 / 3) / 2)
     assert stats["reward_median"] == pytest.approx((0.5 + 0.3) / 2)
     assert stats["reward_gain"] > 0 and stats["samples"] == 6
+    assert "oracle_pick" not in stats  # prompts the oracle does not know (real data): no diagnostic
+
+
+def test_select_best_reports_the_oracles_view_of_the_pick_on_world_prompts():
+    """The oracle scores the reward models' pick against a random draw and its own best: here the RM picks the
+    wrong sum of three, so the pick scores below a random draw and the oracle's best is the right one."""
+    sum_ref = json.dumps({"answer": 7})
+    records = [{"prompt": [USER("What is 3 + 4?")], "is_safety": False, "task": "arithmetic", "reference": sum_ref},
+               {"prompt": [USER("hi")], "is_safety": False, "task": None, "reference": None}]
+    results = [{"answers": ["3 + 4 = 7.", "3 + 4 = 9.", "3 + 4 = 12."], "rm_helpful": [0.2, 0.9, 0.5],
+                "rm_safety": [0.9, 0.9, 0.9]},
+               {"answers": ["a", "b"], "rm_helpful": [0.1, 0.2], "rm_safety": [0.9, 0.9]}]
+    _, stats = select_best(records, results, 0.15)
+    scores = [oracle.preference_score("helpful", "arithmetic", {"answer": 7}, a) for a in results[0]["answers"]]
+    assert scores[0] == 1.0 and scores[1] < 1.0  # the oracle knows the right sum
+    assert stats["oracle_prompts"] == 1  # the unknown task is left out
+    assert stats["oracle_pick"] == pytest.approx(scores[1]) and stats["oracle_best"] == 1.0
+    assert stats["oracle_draw"] == pytest.approx(sum(scores) / 3)
+    assert stats["oracle_pick_gain"] < 0
 
 
 def test_gatt_trains_with_the_instruction_in_one_place_only_and_on_the_answers_that_keep_it():

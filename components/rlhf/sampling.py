@@ -269,8 +269,11 @@ def choose_reward(result: dict, is_safety: bool, threshold: float) -> list[float
 
 def select_best(records: list[dict], results: list[dict], threshold: float) -> tuple[list[list[dict]], dict]:
     """Rejection sampling's choice: per prompt, the answer with the highest R_c; with reward statistics (best-of-k
-    against the mean and median sample: the gain the paper's Figure 7 shows)."""
-    dialogs, best, mean, median = [], [], [], []
+    against the mean and median sample: the gain the paper's Figure 7 shows). Records of the synthetic world (a
+    "task" the oracle knows and its "reference") also get the oracle's view of the same choice, a diagnostic that
+    trains nothing: its preference score of the pick, of a random draw (the mean over k) and of its own best of k.
+    A pick no better than a random draw is a reward model that cannot rank the policy's answers."""
+    dialogs, best, mean, median, judged = [], [], [], [], []
     for record, result in zip(records, results, strict=True):
         rewards = choose_reward(result, bool(record["is_safety"]), threshold)
         i = max(range(len(rewards)), key=rewards.__getitem__)
@@ -278,10 +281,19 @@ def select_best(records: list[dict], results: list[dict], threshold: float) -> t
         best.append(rewards[i])
         mean.append(sum(rewards) / len(rewards))
         median.append(sorted(rewards)[(len(rewards) - 1) // 2])
+        if record.get("task") in oracle.TASKS and record.get("reference"):
+            kind, reference = "safety" if record["is_safety"] else "helpful", json.loads(record["reference"])
+            scores = [oracle.preference_score(kind, record["task"], reference, a) for a in result["answers"]]
+            judged.append((scores[i], sum(scores) / len(scores), max(scores)))
     avg = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    return dialogs, {"prompts": len(records), "samples": sum(len(r["answers"]) for r in results),
-                     "reward_best": avg(best), "reward_mean": avg(mean), "reward_median": avg(median),
-                     "reward_gain": avg(best) - avg(mean)}
+    stats = {"prompts": len(records), "samples": sum(len(r["answers"]) for r in results),
+             "reward_best": avg(best), "reward_mean": avg(mean), "reward_median": avg(median),
+             "reward_gain": avg(best) - avg(mean)}
+    if judged:
+        pick, draw, top = (avg(xs) for xs in zip(*judged))
+        stats.update(oracle_prompts=len(judged), oracle_pick=pick, oracle_draw=draw, oracle_best=top,
+                     oracle_pick_gain=pick - draw)
+    return dialogs, stats
 
 
 def rejection_sampling(records: list[dict], policy, reward_models: dict, cfg: SampleConfig, ray_cfg,
