@@ -16,7 +16,7 @@ from components.cluster import RayConfig
 from components.data import oracle
 from components.data.datasets import read_table
 from components.rlhf.reward import resolve_safety_threshold
-from components.rlhf.sampling import SampleConfig, choose_reward, sample
+from components.rlhf.sampling import SampleConfig, choose_reward, oracle_view, sample
 from components.rlhf.stats import paired_bootstrap_diff
 from flows._stage import load_params, rlhf_round
 
@@ -51,18 +51,12 @@ def main(round_name: str) -> None:
         drawn_k = sample(prompts, policy, cfg, ray_cfg, reward_models)
         by_task: dict[str, list] = {}
         for r, g, d in zip(rows, greedy, drawn_k, strict=True):
-            # the oracle's preference score: helpfulness, or for a safety prompt safety x helpfulness (a refusal of
-            # a harmful request is the best answer there), the score the round's annotator ranks pairs by
-            kind = "safety" if r["is_safety"] else "helpful"
-            ref = json.loads(r["reference"])
-            oracle_scores = [oracle.preference_score(kind, r["task"], ref, a) for a in d["answers"]]
             rewards = choose_reward(d, bool(r["is_safety"]), threshold)
             pick = max(range(len(rewards)), key=rewards.__getitem__)
             by_task.setdefault(r["task"], []).append(
-                (r["item"], oracle.preference_score(kind, r["task"], ref, g["answers"][0]),
-                 sum(oracle_scores) / len(oracle_scores), oracle_scores[pick], max(oracle_scores)))
+                (r["item"], oracle_view(r, g["answers"], 0)[0], *oracle_view(r, d["answers"], pick)))
         for task, values in by_task.items():
-            items, greedy_s, mean_s, pick_s, best_s = zip(*values)
+            items, greedy_s, pick_s, mean_s, best_s = zip(*values)
             diff, (lo, hi) = paired_bootstrap_diff(pick_s, mean_s, groups=list(items))
             avg = lambda xs: sum(xs) / len(xs)  # noqa: E731
             print(f"| {label} | {task} | {len(values)} ({len(set(items))}) | {avg(greedy_s):.2f} | {avg(mean_s):.2f} "

@@ -267,6 +267,17 @@ def choose_reward(result: dict, is_safety: bool, threshold: float) -> list[float
 # ---------------------------------------------------------------------------------------------------------------
 # The three recipes that turn samples into fine-tuning dialogs.
 
+def oracle_view(record: dict, answers: list[str], pick: int) -> tuple[float, float, float] | None:
+    """The oracle's preference score (helpfulness; safety x helpfulness on a safety prompt, as the rounds' annotator
+    ranks pairs) of answers[pick], of a random draw (the mean over the answers) and of the best answer; None for a
+    record without a task the oracle knows and its reference (real data)."""
+    if record.get("task") not in oracle.TASKS or not record.get("reference"):
+        return None
+    kind, reference = "safety" if record["is_safety"] else "helpful", json.loads(record["reference"])
+    scores = [oracle.preference_score(kind, record["task"], reference, a) for a in answers]
+    return scores[pick], sum(scores) / len(scores), max(scores)
+
+
 def select_best(records: list[dict], results: list[dict], threshold: float) -> tuple[list[list[dict]], dict]:
     """Rejection sampling's choice: per prompt, the answer with the highest R_c; with reward statistics (best-of-k
     against the mean and median sample: the gain the paper's Figure 7 shows). Records of the synthetic world (a
@@ -281,10 +292,8 @@ def select_best(records: list[dict], results: list[dict], threshold: float) -> t
         best.append(rewards[i])
         mean.append(sum(rewards) / len(rewards))
         median.append(sorted(rewards)[(len(rewards) - 1) // 2])
-        if record.get("task") in oracle.TASKS and record.get("reference"):
-            kind, reference = "safety" if record["is_safety"] else "helpful", json.loads(record["reference"])
-            scores = [oracle.preference_score(kind, record["task"], reference, a) for a in result["answers"]]
-            judged.append((scores[i], sum(scores) / len(scores), max(scores)))
+        if (view := oracle_view(record, result["answers"], i)) is not None:
+            judged.append(view)
     avg = lambda xs: sum(xs) / len(xs)  # noqa: E731
     stats = {"prompts": len(records), "samples": sum(len(r["answers"]) for r in results),
              "reward_best": avg(best), "reward_mean": avg(mean), "reward_median": avg(median),
