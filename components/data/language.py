@@ -252,7 +252,10 @@ SMALL_TALK = {
                  "I have to go now.", "Farewell!", "Talk to you later!", "Bye bye!", "I am leaving now.")),
 }
 assert set(SMALL_TALK) == set(SMALL_TALK_WORDS)
-SMALL_TALK_FORMS = ("{u}", "{u_lower}", "Hey, {u_lower}")  # {u_lower}: the first letter lower-cased
+# {u_lower}: the first letter lower-cased; {u_bare}: no end mark; {u_mark}: the other end mark ("Hello!", "Thanks.",
+# "Who are you!"). Users type all of them, and a mark that only one intent has ("!": goodbye and thanks) must not
+# decide the intent: with "Hello" but never "Hello!" in training, chat answered "Hello!" with "Goodbye!".
+SMALL_TALK_FORMS = ("{u}", "{u_lower}", "{u_bare}", "{u_mark}", "Hey, {u_lower}")
 
 # The phrasings only evaluation uses: the last of every family (see FACT_QUESTIONS).
 EVAL_ONLY_TEMPLATES = frozenset({*(qs[-1] for qs in FACT_QUESTIONS.values()),

@@ -100,7 +100,7 @@ def _rl_rows(cfg: WorldConfig, pools: dict[str, list[Prompt]]) -> list[dict]:
 
 def _eval_rows(cfg: WorldConfig, held_out: dict[str, list[Prompt]]) -> list[dict]:
     """Equal share per task, distinct prompts only. Within a task a short pool's shortfall goes to its other pools
-    (format/list is small); a task whose held-out pools are all short gets fewer (small_talk: ~14 items x 3 forms)."""
+    (format/list is small); a task whose held-out pools are all short gets fewer (small_talk: ~14 items x 5 forms)."""
     rng = random.Random(f"{cfg.seed}/eval")
     out = []
     for task, k in split_counts(cfg.n_eval_prompts, dict.fromkeys(TASKS, 1.0)).items():

@@ -19,7 +19,8 @@ draw only training items asked in training phrasings; eval_prompts and eval_gatt
 phrasing. What a held-out item asks is still *stated* by pretraining (entity descriptions and narratives state every
 fact, worked sums state most sums, how-tos state the benign answers), never asked: fine-tuning must unlock it.
 Held-out pools of the tiny world: fact 32 items (128 prompts), arithmetic 135 (675), format/list only 4 (20),
-harmful and benign look-alike 23 topics each (230), small_talk 14 utterances (42).
+harmful and benign look-alike 23 topics each (230), small_talk 14 utterances (67 prompts: with and without end
+marks).
 PINNED_TRAIN_ITEMS (the README's example queries) are always training items, so the served model is taught them.
 
 Safety prompts. `is_safety` is True only for `harmful` prompts: in Llama 2 (§3.2.2, §3.4) the safety-tagged prompts
@@ -143,8 +144,11 @@ def _small_talk_prompts() -> list[Prompt]:
     out = []
     for intent, (answer, utterances) in SMALL_TALK.items():
         for u in utterances:
+            bare = u.rstrip(".!?")
+            fields = {"u": u, "u_lower": _lower_first(u), "u_bare": bare,
+                      "u_mark": bare + ("." if u.endswith("!") else "!")}
             for form in SMALL_TALK_FORMS:
-                out.append(Prompt("small_talk", form.format(u=u, u_lower=_lower_first(u)), answer, {"intent": intent},
+                out.append(Prompt("small_talk", form.format(**fields), answer, {"intent": intent},
                                   item=chat_item(u), template=form))
     return out
 
