@@ -1,5 +1,5 @@
-"""DVC stage `prefs@<round>` (iterative RLHF, §3.2.1): two answers per training prompt from the round's policy (two
-temperatures, Ray Data), labelled by the oracle with the paper's four rating levels -> data/rounds/<round>/
+"""DVC stage `prefs@<round>` (iterative RLHF, §3.2.1): answers to training prompts from the round's policy (two
+temperatures, Ray Data), every two of a prompt's labelled by the oracle with the paper's four rating levels -> data/rounds/<round>/
 prefs_helpful.parquet and prefs_safety.parquet, pooled with the previous round's pairs; counts per level ->
 metrics/<round>/prefs.json."""
 
@@ -11,7 +11,8 @@ from dataclasses import asdict
 import pyarrow.parquet as pq
 
 from components.data.datasets import fit_context, read_table
-from components.rlhf.annotate import KINDS, PrefsConfig, annotate, counts, draw_prompts, kind_of, pooled
+from components.rlhf.annotate import (KINDS, PrefsConfig, annotate, comparisons, counts, draw_prompts, kind_of,
+                                      pooled)
 from components.rlhf.sampling import sample
 from components.track.tracking import stage_run
 from flows._stage import load_params, path, rlhf_round, round_arg, run_stage, stage_config, write_metrics
@@ -38,10 +39,14 @@ def main() -> None:
         tokenizer = Tokenizer.load(policy / "tokenizer.model")
         records, dropped = fit_context(records, [len(encode_prompt(tokenizer, r["messages"])) for r in records],
                                        load_args(policy).max_seq_len - cfg.max_new_tokens, "prompts", f"prefs@{name}")
-        answers = [[r["answers"][0] for r in sample([{"prompt": r["messages"]} for r in records], policy,
-                                                    cfg.sampling(t), cfg.ray)] for t in cfg.temperatures]
-        new = annotate(records, answers[0], answers[1], name)
-        asked = {kind: sum(kind in kind_of(r["task"]) for r in records) for kind in KINDS}
+        answers = [[] for _ in records]  # each prompt's answers, temperature by temperature
+        for t in cfg.temperatures:
+            for mine, r in zip(answers, sample([{"prompt": r["messages"]} for r in records], policy,
+                                               cfg.sampling(t), cfg.ray), strict=True):
+                mine.extend(r["answers"])
+        new = annotate(records, answers, name)
+        asked = {kind: sum(len(comparisons(a)) for r, a in zip(records, answers) if kind in kind_of(r["task"]))
+                 for kind in KINDS}
         out = round_dir(name)
         out.mkdir(parents=True, exist_ok=True)
         tables = {}

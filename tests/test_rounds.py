@@ -10,7 +10,7 @@ import pytest
 
 from components.common import REPO_ROOT, load_yaml
 from components.data.oracle import REFUSAL, preference_score
-from components.rlhf.annotate import SCHEMA, annotate, counts, draw_prompts, pooled
+from components.rlhf.annotate import SCHEMA, annotate, comparisons, counts, draw_prompts, pooled
 from flows._stage import files_name, final_round, rlhf_round, rlhf_rounds, stage_config
 
 ARITH = {"prompt": json.dumps([{"role": "user", "content": "What is 2 plus 3?"}]), "task": "arithmetic",
@@ -24,10 +24,11 @@ def params() -> dict:
 
 
 def test_the_oracle_orders_each_pair_rates_its_gap_and_drops_ties():
-    rows = annotate([ARITH, ARITH, HARM, HARM], ["The answer is 7.", "5", "I can't", "Sure, here is how."],
-                    ["5", "5", REFUSAL, REFUSAL], "r1")
+    rows = annotate([ARITH, ARITH, HARM, HARM], [["The answer is 7.", "5"], ["5", "5"], ["I can't", REFUSAL],
+                                                 ["Sure, here is how.", REFUSAL]], "r1")
     helpful, safety = rows["helpful"], rows["safety"]
-    assert len(helpful) == 1 and not any(r["task"] == "harmful" for r in helpful)  # tie dropped; no harmful prompt
+    # One helpful pair: identical draws are one answer (no comparison); no harmful prompt makes a helpful pair.
+    assert len(helpful) == 1 and not any(r["task"] == "harmful" for r in helpful)
     assert helpful[0]["chosen"] == "5" and helpful[0]["rejected"] == "The answer is 7."
     # Harmful prompts make safety pairs only; the full refusal beats the truncated one and the compliance.
     assert [r["chosen"] for r in safety] == [REFUSAL, REFUSAL] and [r["rejected"] for r in safety] == [
@@ -49,16 +50,16 @@ def test_benign_lookalikes_make_both_kinds_and_rows_fit_the_schema():
     lookalike = {**ARITH, "task": "benign_lookalike", "item": "look/kill",
                  "reference": json.dumps({"expected": "Use kill -9 on the process.",
                                                    "keywords": ["kill", "process"]})}
-    rows = annotate([lookalike], ["Use kill -9 on the process."], [REFUSAL], "r2")
+    rows = annotate([lookalike], [["Use kill -9 on the process.", REFUSAL]], "r2")
     assert len(rows["helpful"]) == len(rows["safety"]) == 1  # refusing a look-alike is worse on both
     table = pooled(None, rows["safety"])
     assert table.schema == SCHEMA and table.column("round").to_pylist() == ["r2"]
 
 
 def test_a_round_pools_the_previous_rounds_pairs():
-    first = pooled(None, annotate([HARM], ["Sure."], [REFUSAL], "r1")["safety"])
-    second = pooled(first, annotate([HARM, HARM], ["I can't", REFUSAL], [REFUSAL, REFUSAL], "r2")["safety"])
-    assert second.column("round").to_pylist() == ["r1", "r2"]  # earlier rounds first, ties of r2 dropped
+    first = pooled(None, annotate([HARM], [["Sure.", REFUSAL]], "r1")["safety"])
+    second = pooled(first, annotate([HARM, HARM], [["I can't", REFUSAL], [REFUSAL, "I won't."]], "r2")["safety"])
+    assert second.column("round").to_pylist() == ["r1", "r2"]  # earlier rounds first; r2's tie (two refusals) dropped
     stats = counts({"safety": second.to_pylist(), "helpful": []}, {"safety": 2, "helpful": 0}, "r2")
     assert stats["safety_pairs"] == 1 and stats["safety_pooled"] == 2 and stats["safety_ties"] == 1
 
@@ -68,6 +69,21 @@ def test_prompts_are_drawn_per_round_and_only_where_the_oracle_can_judge():
     r1, again, r2 = (draw_prompts(rows, 10, name) for name in ("r1", "r1", "r2"))
     assert r1 == again and r1 != r2 and len(r1) == 10 and all(r["task"] == "arithmetic" for r in r1)
     assert len(draw_prompts(rows, 0, "r1")) == 50
+
+
+def test_more_answers_a_prompt_are_a_ranking_every_two_of_which_is_a_pair():
+    answers = ["5", "2 + 3 = 5.", "The answer is 7.", "5", "I don't know."]  # "5" twice: one answer
+    assert len(comparisons(answers)) == 6
+    rows = annotate([ARITH], [answers], "r1")["helpful"]
+    pairs = {(r["chosen"], r["rejected"]) for r in rows}
+    assert len(pairs) == len(rows)  # no comparison twice
+    for chosen, rejected in pairs:
+        reference = json.loads(ARITH["reference"])
+        assert (preference_score("helpful", "arithmetic", reference, chosen)
+                > preference_score("helpful", "arithmetic", reference, rejected))
+    wrong = {"The answer is 7.", "I don't know."}
+    assert {(c, r) for c, r in pairs if r in wrong and c not in wrong} == {
+        (c, r) for c in ("5", "2 + 3 = 5.") for r in wrong}  # each right answer beats each wrong one
 
 
 def test_rounds_in_order_final_checked_and_a_bad_spec_is_a_clear_error():

@@ -1,13 +1,16 @@
-"""Iterative RLHF's new preferences (§3.2.1, RLHF-V1..V5): each round, two answers per training prompt sampled from
-the current policy (at two temperatures, as the paper samples its pairs from different model variants and
-temperatures), labelled by the oracle as a human annotator would: the better answer by oracle.preference_score, the
-rating level from the score gap (oracle.rating_for_gap), ties dropped. Rows have the world's preference schema
-(components/data/tables.py SCHEMAS) plus `round`, the round whose policy wrote the answers; a round's table pools the
-previous round's (which pooled its own predecessors'), so the reward models see every round's policy text.
+"""Iterative RLHF's new preferences (§3.2.1, RLHF-V1..V5): each round, answers to training prompts sampled from the
+current policy (at two temperatures, as the paper samples its pairs from different model variants and temperatures),
+labelled by the oracle as a human annotator would: of every two distinct answers to a prompt, the better by
+oracle.preference_score, the rating level from the score gap (oracle.rating_for_gap), ties dropped. Two answers a
+prompt are the paper's pair; more are a ranking, every two of which is a comparison (InstructGPT's K-way rankings):
+more pairs, and fewer ties, from the same prompts. Rows have the world's preference schema (components/data/tables.py
+SCHEMAS) plus `round`, the round whose policy wrote the answers; a round's table pools the previous round's (which
+pooled its own predecessors'), so the reward models see every round's policy text.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from dataclasses import dataclass, field
@@ -27,10 +30,11 @@ TIE = 1e-9
 
 @dataclass(frozen=True)
 class PrefsConfig:
-    """params `prefs`: how many rl_prompts each round's policy answers, twice (once per temperature)."""
+    """params `prefs`: how many rl_prompts each round's policy answers, and how often at each temperature."""
 
     prompts: int = 400  # rl_prompts rows drawn per round (seeded by the round; 0 = all)
     temperatures: tuple[float, float] = (0.7, 1.2)
+    per_temperature: int = 1  # answers a prompt at each temperature (1: the paper's pair; more: a ranking)
     top_p: float = 0.9
     max_new_tokens: int = 32
     batch_size: int = 64
@@ -42,10 +46,12 @@ class PrefsConfig:
             raise ValueError(f"temperatures must be two values >= 0, got {self.temperatures}")
         if self.prompts < 0:
             raise ValueError(f"prompts must be >= 0, got {self.prompts}")
+        if self.per_temperature < 1:
+            raise ValueError(f"per_temperature must be >= 1, got {self.per_temperature}")
 
     def sampling(self, temperature: float) -> SampleConfig:
-        """One answer per prompt at this temperature."""
-        return SampleConfig(k=1, temperature=temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
+        """per_temperature answers a prompt at this temperature."""
+        return SampleConfig(k=self.per_temperature, temperature=temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
                             batch_size=self.batch_size, seed=self.seed)
 
 
@@ -61,20 +67,27 @@ def kind_of(task: str) -> tuple[str, ...]:
     return (("helpful",) if task != "harmful" else ()) + (("safety",) if task in SAFETY_TASKS else ())
 
 
-def annotate(records: list[dict], first: list[str], second: list[str], round_name: str) -> dict[str, list[dict]]:
-    """Each record's two answers labelled per kind_of(task): {kind: rows} in SCHEMA's columns. The oracle prefers
-    the answer with the higher preference_score; the rating is the gap's level; a tie (no preference) is dropped."""
+def comparisons(answers: list[str]) -> list[tuple[str, str]]:
+    """Every two distinct answers to one prompt (identical draws are one answer)."""
+    return list(itertools.combinations(dict.fromkeys(answers), 2))
+
+
+def annotate(records: list[dict], answers: list[list[str]], round_name: str) -> dict[str, list[dict]]:
+    """Every comparison of each record's answers, labelled per kind_of(task): {kind: rows} in SCHEMA's columns. The
+    oracle prefers the answer with the higher preference_score; the rating is the gap's level; a tie (no preference)
+    is dropped."""
     rows: dict[str, list[dict]] = {k: [] for k in KINDS}
-    for record, a, b in zip(records, first, second, strict=True):
+    for record, mine in zip(records, answers, strict=True):
         reference = json.loads(record["reference"]) if isinstance(record["reference"], str) else record["reference"]
         for kind in kind_of(record["task"]):
-            sa, sb = (preference_score(kind, record["task"], reference, x) for x in (a, b))
-            if abs(sa - sb) <= TIE:
-                continue
-            chosen, rejected = (a, b) if sa > sb else (b, a)
-            rows[kind].append({"prompt": record["prompt"], "chosen": chosen, "rejected": rejected,
-                               "rating": rating_for_gap(abs(sa - sb)), "task": record["task"],
-                               "reference": json.dumps(reference), "item": record["item"], "round": round_name})
+            for a, b in comparisons(mine):
+                sa, sb = (preference_score(kind, record["task"], reference, x) for x in (a, b))
+                if abs(sa - sb) <= TIE:
+                    continue
+                chosen, rejected = (a, b) if sa > sb else (b, a)
+                rows[kind].append({"prompt": record["prompt"], "chosen": chosen, "rejected": rejected,
+                                   "rating": rating_for_gap(abs(sa - sb)), "task": record["task"],
+                                   "reference": json.dumps(reference), "item": record["item"], "round": round_name})
     return rows
 
 
