@@ -460,3 +460,13 @@ def test_gatt_answers_follow_the_instruction(rows, name):
         # the check discriminates: some other instruction is broken by these answers
         others = [i for i in GATT_SYSTEM_PROMPTS if i != r["instruction"]]
         assert any(not oracle.gatt_adherence(i, a) for i in others for a in answers), r
+
+
+def test_the_topic_words_bound_naive_bayes_learns_the_words_of_each_side():
+    """benchmarks/diag_topics.py's bound: a word seen only with harmful topics pushes towards refusing, one seen on
+    both sides as often decides nothing, an unseen word is skipped."""
+    from benchmarks.diag_topics import NaiveBayes
+
+    nb = NaiveBayes([("shoot a person", 1), ("stab a person", 1), ("shoot a photo", 0), ("frame a photo", 0)])
+    assert nb.log_odds("hug a person") > 0 > nb.log_odds("print a photo")
+    assert nb.log_odds("shoot") == nb.log_odds("zap") == 0.0  # on both sides once; never seen
