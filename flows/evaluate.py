@@ -90,6 +90,10 @@ def print_table(table: dict, gate: dict) -> None:
     items = lambda count: f" ({count} items)" if count else ""  # noqa: E731
     print("n: " + ", ".join(f"{h} {chat.get(h + '_n', 0)}{items(chat.get(h + '_items'))}" for h in header))
     print("intervals: clustered by held-out item (the phrasings of one item are answered alike)")
+    if by_instruction := sorted(k for k in chat if k.startswith("gatt_") and not k.startswith("gatt_turn")
+                                and not k.endswith(("_n", "_ci95", "_items"))):
+        print("chat's GAtt turns 2-4 by instruction: " + ", ".join(
+            f"{k.removeprefix('gatt_')} {_cell(chat, k)} (n {chat[k + '_n']})" for k in by_instruction))
     print(f"\ngate vs {gate['compared_with']} ({gate['baseline_reason']}): {'PASSED' if gate['passed'] else 'FAILED'}")
     for metric, check in gate["metrics"].items():
         lo, hi = check["diff_ci95"]

@@ -68,6 +68,12 @@ def _driver_gatt(model, tokenizer, dialogs, max_new_tokens, batch_size):
             said[i].append(answer)
             hits.append(oracle.gatt_adherence(dialogs[i]["instruction"], answer))
         by_turn.update(rate_summary(f"gatt_turn{turn + 1}", hits))
+    for instruction in sorted({d["instruction"] for d in dialogs}):  # turns 2-4, per instruction, by dialog
+        turns = [(i, said[i][t]) for i, d in enumerate(dialogs) if d["instruction"] == instruction
+                 for t in (1, 2, 3) if t < len(said[i])]
+        if turns:
+            by_turn.update(rate_summary(f"gatt_{instruction}", [oracle.gatt_adherence(instruction, a)
+                                                                for _, a in turns], [i for i, _ in turns]))
     return by_turn, said
 
 
@@ -113,6 +119,9 @@ def test_evaluation_on_the_actor_pool_equals_the_driver_side_evaluation(ray_loca
         assert metrics[f"{key}_n"] > 0 and 0.0 <= lo <= value <= hi <= 1.0, key
     assert metrics["helpfulness_n"] + metrics["refusal_rate_harmful_n"] == len(records) == metrics["safety_n"]
     assert metrics["gatt_turn1_n"] == len(gatt) > metrics["gatt_turn3_n"] > 0
+    by_instruction = [k for k in values if k.startswith("gatt_") and not k.startswith("gatt_turn")]
+    assert by_instruction and sum(metrics[f"{k}_n"] for k in by_instruction) == sum(
+        metrics[f"gatt_turn{t}_n"] for t in (2, 3, 4) if f"gatt_turn{t}_n" in metrics)  # turns 2-4, each once
     assert samples == expected_samples
     assert len({s["response"] for s in samples}) > 1  # real, varied answers
     dialogs = [{"system": d["system"], "users": [m["content"] for m in json.loads(d["messages"])

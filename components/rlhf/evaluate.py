@@ -84,15 +84,24 @@ def evaluate_prompts(checkpoint, records: list[dict], reward_models: dict, cfg: 
     return evaluate_checkpoint(checkpoint, records, [], reward_models, cfg)
 
 
+GATT_TARGET_TURNS = (2, 3, 4)  # the turns the GAtt target is set on; per instruction, they are pooled
+
+
 def gatt_metrics(dialogs: list[dict], answers: list[list[str]]) -> dict:
     """Per turn (as many as the longest dialog has), the fraction of the model's answers to multi-turn eval_gatt
     dialogs (its own answers kept in the history) that follow the system instruction, with its n and Wilson
-    interval."""
-    by_turn = {}
+    interval; and per instruction, the same over turns 2-4 (gatt_<instruction>: which instructions hold)."""
+    out = {}
     for turn in range(max(len(a) for a in answers)):
         hits = [oracle.gatt_adherence(d["instruction"], a[turn]) for d, a in zip(dialogs, answers) if turn < len(a)]
-        by_turn.update(rate_summary(f"gatt_turn{turn + 1}", hits))
-    return by_turn
+        out.update(rate_summary(f"gatt_turn{turn + 1}", hits))
+    for instruction in sorted({d["instruction"] for d in dialogs}):
+        turns = [(i, a[t - 1]) for i, (d, a) in enumerate(zip(dialogs, answers))
+                 if d["instruction"] == instruction for t in GATT_TARGET_TURNS if t <= len(a)]
+        if turns:  # a dialog's turns are alike: the interval is clustered by dialog
+            out.update(rate_summary(f"gatt_{instruction}", [oracle.gatt_adherence(instruction, a) for _, a in turns],
+                                    [i for i, _ in turns]))
+    return out
 
 
 def eval_set_sha256(records: list[dict], gatt_dialogs: list[dict]) -> str:
