@@ -92,7 +92,8 @@ def annotate(records: list[dict], answers: list[list[str]], round_name: str) -> 
 
 
 def counts(rows: dict[str, list[dict]], asked: dict[str, int], round_name: str) -> dict[str, int]:
-    """This round's pairs per kind and rating level, and the ties dropped (asked - kept)."""
+    """This round's pairs per kind and rating level, and the ties dropped (asked - kept; asked counts comparisons of
+    distinct answers, so a prompt answered the same twice is neither)."""
     out = {}
     for kind, kept in rows.items():
         mine = [r for r in kept if r["round"] == round_name]
