@@ -2,8 +2,10 @@
 rl_prompts rows per task (items the fine-tuning stages train on) and to every eval_prompts row (held-out items), scored
 by the oracle: helpfulness per task, refusal rate on harmful and benign look-alike prompts, with Wilson intervals. A
 task that is good on training items and poor on held-out ones is bound by generalisation, not by the recipe's
-stages. First, how often pretraining states the held-out benign look-alikes' answers. Run after the pipeline, from
-the repo root: `python benchmarks/diag_heldout.py sft chat` (names under checkpoints/; the tiny world)."""
+stages. First, how often pretraining states the held-out benign look-alikes' answers; last, GAtt's adherence on
+six-turn dialogs of training items (none of them a GAtt training dialog) against eval_gatt's held-out ones. Run after
+the pipeline, from the repo root: `python benchmarks/diag_heldout.py sft chat` (names under checkpoints/; the tiny
+world)."""
 import json
 import random
 import re
@@ -12,10 +14,13 @@ import sys
 
 import torch
 
+from components.cluster import RayConfig
 from components.data import oracle
-from components.data.tables import generate_world
-from components.data.world import WorldConfig
-from components.rlhf.stats import wilson
+from components.data.tables import gatt_rows, generate_world
+from components.data.tasks import prompt_pools
+from components.data.world import WorldConfig, build_world
+from components.rlhf.sampling import SampleConfig, answer_turns, table_dialogs
+from components.rlhf.stats import rate_summary, wilson
 from model.chat import encode_prompt
 from model.checkpoint import load_checkpoint
 from model.generation import SamplingParams, generate
@@ -83,6 +88,32 @@ def main(names: list[str]) -> None:
             lo, hi = wilson(exact, n)
             print(f"| {name} | sums as text (\"a + b =\") | {label} | {n} | exact {exact / n:.2f} [{lo:.2f}, {hi:.2f}] "
                   f"| – | {exact} |", flush=True)
+
+    gatt_adherence(names, world)
+
+
+def gatt_adherence(names: list[str], world: dict) -> None:
+    """Turns 1-6, and turns 2-4 pooled (interval clustered by dialog) and per instruction, greedy."""
+    cfg = WorldConfig()
+    train_pools, _ = prompt_pools(cfg, build_world(cfg))
+    sets = {"train": table_dialogs(gatt_rows(random.Random("diag/gatt"), train_pools, 60, (6, 6))),
+            "held-out": table_dialogs(world["eval_gatt"].to_pylist())}
+    sampling = SampleConfig(k=1, temperature=0.0, max_new_tokens=32, batch_size=64)
+    print("\n| model | GAtt dialogs (items) | n | turns 1-6 | turns 2-4 [95%] | turns 2-4 by instruction |")
+    print("|---|---|---:|---|---|---|")
+    for name in names:
+        for label, dialogs in sets.items():
+            answers = answer_turns(dialogs, f"checkpoints/{name}", sampling, RayConfig(num_workers=1, cpus_per_worker=2))
+            hits = [[oracle.gatt_adherence(d["instruction"], a) for a in said] for d, said in zip(dialogs, answers)]
+            turns = " / ".join(f"{sum(h[t] for h in hits) / len(hits):.2f}" for t in range(6))
+            pooled = [(i, x) for i, h in enumerate(hits) for x in h[1:4]]
+            summary = rate_summary("a", [x for _, x in pooled], [i for i, _ in pooled])
+            by = {}
+            for d, h in zip(dialogs, hits):
+                by.setdefault(d["instruction"], []).extend(h[1:4])
+            lo, hi = summary["a_ci95"]
+            print(f"| {name} | {label} | {len(dialogs)} | {turns} | {summary['a']:.2f} [{lo:.2f}, {hi:.2f}] | "
+                  + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in sorted(by.items())) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def _eval_rows(cfg: WorldConfig, held_out: dict[str, list[Prompt]]) -> list[dict
 
 
 # -------------------------------------------------------------------------------------------------------- GAtt
-def _gatt_rows(rng: random.Random, pools: dict[str, list[Prompt]], n: int, turns: tuple[int, int]) -> list[dict]:
+def gatt_rows(rng: random.Random, pools: dict[str, list[Prompt]], n: int, turns: tuple[int, int]) -> list[dict]:
     # Fact and arithmetic turns only (each has a one-word answer, so every instruction can be followed), half and
     # half; "uppercase" takes facts only, since "7 + 5 = 12." has no letters to put in uppercase.
     rows = []
@@ -241,9 +241,9 @@ def generate_world(cfg: WorldConfig) -> dict[str, pa.Table]:
         "prefs_helpful": _pref_rows(cfg, world, train, "helpful"),
         "prefs_safety": _pref_rows(cfg, world, train, "safety"),
         "rl_prompts": _rl_rows(cfg, train),
-        "gatt": _gatt_rows(random.Random(f"{cfg.seed}/gatt"), train, cfg.n_gatt_dialogs, (2, 4)),
+        "gatt": gatt_rows(random.Random(f"{cfg.seed}/gatt"), train, cfg.n_gatt_dialogs, (2, 4)),
         "eval_prompts": _eval_rows(cfg, held_out),
-        "eval_gatt": _gatt_rows(random.Random(f"{cfg.seed}/eval_gatt"), held_out, cfg.n_eval_gatt,
+        "eval_gatt": gatt_rows(random.Random(f"{cfg.seed}/eval_gatt"), held_out, cfg.n_eval_gatt,
                                 (cfg.eval_gatt_turns, cfg.eval_gatt_turns)),
     }
     return {name: pa.Table.from_pylist(table_rows, schema=SCHEMAS[name]) for name, table_rows in rows.items()}
