@@ -106,16 +106,33 @@ def write_metrics(name: str, metrics: dict) -> None:
     write_json(path(f"metrics/{name}.json"), metrics)
 
 
+HELD_OUT_PREFIXES = ("val_", "heldout_")  # a history's held-out metrics (val_loss, val_accuracy, heldout_reward, ...)
+
+
+def curves(history: list[dict]) -> tuple[list[dict], list[dict]]:
+    """A training history's rows -> (training curves, held-out curves) by step. DVC plots a file only if every row
+    has the same keys (else it drops the file's plots with a warning), so each list has every key of its rows in every
+    row, null where a step has no value (a gap in the plot)."""
+    held_out = lambda key: key.startswith(HELD_OUT_PREFIXES)  # noqa: E731
+    history = [r if "step" in r else {"step": i, **r} for i, r in enumerate(history)]
+    train = [{k: v for k, v in r.items() if not held_out(k)} for r in history if any(
+        k != "step" and not held_out(k) for k in r)]
+    val = [{"step": r["step"], **{k: v for k, v in r.items() if held_out(k)}} for r in history if any(map(held_out, r))]
+    return _same_keys(train), _same_keys(val)
+
+
+def _same_keys(rows: list[dict]) -> list[dict]:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return [{k: r.get(k) for k in keys} for r in rows]
+
+
 def write_curves(stage: str, checkpoint: Path) -> None:
     """The training history a checkpoint carries -> plots/curves/<stage>.json (+ <stage>_val.json), for dvc plots."""
     import json
 
-    history = json.loads((checkpoint / "trainer_state" / "history.json").read_text())
-    history = [r if "step" in r else {"step": i, **r} for i, r in enumerate(history)]
-    train = [r for r in history if not any(k.startswith("val_") for k in r)]
-    val = [{"step": r["step"], "val_loss": r["val_loss"]} for r in history if "val_loss" in r]
+    train, val = curves(json.loads((checkpoint / "trainer_state" / "history.json").read_text()))
     write_json(path(f"plots/curves/{stage}.json"), train)
-    write_json(path(f"plots/curves/{stage}_val.json"), val)  # [] when too few rows to hold any out (a DVC out)
+    write_json(path(f"plots/curves/{stage}_val.json"), val)  # [] when nothing was held out (a DVC out)
 
 
 def finish_stage(stage: str, metrics: dict, checkpoint: Path | None = None) -> None:

@@ -122,8 +122,26 @@ def test_a_rounds_stage_instance_has_its_dvc_paths_and_its_place_in_the_pipeline
 
     deps, outs = _stage_paths("rm_safety@r2")
     assert {"checkpoints/r1/ppo", "data/rounds/r2/prefs_safety.parquet", "flows/_rm.py"} <= set(deps)
-    assert outs == ["checkpoints/r2/rm_safety", "plots/curves/r2/rm_safety.json"]
+    assert outs == ["checkpoints/r2/rm_safety", "plots/curves/r2/rm_safety.json", "plots/curves/r2/rm_safety_val.json"]
     assert "checkpoints/r2/ppo" in _stage_paths("gatt")[0]
     order = pipeline_order()
     assert order[order.index("sft") + 1:order.index("gatt")] == [
         f"{stage}@{r}" for r in ("r1", "r2") for stage in ("prefs", "rm_helpful", "rm_safety", "rejection", "ppo")]
+
+
+def test_curves_split_held_out_metrics_and_give_every_row_the_same_keys():
+    """DVC drops a plots file whose rows differ in keys (PPO's held-out reward on some iterations hid all three PPO
+    plots of the tiny profile), so every row carries every key of its file, null where a step has none."""
+    from flows._stage import curves
+
+    history = [{"step": 0, "reward": 0.1, "kl": 0.0, "heldout_reward_start": 0.5},
+               {"step": 1, "reward": 0.2, "kl": 0.1},
+               {"step": 2, "reward": 0.3, "kl": 0.1, "heldout_reward": 0.6},
+               {"step": 2, "val_accuracy": 0.7}, {"train_loss": 1.0}]
+    train, val = curves(history)
+    assert [r["step"] for r in train] == [0, 1, 2, 4] and [r["step"] for r in val] == [0, 2, 2]
+    for rows in (train, val):
+        assert len({tuple(r) for r in rows}) == 1  # the same keys, in the same order
+    assert train[1] == {"step": 1, "reward": 0.2, "kl": 0.1, "train_loss": None}
+    assert val[1] == {"step": 2, "heldout_reward_start": None, "heldout_reward": 0.6, "val_accuracy": None}
+    assert not any(k.startswith(("val_", "heldout_")) for k in train[0])
