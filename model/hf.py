@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from model.chat import SAMPLING_DEFAULTS
 from model.checkpoint import TOKENIZER_FILE, CheckpointError, atomic_dir, load_checkpoint, save_checkpoint
 from model.config import ModelArgs
 from model.hf_tokenizer import tokenizer_config_json, tokenizer_json
@@ -179,8 +180,9 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: torch.dtype | None
     with atomic_dir(out) as tmp:
         save_file(hf_state, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(  # Llama 2 chat's sampling defaults, as Meta's
+            {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "do_sample": True,
+             **SAMPLING_DEFAULTS}, indent=2) + "\n")
         shutil.copyfile(Path(checkpoint) / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         # tokenizer.json + tokenizer_config.json: AutoTokenizer then prepends BOS, as our model was trained (without
         # it lm_eval would score without BOS), and apply_chat_template gives model.chat's prompt ids (vLLM).

@@ -122,6 +122,9 @@ def test_export_loads_in_transformers_with_same_logits(hf_model, tmp_path):
     assert (got - ref)[valid].abs().max() < 1e-5
     for key, value in hf.state_dict().items():
         torch.testing.assert_close(back.state_dict()[key], value, atol=0, rtol=0)
+    # Llama 2 chat's sampling defaults travel with the export: what transformers and vLLM sample with by default.
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "back")
+    assert (generation.do_sample, generation.temperature, generation.top_p) == (True, 0.6, 0.9)
 
 
 def test_convert_cli_reports_errors(tmp_path):

@@ -201,6 +201,13 @@ def test_completions_n_logprobs_and_seed(client):
     assert texts[0] == texts[1] and len(set(texts[0])) > 1  # seeded: reproducible, yet n different choices
     assert [c.index for c in seeded[0].choices] == [0, 1, 2] and seeded[0].usage.completion_tokens == 24
 
+    # No temperature / top_p: Llama 2 chat's 0.6 / 0.9 (model.chat.SAMPLING_DEFAULTS), not OpenAI's 1.0 / 1.0.
+    plain = dict(model=SERVED, messages=MESSAGES, max_tokens=12, seed=3, n=4)
+    default = [c.message.content for c in client.chat.completions.create(**plain).choices]
+    assert default == [c.message.content for c in client.chat.completions.create(
+        **plain, temperature=0.6, top_p=0.9).choices]
+    assert default != [c.message.content for c in client.chat.completions.create(
+        **plain, temperature=1.0, top_p=1.0).choices]
     chat = _chat(client, max_tokens=5, logprobs=True, n=2)
     assert [len(c.logprobs.content) for c in chat.choices] == [5, 5] and chat.choices[0].message.content
     assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy: the same twice

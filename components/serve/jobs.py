@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 from components.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
-from model.chat import ChatFormatError, encode_prompt
+from model.chat import SAMPLING_DEFAULTS, ChatFormatError, encode_prompt
 from model.generation import SamplingParams
 from model.tokenizer import Tokenizer
 
@@ -45,9 +45,11 @@ def _prepare(prompt: list[int], req: ChatCompletionRequest | CompletionRequest, 
     if max_tokens is not None and max_tokens > room:
         raise APIError(400, f"prompt of {len(prompt)} tokens + max_tokens {max_tokens} exceeds the context "
                             f"length {context_length}", param="max_tokens", code="context_length_exceeded")
+    temperature = SAMPLING_DEFAULTS["temperature"] if req.temperature is None else req.temperature
     params = SamplingParams(
         max_new_tokens=max_tokens or min(default_max_tokens, room),
-        temperature=req.temperature if req.temperature >= MIN_TEMPERATURE else 0.0, top_p=req.top_p, seed=req.seed,
+        temperature=temperature if temperature >= MIN_TEMPERATURE else 0.0,
+        top_p=SAMPLING_DEFAULTS["top_p"] if req.top_p is None else req.top_p, seed=req.seed,
         # Token-level stops end generation early when the model writes a stop string with these exact ids; the
         # text cut in text.detokenize is what guarantees it (the same string can tokenize differently in context).
         stop=[ids for s in req.stop if (ids := tokenizer.encode(s))])

@@ -130,8 +130,9 @@ class _Request(_Lenient):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
-    temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's range
-    top_p: float = Field(1.0, gt=0, le=1)
+    # OpenAI's ranges; absent or null: the model's defaults (model.chat.SAMPLING_DEFAULTS), not OpenAI's 1.0
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] = Field(default_factory=list)  # a list after validation
     stream: bool = False
