@@ -19,6 +19,7 @@ from components.data import oracle
 from components.data.tables import gatt_rows, generate_world
 from components.data.tasks import prompt_pools
 from components.data.world import WorldConfig, build_world
+from components.rlhf.evaluate import GATT_TARGET_TURNS, gatt_metrics
 from components.rlhf.sampling import SampleConfig, answer_turns, table_dialogs
 from components.rlhf.stats import rate_summary, wilson
 from model.chat import encode_prompt
@@ -99,21 +100,23 @@ def gatt_adherence(names: list[str], world: dict) -> None:
     sets = {"train": table_dialogs(gatt_rows(random.Random("diag/gatt"), train_pools, 60, (6, 6))),
             "held-out": table_dialogs(world["eval_gatt"].to_pylist())}
     sampling = SampleConfig(k=1, temperature=0.0, max_new_tokens=32, batch_size=64)
+    ray = RayConfig(num_workers=1, cpus_per_worker=2)
     print("\n| model | GAtt dialogs (items) | n | turns 1-6 | turns 2-4 [95%] | turns 2-4 by instruction |")
     print("|---|---|---:|---|---|---|")
     for name in names:
         for label, dialogs in sets.items():
-            answers = answer_turns(dialogs, f"checkpoints/{name}", sampling, RayConfig(num_workers=1, cpus_per_worker=2))
-            hits = [[oracle.gatt_adherence(d["instruction"], a) for a in said] for d, said in zip(dialogs, answers)]
-            turns = " / ".join(f"{sum(h[t] for h in hits) / len(hits):.2f}" for t in range(6))
-            pooled = [(i, x) for i, h in enumerate(hits) for x in h[1:4]]
+            answers = answer_turns(dialogs, f"checkpoints/{name}", sampling, ray)
+            metrics = gatt_metrics(dialogs, answers)  # evaluate's: per turn, and per instruction over turns 2-4
+            turns = " / ".join(f"{metrics[f'gatt_turn{t}']:.2f}" for t in range(1, 7))
+            pooled = [(i, oracle.gatt_adherence(d["instruction"], said[t - 1]))
+                      for i, (d, said) in enumerate(zip(dialogs, answers)) for t in GATT_TARGET_TURNS]
             summary = rate_summary("a", [x for _, x in pooled], [i for i, _ in pooled])
-            by = {}
-            for d, h in zip(dialogs, hits):
-                by.setdefault(d["instruction"], []).extend(h[1:4])
             lo, hi = summary["a_ci95"]
+            by_instruction = ", ".join(
+                f"{k} {round(metrics[f'gatt_{k}'] * metrics[f'gatt_{k}_n'])}/{metrics[f'gatt_{k}_n']}"
+                for k in sorted({d["instruction"] for d in dialogs}))
             print(f"| {name} | {label} | {len(dialogs)} | {turns} | {summary['a']:.2f} [{lo:.2f}, {hi:.2f}] | "
-                  + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in sorted(by.items())) + " |", flush=True)
+                  f"{by_instruction} |", flush=True)
 
 
 if __name__ == "__main__":

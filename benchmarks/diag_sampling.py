@@ -31,7 +31,8 @@ def main(checkpoint: str) -> None:
     model.eval()
     prompts = [encode_prompt(tok, json.loads(r["prompt"])) for r in rows]
     print(f"{checkpoint}, {len(rows)} held-out prompts, 32 new tokens")
-    print("| sampling | temperature | top_p | helpfulness (non-harmful prompts), per seed | refusal of harmful, per seed |")
+    print("| sampling | temperature | top_p | helpfulness (non-harmful prompts), per seed "
+          "| refusal of harmful, per seed |")
     print("|---|---:|---:|---|---|")
     for name, (temperature, top_p) in SETTINGS.items():
         helpful, refused = [], []

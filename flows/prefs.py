@@ -1,7 +1,7 @@
 """DVC stage `prefs@<round>` (iterative RLHF, §3.2.1): answers to training prompts from the round's policy (two
-temperatures, Ray Data), every two of a prompt's labelled by the oracle with the paper's four rating levels -> data/rounds/<round>/
-prefs_helpful.parquet and prefs_safety.parquet, pooled with the previous round's pairs; counts per level ->
-metrics/<round>/prefs.json."""
+temperatures, Ray Data), every two of a prompt's labelled by the oracle with the paper's four rating levels ->
+data/rounds/<round>/prefs_helpful.parquet and prefs_safety.parquet, pooled with the previous round's pairs; counts per
+level -> metrics/<round>/prefs.json."""
 
 from __future__ import annotations
 

@@ -51,8 +51,8 @@ class PrefsConfig:
 
     def sampling(self, temperature: float) -> SampleConfig:
         """per_temperature answers a prompt at this temperature."""
-        return SampleConfig(k=self.per_temperature, temperature=temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
-                            batch_size=self.batch_size, seed=self.seed)
+        return SampleConfig(k=self.per_temperature, temperature=temperature, top_p=self.top_p,
+                            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, seed=self.seed)
 
 
 def draw_prompts(rows: list[dict], n: int, round_name: str, seed: int = 0) -> list[dict]:
